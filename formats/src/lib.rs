@@ -1,0 +1,12 @@
+//! kiln-formats: readers and writers for the files a Llama user holds: safetensors, PyTorch zip
+//! checkpoints (restricted unpickler), SentencePiece models, HF/PEFT configs and GGUF.
+
+pub mod atomic;
+pub mod checkpoint;
+pub mod gguf;
+pub mod hf;
+pub mod mmap;
+pub mod pickle;
+pub mod safetensors;
+pub mod sentencepiece;
+pub mod torch;

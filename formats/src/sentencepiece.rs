@@ -1,0 +1,1 @@
+//! sentencepiece (being written).

@@ -1,0 +1,1 @@
+//! torch (being written).

@@ -1,0 +1,5 @@
+//! One module per `kiln` subcommand.
+
+pub mod convert;
+pub mod inspect;
+pub mod quantize;

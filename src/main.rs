@@ -1,0 +1,55 @@
+//! The `kiln` command line: one binary for merge, convert, quantize and evaluation of Llama models.
+
+mod cmd;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// kiln: merge LoRAs, convert to GGUF, quantize and evaluate Llama-family models, bit-exact with llama.cpp.
+#[derive(Parser)]
+#[command(name = "kiln", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show metadata and tensors of a GGUF, safetensors, .bin, tokenizer.model, HF or PEFT folder.
+    Inspect(cmd::inspect::Args),
+    /// Convert a Hugging Face Llama checkpoint folder to GGUF.
+    Convert(cmd::convert::Args),
+    /// Quantize a GGUF file to any llama.cpp level (Q4_0 ... Q6_K and the _S/_M/_L mixes).
+    Quantize(cmd::quantize::Args),
+}
+
+/// What a subcommand reports back: success, or a check that failed (exit 1).
+pub enum Outcome {
+    Ok,
+    CheckFailed,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
+    };
+    match result {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::CheckFailed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
