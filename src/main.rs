@@ -2,6 +2,7 @@
 
 mod cmd;
 mod progress;
+mod quant_plan;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

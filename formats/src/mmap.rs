@@ -39,8 +39,11 @@ impl MappedFile {
             // SAFETY: MADV_DONTNEED on a private read-only file mapping only drops clean pages; later
             // reads fault them back in from the file, so no slice handed out can observe a change.
             let _ = unsafe {
-                self.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
             };
         }
     }
