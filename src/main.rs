@@ -1,6 +1,7 @@
 //! The `kiln` command line: one binary for merge, convert, quantize and evaluation of Llama models.
 
 mod cmd;
+mod convert;
 mod progress;
 mod quant_plan;
 

@@ -1,0 +1,573 @@
+//! HF Llama checkpoint to GGUF, as llama.cpp's convert_hf_to_gguf.py does it (spec §1.4, §2):
+//! metadata keys, the SentencePiece vocabulary, tensor names, the Q/K row permutation and the
+//! dtype rules. The tensor encoder is shared with `kiln merge`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
+use kiln_formats::gguf::{GgufArray, GgufValue};
+use kiln_formats::hf::{LlamaConfig, TokenizerConfig};
+use kiln_formats::sentencepiece::{PieceType, SpModel};
+use kiln_quant::GgmlType;
+use rayon::prelude::*;
+use std::path::Path;
+
+/// `--outtype` of `kiln convert`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutType {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl OutType {
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            OutType::F32 => GgmlType::F32,
+            OutType::F16 => GgmlType::F16,
+            OutType::Bf16 => GgmlType::BF16,
+            OutType::Q8_0 => GgmlType::Q8_0,
+        }
+    }
+    /// `general.file_type` of a converted file.
+    pub fn file_type(self) -> u32 {
+        match self {
+            OutType::F32 => 0,
+            OutType::F16 => 1,
+            OutType::Bf16 => 32,
+            OutType::Q8_0 => 7,
+        }
+    }
+}
+
+/// One tensor of the output: where it comes from, its GGUF name, shape and type.
+#[derive(Clone, Debug)]
+pub struct TensorJob {
+    pub hf_name: String,
+    pub gguf_name: String,
+    /// HF (PyTorch) shape, rows first.
+    pub hf_shape: Vec<usize>,
+    /// ggml ne, innermost first.
+    pub ne: Vec<u64>,
+    pub ty: GgmlType,
+    /// Number of heads for the Q/K row permutation, if this tensor is permuted.
+    pub permute_heads: Option<usize>,
+}
+
+impl TensorJob {
+    pub fn rows(&self) -> usize {
+        if self.hf_shape.len() >= 2 {
+            self.hf_shape[0]
+        } else {
+            1
+        }
+    }
+    pub fn cols(&self) -> usize {
+        self.hf_shape.last().copied().unwrap_or(1)
+    }
+    pub fn n_bytes(&self) -> u64 {
+        self.ty.row_size(self.cols() as u64).unwrap_or(0) * self.rows() as u64
+    }
+}
+
+/// The Llama model sizes kiln needs, read from config.json and checked.
+#[derive(Clone, Debug)]
+pub struct LlamaDims {
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_vocab: usize,
+    pub tied: bool,
+}
+
+impl LlamaDims {
+    pub fn from_config(cfg: &LlamaConfig) -> Result<LlamaDims> {
+        let n_head = cfg.num_attention_heads as usize;
+        let n_embd = cfg.hidden_size as usize;
+        if n_head == 0 || n_embd == 0 {
+            bail!("config.json: hidden_size and num_attention_heads must be positive");
+        }
+        let head_dim = cfg.head_dim.map(|h| h as usize).unwrap_or(n_embd / n_head);
+        Ok(LlamaDims {
+            n_embd,
+            n_ff: cfg.intermediate_size as usize,
+            n_layer: cfg.num_hidden_layers as usize,
+            n_head,
+            n_head_kv: cfg.num_key_value_heads.map(|v| v as usize).unwrap_or(n_head),
+            head_dim,
+            n_vocab: cfg.vocab_size as usize,
+            tied: cfg.tie_word_embeddings,
+        })
+    }
+
+    /// The HF shape a Llama tensor must have, or None for a name that is not a Llama tensor.
+    pub fn expected_shape(&self, hf_name: &str) -> Option<Vec<usize>> {
+        let (e, f, hd) = (self.n_embd, self.n_ff, self.head_dim);
+        Some(match hf_name {
+            "model.embed_tokens.weight" | "lm_head.weight" => vec![self.n_vocab, e],
+            "model.norm.weight" => vec![e],
+            _ => {
+                let rest = hf_name.strip_prefix("model.layers.")?;
+                let (layer, suffix) = rest.split_once('.')?;
+                let l: usize = layer.parse().ok()?;
+                if l >= self.n_layer {
+                    return None;
+                }
+                match suffix {
+                    "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![e],
+                    "self_attn.q_proj.weight" => vec![self.n_head * hd, e],
+                    "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
+                        vec![self.n_head_kv * hd, e]
+                    }
+                    "self_attn.o_proj.weight" => vec![e, self.n_head * hd],
+                    "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, e],
+                    "mlp.down_proj.weight" => vec![e, f],
+                    _ => return None,
+                }
+            }
+        })
+    }
+}
+
+/// True for HF tensors the converter drops.
+pub fn is_dropped(hf_name: &str) -> bool {
+    hf_name.ends_with(".rotary_emb.inv_freq")
+        || hf_name.ends_with(".attention.masked_bias")
+        || hf_name.ends_with(".attention.bias")
+}
+
+/// The GGUF name of a Llama HF tensor.
+pub fn gguf_name(hf_name: &str) -> Option<String> {
+    match hf_name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let l: usize = layer.parse().ok()?;
+    let g = match suffix {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{l}.{g}"))
+}
+
+/// The output type of one tensor (spec §2): 1-D tensors, norms and non-`.weight` names are F32.
+pub fn tensor_type(gguf_name: &str, n_dims: usize, out: GgmlType) -> GgmlType {
+    if n_dims <= 1 || gguf_name.ends_with("_norm.weight") || !gguf_name.ends_with(".weight") {
+        GgmlType::F32
+    } else {
+        out
+    }
+}
+
+/// Plans the output tensors from a checkpoint's tensor list: every Llama tensor present with the
+/// shape config.json implies, nothing unknown, in llama.cpp's loader order.
+pub fn plan_tensors(
+    dims: &LlamaDims,
+    tensors: &[(String, Vec<usize>)],
+    out: GgmlType,
+    source: &str,
+) -> Result<Vec<TensorJob>> {
+    let mut jobs = Vec::new();
+    for (name, shape) in tensors {
+        if is_dropped(name) {
+            continue;
+        }
+        let g = gguf_name(name).ok_or_else(|| {
+            anyhow!("{source}: tensor {name} is not a Llama tensor kiln knows how to convert")
+        })?;
+        let want = dims.expected_shape(name).ok_or_else(|| {
+            anyhow!("{source}: tensor {name} has a layer index beyond num_hidden_layers={}", dims.n_layer)
+        })?;
+        if *shape != want {
+            bail!(
+                "{source}: tensor {name} has shape {shape:?}, but config.json implies {want:?}{}",
+                if name.contains("embed_tokens") || name == "lm_head.weight" {
+                    " (vocab_size × hidden_size): the embedding rows must equal config.json's vocab_size"
+                } else {
+                    ""
+                }
+            );
+        }
+        let permute_heads = if name.ends_with("self_attn.q_proj.weight") {
+            Some(dims.n_head)
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            Some(dims.n_head_kv)
+        } else {
+            None
+        };
+        let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        let ty = tensor_type(&g, shape.len(), out);
+        if ty.row_size(ne[0]).is_none() {
+            bail!(
+                "{source}: tensor {name} has rows of {} values, not a multiple of {}'s block of {}",
+                ne[0],
+                ty,
+                ty.block_size()
+            );
+        }
+        jobs.push(TensorJob {
+            hf_name: name.clone(),
+            gguf_name: g,
+            hf_shape: shape.clone(),
+            ne,
+            ty,
+            permute_heads,
+        });
+    }
+    // Every tensor the model needs must be there.
+    let have: std::collections::HashSet<&str> = jobs.iter().map(|j| j.hf_name.as_str()).collect();
+    let mut required = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    if !dims.tied {
+        required.push("lm_head.weight".into());
+    }
+    for l in 0..dims.n_layer {
+        for s in [
+            "input_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "post_attention_layernorm.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ] {
+            required.push(format!("model.layers.{l}.{s}"));
+        }
+    }
+    if let Some(missing) = required.iter().find(|r| !have.contains(r.as_str())) {
+        bail!("{source}: tensor {missing} is missing (config.json describes {} layers)", dims.n_layer);
+    }
+    jobs.sort_by(|a, b| {
+        crate::quant_plan::loader_order_key(&a.gguf_name)
+            .cmp(&crate::quant_plan::loader_order_key(&b.gguf_name))
+    });
+    Ok(jobs)
+}
+
+/// The HF row that lands at GGUF row `r` under the Q/K permutation with `nh` heads.
+#[inline]
+pub fn permuted_source_row(r: usize, rows: usize, nh: usize) -> usize {
+    let hd = rows / nh;
+    let half = hd / 2;
+    let (h, within) = (r / hd, r % hd);
+    let (j, k) = (within / 2, within % 2);
+    h * hd + k * half + j
+}
+
+/// Widens one row of checkpoint data to f32 (exactly).
+pub fn widen_row(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+    }
+}
+
+fn same_storage(dtype: DType, ty: GgmlType) -> bool {
+    matches!(
+        (dtype, ty),
+        (DType::F32, GgmlType::F32) | (DType::F16, GgmlType::F16) | (DType::BF16, GgmlType::BF16)
+    )
+}
+
+/// Encodes a whole tensor into its GGUF bytes: row permutation (Q/K), dtype conversion
+/// (f16/bf16 round to nearest even), or quantization, rows in parallel.
+pub fn encode_tensor(job: &TensorJob, data: &TensorData<'_>) -> Result<Vec<u8>> {
+    let (rows, cols) = (job.rows(), job.cols());
+    let in_row = cols * data.dtype.size();
+    let out_row = job
+        .ty
+        .row_size(cols as u64)
+        .ok_or_else(|| anyhow!("tensor {}: row of {cols} does not fit {}", job.hf_name, job.ty))?
+        as usize;
+    if data.bytes.len() != rows * in_row {
+        bail!(
+            "tensor {}: {} bytes of data, expected {} ({rows}×{cols} {:?})",
+            job.hf_name,
+            data.bytes.len(),
+            rows * in_row,
+            data.dtype
+        );
+    }
+    let mut out = vec![0u8; rows * out_row];
+    let src_row = |r: usize| match job.permute_heads {
+        Some(nh) => permuted_source_row(r, rows, nh),
+        None => r,
+    };
+    if same_storage(data.dtype, job.ty) {
+        out.par_chunks_mut(out_row).enumerate().for_each(|(r, dst)| {
+            let s = src_row(r);
+            dst.copy_from_slice(&data.bytes[s * in_row..(s + 1) * in_row]);
+        });
+        return Ok(out);
+    }
+    out.par_chunks_mut(out_row)
+        .enumerate()
+        .try_for_each_init(
+            || vec![0f32; cols],
+            |buf, (r, dst)| {
+                let s = src_row(r);
+                widen_row(data.dtype, &data.bytes[s * in_row..(s + 1) * in_row], buf);
+                kiln_quant::quantize_row(job.ty, buf, dst)
+            },
+        )
+        .with_context(|| format!("encoding tensor {}", job.hf_name))?;
+    Ok(out)
+}
+
+/// Reads the checkpoint's tensor list as (name, shape) pairs.
+pub fn checkpoint_shapes(ckpt: &Checkpoint) -> Vec<(String, Vec<usize>)> {
+    ckpt.tensors()
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect()
+}
+
+/// The `general.*` and `llama.*` keys of a converted model, in convert_hf_to_gguf's order.
+pub fn model_metadata(
+    cfg: &LlamaConfig,
+    dims: &LlamaDims,
+    name: &str,
+    file_type: u32,
+) -> Vec<(String, GgufValue)> {
+    let mut m: Vec<(String, GgufValue)> = Vec::new();
+    let mut put = |k: &str, v: GgufValue| m.push((k.to_string(), v));
+    put("general.architecture", GgufValue::String("llama".into()));
+    put("general.type", GgufValue::String("model".into()));
+    put("general.name", GgufValue::String(name.into()));
+    put("llama.block_count", GgufValue::U32(dims.n_layer as u32));
+    put(
+        "llama.context_length",
+        GgufValue::U32(cfg.max_position_embeddings as u32),
+    );
+    put("llama.embedding_length", GgufValue::U32(dims.n_embd as u32));
+    put("llama.feed_forward_length", GgufValue::U32(dims.n_ff as u32));
+    put("llama.attention.head_count", GgufValue::U32(dims.n_head as u32));
+    put("llama.attention.head_count_kv", GgufValue::U32(dims.n_head_kv as u32));
+    if let Some(theta) = rope_theta(cfg) {
+        put("llama.rope.freq_base", GgufValue::F32(theta as f32));
+    }
+    if let Some((kind, factor)) = rope_scaling(cfg) {
+        put("llama.rope.scaling.type", GgufValue::String(kind));
+        put("llama.rope.scaling.factor", GgufValue::F32(factor as f32));
+    }
+    put(
+        "llama.attention.layer_norm_rms_epsilon",
+        GgufValue::F32(cfg.rms_norm_eps as f32),
+    );
+    if cfg.head_dim.is_some() {
+        put("llama.attention.key_length", GgufValue::U32(dims.head_dim as u32));
+        put("llama.attention.value_length", GgufValue::U32(dims.head_dim as u32));
+    }
+    put("general.file_type", GgufValue::U32(file_type));
+    put("llama.vocab_size", GgufValue::U32(dims.n_vocab as u32));
+    put("llama.rope.dimension_count", GgufValue::U32(dims.head_dim as u32));
+    put("general.quantization_version", GgufValue::U32(2));
+    m
+}
+
+fn raw_f64(cfg: &LlamaConfig, path: &[&str]) -> Option<f64> {
+    let mut v = cfg.raw.get(path[0])?;
+    for p in &path[1..] {
+        v = v.get(p)?;
+    }
+    v.as_f64()
+}
+
+/// rope_theta, or the newer `rope_parameters.rope_theta`.
+pub fn rope_theta(cfg: &LlamaConfig) -> Option<f64> {
+    raw_f64(cfg, &["rope_theta"]).or_else(|| raw_f64(cfg, &["rope_parameters", "rope_theta"]))
+}
+
+/// ("linear" | "yarn", factor) when config.json asks for that rope scaling.
+pub fn rope_scaling(cfg: &LlamaConfig) -> Option<(String, f64)> {
+    let rs = cfg.raw.get("rope_scaling")?;
+    let kind = rs
+        .get("type")
+        .or_else(|| rs.get("rope_type"))
+        .and_then(|v| v.as_str())?;
+    let factor = rs.get("factor").and_then(|v| v.as_f64())?;
+    matches!(kind, "linear" | "yarn").then(|| (kind.to_string(), factor))
+}
+
+/// The `tokenizer.ggml.*` keys for a SentencePiece Llama vocabulary of `n_vocab` entries, from the
+/// tokenizer files in `tok_dir` and the special token ids of config.json (spec §1.4).
+pub fn vocab_metadata(
+    tok_dir: &Path,
+    cfg: &LlamaConfig,
+    n_vocab: usize,
+) -> Result<Vec<(String, GgufValue)>> {
+    let sp_path = tok_dir.join("tokenizer.model");
+    let sp = SpModel::open(&sp_path).with_context(|| format!("reading {}", sp_path.display()))?;
+    if sp.pieces.len() > n_vocab {
+        bail!(
+            "{}: the tokenizer has {} pieces but the model's vocab_size is {n_vocab}: the embeddings \
+             (embed_tokens / lm_head) must have one row per piece; for a LoRA that extends the \
+             vocabulary, merge it first (kiln merge) so the embeddings grow with it",
+            sp_path.display(),
+            sp.pieces.len()
+        );
+    }
+    let mut tokens: Vec<String> = (0..n_vocab).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000.0f32; n_vocab];
+    let mut types = vec![5i32; n_vocab];
+    for (i, p) in sp.pieces.iter().enumerate() {
+        tokens[i] = p.piece.clone();
+        scores[i] = p.score;
+        types[i] = match p.kind {
+            PieceType::Unknown => 2,
+            PieceType::Control => 3,
+            PieceType::Unused => 5,
+            PieceType::Byte => 6,
+            _ => 1,
+        };
+    }
+    let added_path = tok_dir.join("added_tokens.json");
+    if added_path.is_file() {
+        let text = std::fs::read_to_string(&added_path)
+            .with_context(|| format!("reading {}", added_path.display()))?;
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a JSON object of token -> id", added_path.display()))?;
+        for (text, id) in map {
+            let id = id
+                .as_u64()
+                .ok_or_else(|| anyhow!("{}: id of {text:?} is not an integer", added_path.display()))?
+                as usize;
+            if id >= n_vocab {
+                bail!("{}: token {text:?} has id {id} ≥ vocab_size {n_vocab}", added_path.display());
+            }
+            tokens[id] = text;
+            scores[id] = -1000.0;
+            types[id] = 4;
+        }
+    }
+    let tc_path = tok_dir.join("tokenizer_config.json");
+    let tc = if tc_path.is_file() {
+        Some(TokenizerConfig::load(&tc_path).with_context(|| format!("reading {}", tc_path.display()))?)
+    } else {
+        None
+    };
+    if let Some(tc) = &tc {
+        for (id, tok) in tc.added_tokens_decoder.iter() {
+            let id: usize = match id.parse() {
+                Ok(v) if v < n_vocab => v,
+                _ => continue,
+            };
+            let looks_special = tok.content.starts_with("<|") && tok.content.ends_with("|>");
+            scores[id] = -1000.0;
+            if tok.special || looks_special {
+                tokens[id] = tok.content.clone();
+                types[id] = 3;
+            } else {
+                tokens[id] = tok.content.replace('\u{2581}', " ");
+                types[id] = 4;
+            }
+        }
+    }
+    let mut m: Vec<(String, GgufValue)> = Vec::new();
+    if let Some(asp) = tc.as_ref().and_then(|t| t.add_prefix_space) {
+        m.push(("tokenizer.ggml.add_space_prefix".into(), GgufValue::Bool(asp)));
+    }
+    m.push(("tokenizer.ggml.model".into(), GgufValue::String("llama".into())));
+    m.push(("tokenizer.ggml.pre".into(), GgufValue::String("default".into())));
+    m.push(("tokenizer.ggml.tokens".into(), GgufValue::Array(GgufArray::String(tokens))));
+    m.push(("tokenizer.ggml.scores".into(), GgufValue::Array(GgufArray::F32(scores))));
+    m.push(("tokenizer.ggml.token_type".into(), GgufValue::Array(GgufArray::I32(types))));
+    let ids = special_ids(&sp, cfg, n_vocab);
+    for (key, id) in ids {
+        m.push((format!("tokenizer.ggml.{key}"), GgufValue::U32(id)));
+    }
+    let add_bos = tc.as_ref().and_then(|t| t.add_bos_token).unwrap_or(true);
+    let add_eos = tc.as_ref().and_then(|t| t.add_eos_token).unwrap_or(false);
+    m.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(add_bos)));
+    m.push(("tokenizer.ggml.add_eos_token".into(), GgufValue::Bool(add_eos)));
+    if let Some(t) = tc.as_ref().and_then(|t| t.chat_template.clone()) {
+        m.push(("tokenizer.chat_template".into(), GgufValue::String(t)));
+    }
+    Ok(m)
+}
+
+/// bos, eos, unk and pad ids: config.json's ids, else the SentencePiece model's own.
+fn special_ids(sp: &SpModel, cfg: &LlamaConfig, n_vocab: usize) -> Vec<(&'static str, u32)> {
+    let from_cfg = |k: &str| -> Option<i64> {
+        let v = cfg.raw.get(k)?;
+        v.as_i64().or_else(|| v.as_array()?.first()?.as_i64())
+    };
+    let mut out = Vec::new();
+    for (key, cfg_key, sp_id) in [
+        ("bos_token_id", "bos_token_id", sp.bos_id),
+        ("eos_token_id", "eos_token_id", sp.eos_id),
+        ("unknown_token_id", "unk_token_id", sp.unk_id),
+        ("padding_token_id", "pad_token_id", -1),
+    ] {
+        let id = from_cfg(cfg_key).or((sp_id >= 0).then_some(sp_id as i64));
+        if let Some(id) = id {
+            if id >= 0 && (id as usize) < n_vocab {
+                out.push((key, id as u32));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_matches_numpy_reshape_swapaxes() {
+        // numpy: reshape(nh, 2, half, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (rows, nh) = (16, 2);
+        let hd = rows / nh;
+        let half = hd / 2;
+        let mut expect = Vec::new();
+        for h in 0..nh {
+            for j in 0..half {
+                for k in 0..2 {
+                    expect.push(h * hd + k * half + j);
+                }
+            }
+        }
+        let got: Vec<usize> = (0..rows).map(|r| permuted_source_row(r, rows, nh)).collect();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn names_and_types() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.k_proj.weight").unwrap(), "blk.3.attn_k.weight");
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert!(is_dropped("model.layers.0.self_attn.rotary_emb.inv_freq"));
+        assert_eq!(tensor_type("blk.0.attn_norm.weight", 1, GgmlType::F16), GgmlType::F32);
+        assert_eq!(tensor_type("blk.0.attn_q.weight", 2, GgmlType::Q8_0), GgmlType::Q8_0);
+    }
+}
