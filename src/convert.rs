@@ -8,7 +8,6 @@ use kiln_formats::gguf::{GgufArray, GgufValue};
 use kiln_formats::hf::{LlamaConfig, TokenizerConfig};
 use kiln_formats::sentencepiece::{PieceType, SpModel};
 use kiln_quant::GgmlType;
-use rayon::prelude::*;
 use std::path::Path;
 
 /// `--outtype` of `kiln convert`.
@@ -271,77 +270,32 @@ pub fn permuted_source_row(r: usize, rows: usize, nh: usize) -> usize {
     h * hd + k * half + j
 }
 
-/// Widens one row of checkpoint data to f32 (exactly).
-pub fn widen_row(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+/// The ggml type holding a checkpoint dtype's values unchanged.
+pub fn ggml_of(dtype: DType) -> GgmlType {
     match dtype {
-        DType::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        DType::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
-        }
-        DType::BF16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
-        }
+        DType::F32 => GgmlType::F32,
+        DType::F16 => GgmlType::F16,
+        DType::BF16 => GgmlType::BF16,
     }
-}
-
-fn same_storage(dtype: DType, ty: GgmlType) -> bool {
-    matches!(
-        (dtype, ty),
-        (DType::F32, GgmlType::F32) | (DType::F16, GgmlType::F16) | (DType::BF16, GgmlType::BF16)
-    )
 }
 
 /// Encodes a whole tensor into its GGUF bytes: row permutation (Q/K), dtype conversion
 /// (f16/bf16 round to nearest even), or quantization, rows in parallel.
 pub fn encode_tensor(job: &TensorJob, data: &TensorData<'_>) -> Result<Vec<u8>> {
-    let (rows, cols) = (job.rows(), job.cols());
-    let in_row = cols * data.dtype.size();
-    let out_row = job
-        .ty
-        .row_size(cols as u64)
-        .ok_or_else(|| anyhow!("tensor {}: row of {cols} does not fit {}", job.hf_name, job.ty))?
-        as usize;
-    if data.bytes.len() != rows * in_row {
-        bail!(
-            "tensor {}: {} bytes of data, expected {} ({rows}×{cols} {:?})",
-            job.hf_name,
-            data.bytes.len(),
-            rows * in_row,
-            data.dtype
-        );
-    }
-    let mut out = vec![0u8; rows * out_row];
-    let src_row = |r: usize| match job.permute_heads {
+    let rows = job.rows();
+    let permute = |r: usize| match job.permute_heads {
         Some(nh) => permuted_source_row(r, rows, nh),
         None => r,
     };
-    if same_storage(data.dtype, job.ty) {
-        out.par_chunks_mut(out_row).enumerate().for_each(|(r, dst)| {
-            let s = src_row(r);
-            dst.copy_from_slice(&data.bytes[s * in_row..(s + 1) * in_row]);
-        });
-        return Ok(out);
-    }
-    out.par_chunks_mut(out_row)
-        .enumerate()
-        .try_for_each_init(
-            || vec![0f32; cols],
-            |buf, (r, dst)| {
-                let s = src_row(r);
-                widen_row(data.dtype, &data.bytes[s * in_row..(s + 1) * in_row], buf);
-                kiln_quant::quantize_row(job.ty, buf, dst)
-            },
-        )
-        .with_context(|| format!("encoding tensor {}", job.hf_name))?;
-    Ok(out)
+    crate::transcode::transcode(
+        &job.hf_name,
+        ggml_of(data.dtype),
+        data.bytes,
+        job.ty,
+        rows,
+        job.cols(),
+        &permute,
+    )
 }
 
 /// Reads the checkpoint's tensor list as (name, shape) pairs.

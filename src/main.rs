@@ -4,6 +4,7 @@ mod cmd;
 mod convert;
 mod progress;
 mod quant_plan;
+mod transcode;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
