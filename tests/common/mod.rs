@@ -1,0 +1,138 @@
+//! Shared helpers of the CLI end-to-end tests: the kiln binary, ../shared, generated fixture models
+//! and llama.cpp's reference tools.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// Runs kiln with `args` and returns its output.
+pub fn run_kiln(args: &[&str]) -> Output {
+    kiln().args(args).output().expect("kiln runs")
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared` (or `$KILN_SHARED`): the tokenizers, texts and spec beside the checkout.
+pub fn shared_dir() -> Option<PathBuf> {
+    if let Ok(s) = std::env::var("KILN_SHARED") {
+        return Some(PathBuf::from(s));
+    }
+    let mut d = root();
+    loop {
+        let cand = d.join("shared");
+        if cand.join("spec/llamacpp.md").is_file() {
+            return Some(cand);
+        }
+        if !d.pop() {
+            return None;
+        }
+    }
+}
+
+fn python_ok() -> bool {
+    Command::new("python3")
+        .args(["-c", "import numpy, safetensors, sentencepiece, gguf"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The generated fixture models (`fixtures/gen_models.py`), made once per target folder.
+/// None (with a printed reason) when Python or ../shared is missing.
+pub fn fixtures() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let shared = shared_dir().or_else(|| {
+            eprintln!("skipping: ../shared not found (set KILN_SHARED)");
+            None
+        })?;
+        if !python_ok() {
+            eprintln!("skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed");
+            return None;
+        }
+        let out = root().join("target").join("kiln-fixtures");
+        let stamp = out.join(".complete");
+        if stamp.is_file() {
+            return Some(out);
+        }
+        let tmp = root()
+            .join("target")
+            .join(format!("kiln-fixtures.tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let st = Command::new("python3")
+            .arg(root().join("fixtures/gen_models.py"))
+            .arg(&tmp)
+            .arg("--shared")
+            .arg(&shared)
+            .status()
+            .expect("python3 runs");
+        assert!(st.success(), "fixtures/gen_models.py failed");
+        std::fs::write(tmp.join(".complete"), b"ok").unwrap();
+        // Another test binary may have won the race; either copy is complete.
+        if std::fs::rename(&tmp, &out).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        assert!(stamp.is_file());
+        Some(out)
+    })
+    .clone()
+}
+
+/// The folder of llama.cpp's tools: `$KILN_LLAMACPP_BIN`, else the oracle script's cache.
+pub fn llamacpp_bin() -> Option<PathBuf> {
+    let cands = std::env::var("KILN_LLAMACPP_BIN")
+        .ok()
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::var("HOME").ok().map(|h| {
+            PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu/bin")
+        }));
+    for c in cands {
+        if c.join("llama-quantize").is_file() && c.join("llama-perplexity").is_file() {
+            return Some(c);
+        }
+    }
+    eprintln!(
+        "skipping llama.cpp interop: build the tools with `export KILN_LLAMACPP_BIN=$(bash ../shared/tools/llamacpp-oracle.sh)`"
+    );
+    None
+}
+
+/// Runs a Python check script from tests/interop and asserts it succeeds.
+pub fn py_check<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(script: &str, args: &[S]) {
+    let out = Command::new("python3")
+        .arg(root().join("tests/interop").join(script))
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{script} {:?} failed:\n{}\n{}",
+        args,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn assert_exit(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(p).unwrap();
+    format!("{:x}", Sha256::digest(bytes))
+}
