@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
+import os
 import sys
 
 import numpy as np
@@ -71,6 +72,10 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
+    for path in (args.a, args.b):
+        if not os.path.isfile(path):
+            print(f"error: {path} not found")
+            return 2
     ra, rb = gguf.GGUFReader(args.a), gguf.GGUFReader(args.b)
     errors: list[str] = []
 

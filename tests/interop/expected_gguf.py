@@ -298,6 +298,10 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
+    for path, what in ((os.path.join(args.hf_dir, "config.json"), "HF folder config"), (args.out_gguf, "GGUF")):
+        if not os.path.isfile(path):
+            print(f"error: {what} {path} not found")
+            return 2
     errors: list[str] = []
     config, tensors = hfread.read_folder(args.hf_dir)
     exp_t = expected_tensors(config, tensors, args.outtype)
