@@ -456,41 +456,109 @@ pub fn vocab_metadata(
     m.push(("tokenizer.ggml.tokens".into(), GgufValue::Array(GgufArray::String(tokens))));
     m.push(("tokenizer.ggml.scores".into(), GgufValue::Array(GgufArray::F32(scores))));
     m.push(("tokenizer.ggml.token_type".into(), GgufValue::Array(GgufArray::I32(types))));
-    let ids = special_ids(&sp, cfg, n_vocab);
-    for (key, id) in ids {
-        m.push((format!("tokenizer.ggml.{key}"), GgufValue::U32(id)));
+    let special = SpecialTokens::resolve(tok_dir, tc_path.is_file(), cfg, n_vocab)?;
+    for (key, id) in &special.ids {
+        m.push((format!("tokenizer.ggml.{key}"), GgufValue::U32(*id)));
     }
-    let add_bos = tc.as_ref().and_then(|t| t.add_bos_token).unwrap_or(true);
-    let add_eos = tc.as_ref().and_then(|t| t.add_eos_token).unwrap_or(false);
-    m.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(add_bos)));
-    m.push(("tokenizer.ggml.add_eos_token".into(), GgufValue::Bool(add_eos)));
+    if let Some(b) = special.add_bos {
+        m.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(b)));
+    }
+    if let Some(e) = special.add_eos {
+        m.push(("tokenizer.ggml.add_eos_token".into(), GgufValue::Bool(e)));
+    }
     if let Some(t) = tc.as_ref().and_then(|t| t.chat_template.clone()) {
         m.push(("tokenizer.chat_template".into(), GgufValue::String(t)));
     }
     Ok(m)
 }
 
-/// bos, eos, unk and pad ids: config.json's ids, else the SentencePiece model's own.
-fn special_ids(sp: &SpModel, cfg: &LlamaConfig, n_vocab: usize) -> Vec<(&'static str, u32)> {
-    let from_cfg = |k: &str| -> Option<i64> {
-        let v = cfg.raw.get(k)?;
-        v.as_i64().or_else(|| v.as_array()?.first()?.as_i64())
-    };
-    let mut out = Vec::new();
-    for (key, cfg_key, sp_id) in [
-        ("bos_token_id", "bos_token_id", sp.bos_id),
-        ("eos_token_id", "eos_token_id", sp.eos_id),
-        ("unknown_token_id", "unk_token_id", sp.unk_id),
-        ("padding_token_id", "pad_token_id", -1),
-    ] {
-        let id = from_cfg(cfg_key).or((sp_id >= 0).then_some(sp_id as i64));
-        if let Some(id) = id {
-            if id >= 0 && (id as usize) < n_vocab {
-                out.push((key, id as u32));
+/// Special token ids and add-BOS/EOS flags as gguf-py's `SpecialVocab` finds them: ids of the
+/// tokenizer_config `*_token` contents among tokenizer.json's added tokens, then config.json's
+/// `*_token_id` for the ones still missing; flags from tokenizer.json's TemplateProcessing, then
+/// tokenizer_config's `add_bos_token` / `add_eos_token`.
+pub struct SpecialTokens {
+    pub ids: Vec<(&'static str, u32)>,
+    pub add_bos: Option<bool>,
+    pub add_eos: Option<bool>,
+}
+
+const SPECIAL_KINDS: [(&str, &str); 4] = [
+    ("bos", "bos_token_id"),
+    ("eos", "eos_token_id"),
+    ("unk", "unknown_token_id"),
+    ("pad", "padding_token_id"),
+];
+
+impl SpecialTokens {
+    pub fn resolve(
+        tok_dir: &Path,
+        has_tc: bool,
+        cfg: &LlamaConfig,
+        n_vocab: usize,
+    ) -> Result<SpecialTokens> {
+        let read = |p: &Path| -> Result<serde_json::Value> {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))
+        };
+        let tj_path = tok_dir.join("tokenizer.json");
+        let tj = if tj_path.is_file() { Some(read(&tj_path)?) } else { None };
+        let tc = if has_tc { Some(read(&tok_dir.join("tokenizer_config.json"))?) } else { None };
+        let content = |kind: &str| -> Option<String> {
+            let v = tc.as_ref()?.get(format!("{kind}_token"))?;
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.get("content")?.as_str().map(str::to_string))
+        };
+        let mut found: Vec<(&'static str, i64)> = Vec::new();
+        let mut add_bos = None;
+        let mut add_eos = None;
+        if let Some(tj) = &tj {
+            let added = tj.get("added_tokens").and_then(|a| a.as_array()).cloned().unwrap_or_default();
+            for (kind, key) in SPECIAL_KINDS {
+                if let Some(c) = content(kind) {
+                    let id = added
+                        .iter()
+                        .find(|t| t.get("content").and_then(|x| x.as_str()) == Some(c.as_str()))
+                        .and_then(|t| t.get("id")?.as_i64());
+                    if let Some(id) = id {
+                        found.push((key, id));
+                    }
+                }
+            }
+            if let Some(single) = tj
+                .pointer("/post_processor/single")
+                .and_then(|s| s.as_array())
+                .filter(|s| s.len() > 1)
+            {
+                let special = |v: &serde_json::Value| v.pointer("/SpecialToken/id").and_then(|x| x.as_str()).map(str::to_string);
+                if let Some(first) = single.first().and_then(special) {
+                    add_bos = Some(Some(first) == content("bos"));
+                }
+                if let Some(last) = single.last().and_then(special) {
+                    add_eos = Some(Some(last) == content("eos"));
+                }
             }
         }
+        if let Some(tc) = &tc {
+            add_bos = add_bos.or(tc.get("add_bos_token").and_then(|v| v.as_bool()));
+            add_eos = add_eos.or(tc.get("add_eos_token").and_then(|v| v.as_bool()));
+        }
+        for (kind, key) in SPECIAL_KINDS {
+            if found.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let v = cfg.raw.get(&format!("{kind}_token_id"));
+            if let Some(id) = v.and_then(|v| v.as_i64()) {
+                found.push((key, id));
+            }
+        }
+        let ids = found
+            .into_iter()
+            .filter(|(_, id)| *id >= 0 && (*id as usize) < n_vocab)
+            .map(|(k, id)| (k, id as u32))
+            .collect();
+        Ok(SpecialTokens { ids, add_bos, add_eos })
     }
-    out
 }
 
 #[cfg(test)]
