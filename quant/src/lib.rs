@@ -57,3 +57,58 @@ pub fn quantize_rows(
         .zip(dst.par_chunks_mut(row_bytes))
         .try_for_each(|(s, d)| quantize_row(ty, s, d))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 97) as f32 * 0.05))
+            .collect()
+    }
+
+    #[test]
+    fn rows_equal_sequential() {
+        let n_per_row = 512;
+        let rows = 9;
+        let x = signal(n_per_row * rows);
+        for ty in GgmlType::ALL {
+            let rb = ty.row_size(n_per_row as u64).unwrap() as usize;
+            let mut par = vec![0u8; rb * rows];
+            quantize_rows(ty, &x, n_per_row, &mut par).unwrap();
+            let mut seq = vec![0u8; rb * rows];
+            for (s, d) in x.chunks(n_per_row).zip(seq.chunks_mut(rb)) {
+                quantize_row_ref(ty, s, d).unwrap();
+            }
+            assert_eq!(par, seq, "{ty}");
+            // one call over the whole matrix gives the same bytes too (blocks are independent)
+            let mut whole = vec![0u8; rb * rows];
+            quantize_row(ty, &x, &mut whole).unwrap();
+            assert_eq!(whole, seq, "{ty}");
+        }
+    }
+
+    #[test]
+    fn rows_errors() {
+        let x = signal(512);
+        let mut out = vec![0u8; 4096];
+        assert!(matches!(
+            quantize_rows(GgmlType::Q4_0, &x, 0, &mut out),
+            Err(QuantError::BadRowLength { n_per_row: 0, .. })
+        ));
+        assert!(matches!(
+            quantize_rows(GgmlType::Q4_0, &x, 100, &mut out),
+            Err(QuantError::BadRowLength { .. })
+        ));
+        assert!(matches!(
+            quantize_rows(GgmlType::Q4K, &x, 128, &mut out),
+            Err(QuantError::NotBlockMultiple { .. })
+        ));
+        assert!(matches!(
+            quantize_rows(GgmlType::Q4_0, &x, 256, &mut out),
+            Err(QuantError::ByteLength { expected: 288, .. })
+        ));
+        assert!(quantize_rows(GgmlType::Q4_0, &[], 32, &mut []).is_ok());
+    }
+}

@@ -61,15 +61,13 @@ pub fn f16_to_f32_slice(src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
 
 /// Widens little-endian bf16 values (`src`, 2 bytes each) into `dst`.
 /// `src.len()` must be exactly `2 * dst.len()`.
+///
+/// This is a plain 16-bit shift like ggml's `ggml_bf16_to_fp32_row`; `half`'s conversion is not
+/// used because it sets the quiet bit of signalling NaNs.
 pub fn bf16_to_f32_slice(src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
     check_pairs("bf16 source", src.len(), dst.len())?;
-    let mut buf = [bf16::ZERO; CHUNK];
-    for (s, d) in src.chunks(2 * CHUNK).zip(dst.chunks_mut(CHUNK)) {
-        let n = d.len();
-        for (h, b) in buf.iter_mut().zip(s.chunks_exact(2)) {
-            *h = bf16::from_bits(u16::from_le_bytes([b[0], b[1]]));
-        }
-        buf[..n].convert_to_f32_slice(d);
+    for (b, y) in src.chunks_exact(2).zip(dst.iter_mut()) {
+        *y = bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]));
     }
     Ok(())
 }
@@ -181,5 +179,11 @@ mod tests {
         assert!(f16_to_f32_slice(&b16[..3], &mut back[..1]).is_err());
         assert!(bf16_to_f32_slice(&b16[..4], &mut back[..1]).is_err());
         assert!(f16_to_f32_slice(&[], &mut []).is_ok());
+        // signalling NaNs and payloads pass through unchanged, as in ggml
+        let mut y = [0f32; 2];
+        bf16_to_f32_slice(&[0x81, 0x7f, 0x01, 0xff], &mut y).unwrap();
+        assert_eq!(y.map(f32::to_bits), [0x7f81_0000, 0xff01_0000]);
+        f16_to_f32_slice(&[0x01, 0x7c, 0x01, 0xfe], &mut y).unwrap();
+        assert!(y[0].is_nan() && y[1].is_nan());
     }
 }
