@@ -231,6 +231,37 @@ pub struct WeightMap {
 /// Largest index JSON accepted.
 const MAX_INDEX_BYTES: u64 = 64 << 20;
 
+/// Parses the text of an index JSON (`index` only names it in errors) into (tensor, shard file
+/// name) pairs, checking each shard name is a plain file name. Touches no files.
+pub fn parse_weight_map(
+    index: &Path,
+    json: &[u8],
+) -> Result<Vec<(String, String)>, CheckpointError> {
+    let bad = |what: String| CheckpointError::Index {
+        path: index.to_path_buf(),
+        what,
+    };
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+    let wm = v
+        .get("weight_map")
+        .and_then(|w| w.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".to_string()))?;
+    let mut out = Vec::with_capacity(wm.len());
+    for (tensor, shard) in wm {
+        let s = shard
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[`{tensor}`] is not a string")))?;
+        if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
+            return Err(CheckpointError::BadShardName {
+                index: index.to_path_buf(),
+                shard: s.to_string(),
+            });
+        }
+        out.push((tensor.clone(), s.to_string()));
+    }
+    Ok(out)
+}
+
 /// Reads a `model.safetensors.index.json` / `pytorch_model.bin.index.json`, checking that every
 /// shard it names is a plain file name that exists next to the index.
 pub fn read_weight_map(index: &Path) -> Result<WeightMap, CheckpointError> {
@@ -246,29 +277,9 @@ pub fn read_weight_map(index: &Path) -> Result<WeightMap, CheckpointError> {
         });
     }
     let text = std::fs::read(index).map_err(io)?;
-    let bad = |what: String| CheckpointError::Index {
-        path: index.to_path_buf(),
-        what,
-    };
-    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-    let wm = v
-        .get("weight_map")
-        .and_then(|w| w.as_object())
-        .ok_or_else(|| bad("no `weight_map` object".to_string()))?;
+    let pairs = parse_weight_map(index, &text)?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut names: Vec<&str> = Vec::new();
-    for (tensor, shard) in wm {
-        let s = shard
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map[`{tensor}`] is not a string")))?;
-        if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
-            return Err(CheckpointError::BadShardName {
-                index: index.to_path_buf(),
-                shard: s.to_string(),
-            });
-        }
-        names.push(s);
-    }
+    let mut names: Vec<&str> = pairs.iter().map(|(_, s)| s.as_str()).collect();
     names.sort_unstable();
     names.dedup();
     let shards: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
@@ -280,10 +291,9 @@ pub fn read_weight_map(index: &Path) -> Result<WeightMap, CheckpointError> {
             });
         }
     }
-    let mut map = HashMap::with_capacity(wm.len());
-    for (tensor, shard) in wm {
-        let s = shard.as_str().unwrap_or_default();
-        let i = names.binary_search(&s).unwrap_or_default();
+    let mut map = HashMap::with_capacity(pairs.len());
+    for (tensor, shard) in &pairs {
+        let i = names.binary_search(&shard.as_str()).unwrap_or_default();
         map.insert(tensor.clone(), i);
     }
     Ok(WeightMap {
@@ -293,8 +303,9 @@ pub fn read_weight_map(index: &Path) -> Result<WeightMap, CheckpointError> {
     })
 }
 
-/// One tensor found while scanning a file: meta and location within that file.
-pub(crate) struct Found {
+/// One tensor found while scanning a file: meta and absolute byte range within that file.
+#[derive(Clone, Debug)]
+pub struct FileTensor {
     pub meta: TensorMeta,
     pub offset: usize,
     pub len: usize,
@@ -317,7 +328,7 @@ enum Kind {
 }
 
 impl Kind {
-    fn scan(self, path: &Path, map: &MappedFile) -> Result<Vec<Found>, CheckpointError> {
+    fn scan(self, path: &Path, map: &MappedFile) -> Result<Vec<FileTensor>, CheckpointError> {
         match self {
             Kind::Safetensors => crate::safetensors::scan(path, map.bytes()),
             Kind::Torch => crate::torch::scan(path, map.bytes()),
@@ -445,7 +456,7 @@ impl Checkpoint {
         &mut self,
         path: PathBuf,
         map: MappedFile,
-        found: Vec<Found>,
+        found: Vec<FileTensor>,
         index: Option<(&WeightMap, usize)>,
     ) -> Result<(), CheckpointError> {
         let file = self.files.len();

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
-use crate::checkpoint::{CheckpointError, DType, Found, TensorMeta};
+use crate::checkpoint::{CheckpointError, DType, FileTensor, TensorMeta};
 
 /// Maps a safetensors dtype to ours, or None for unsupported ones.
 pub fn dtype_from_safetensors(d: Dtype) -> Option<DType> {
@@ -55,7 +55,7 @@ fn precheck(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 
 /// Lists the tensors of one safetensors file (its mapped `bytes`), in data-offset order, with
 /// absolute byte offsets into the file.
-pub(crate) fn scan(path: &Path, bytes: &[u8]) -> Result<Vec<Found>, CheckpointError> {
+pub fn scan(path: &Path, bytes: &[u8]) -> Result<Vec<FileTensor>, CheckpointError> {
     precheck(path, bytes)?;
     let st_err = |source| CheckpointError::Safetensors {
         path: path.to_path_buf(),
@@ -89,7 +89,7 @@ pub(crate) fn scan(path: &Path, bytes: &[u8]) -> Result<Vec<Found>, CheckpointEr
                 path: path.to_path_buf(),
                 what: format!("data_offsets of `{name}` out of range"),
             })?;
-        out.push(Found {
+        out.push(FileTensor {
             meta: TensorMeta {
                 name,
                 dtype,

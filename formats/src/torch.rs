@@ -8,7 +8,7 @@ use std::path::Path;
 
 use zip::{CompressionMethod, ZipArchive};
 
-use crate::checkpoint::{checked_numel, CheckpointError, DType, Found, TensorMeta};
+use crate::checkpoint::{checked_numel, CheckpointError, DType, FileTensor, TensorMeta};
 use crate::pickle::{load_state_dict, PickledTensor, MAX_PICKLE_BYTES};
 
 /// `torch.save`'s legacy magic number 0x1950a86a20f9469cfc6c, as the LONG1 it pickles first.
@@ -260,10 +260,10 @@ pub fn read_tensors(path: &Path, bytes: &[u8]) -> Result<Vec<TorchTensor>, Check
 }
 
 /// Lists the tensors of one PyTorch zip file for [`crate::checkpoint::Checkpoint`].
-pub(crate) fn scan(path: &Path, bytes: &[u8]) -> Result<Vec<Found>, CheckpointError> {
+pub fn scan(path: &Path, bytes: &[u8]) -> Result<Vec<FileTensor>, CheckpointError> {
     Ok(read_tensors(path, bytes)?
         .into_iter()
-        .map(|t| Found {
+        .map(|t| FileTensor {
             offset: t.file_offset,
             len: t.byte_len,
             meta: TensorMeta {
