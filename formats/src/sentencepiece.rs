@@ -4,8 +4,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Largest `tokenizer.model` file [`SpModel::open`] reads (real ones are about 1 MiB).
-pub const MAX_MODEL_FILE_BYTES: u64 = 1 << 30;
+/// Largest `tokenizer.model` file [`SpModel::open`] reads (real ones are 0.5 to 5 MiB).
+pub const MAX_MODEL_FILE_BYTES: u64 = 256 << 20;
+
+/// Most pieces a model may have (real vocabularies stay under 300k).
+pub const MAX_PIECES: usize = 1 << 24;
 
 /// Deepest nesting of (unknown) protobuf groups that is skipped before giving up.
 const MAX_GROUP_DEPTH: usize = 64;
@@ -68,7 +71,7 @@ pub enum SpError {
     NotUtf8 { field: &'static str },
     #[error("model has no pieces")]
     NoPieces,
-    #[error("model has {count} pieces, more than a u32 id can name")]
+    #[error("model has {count} pieces or more, above the limit of {MAX_PIECES}")]
     TooManyPieces { count: usize },
 }
 
@@ -229,6 +232,9 @@ impl SpModel {
             match field {
                 1 => {
                     let index = m.pieces.len();
+                    if index >= MAX_PIECES {
+                        return Err(SpError::TooManyPieces { count: index + 1 });
+                    }
                     let (buf, base) = r.message(field, wt)?;
                     m.pieces.push(parse_piece(buf, base, index)?);
                 }
@@ -251,17 +257,12 @@ impl SpModel {
         if m.pieces.is_empty() {
             return Err(SpError::NoPieces);
         }
-        if u32::try_from(m.pieces.len()).is_err() {
-            return Err(SpError::TooManyPieces {
-                count: m.pieces.len(),
-            });
-        }
         let mut index = HashMap::with_capacity(m.pieces.len());
         for (i, p) in m.pieces.iter().enumerate() {
             if p.piece.is_empty() {
                 return Err(SpError::EmptyPiece { index: i });
             }
-            // i < pieces.len() <= u32::MAX, checked above.
+            // i < pieces.len() <= MAX_PIECES < u32::MAX.
             let id = i as u32;
             if let Some(&first) = index.get(&p.piece) {
                 return Err(SpError::DuplicatePiece {
