@@ -186,13 +186,13 @@ pub struct LlamaConfig {
     pub architectures: Vec<String>,
     #[serde(default)]
     pub model_type: Option<String>,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    /// Defaults to `num_attention_heads` when absent or null.
-    #[serde(default, deserialize_with = "null_default")]
-    pub num_key_value_heads: usize,
+    pub hidden_size: u64,
+    pub intermediate_size: u64,
+    pub num_hidden_layers: u64,
+    pub num_attention_heads: u64,
+    /// Absent or null means `num_attention_heads`; see [`LlamaConfig::num_kv_heads`].
+    #[serde(default)]
+    pub num_key_value_heads: Option<u64>,
     pub rms_norm_eps: f64,
     /// `rope_theta`, else `rope_parameters.rope_theta`.
     #[serde(default)]
@@ -202,8 +202,8 @@ pub struct LlamaConfig {
     pub rope_scaling: Option<RopeScaling>,
     #[serde(default)]
     pub rope_parameters: Option<RopeScaling>,
-    pub max_position_embeddings: usize,
-    pub vocab_size: usize,
+    pub max_position_embeddings: u64,
+    pub vocab_size: u64,
     #[serde(default, deserialize_with = "null_default")]
     pub tie_word_embeddings: bool,
     /// `torch_dtype`, else transformers 5's `dtype`.
@@ -212,7 +212,7 @@ pub struct LlamaConfig {
     #[serde(default)]
     dtype: Option<String>,
     #[serde(default)]
-    pub head_dim: Option<usize>,
+    pub head_dim: Option<u64>,
     #[serde(default)]
     pub bos_token_id: Option<i64>,
     #[serde(default)]
@@ -242,9 +242,6 @@ impl LlamaConfig {
 
     fn from_map(raw: Map<String, Value>, path: &Path) -> Result<LlamaConfig, HfError> {
         let mut c: LlamaConfig = typed(&raw, path)?;
-        if matches!(raw.get("num_key_value_heads"), None | Some(Value::Null)) {
-            c.num_key_value_heads = c.num_attention_heads;
-        }
         if c.torch_dtype.is_none() {
             c.torch_dtype = c.dtype.clone();
         }
@@ -261,8 +258,13 @@ impl LlamaConfig {
         Ok(c)
     }
 
+    /// `num_key_value_heads`, defaulting to `num_attention_heads`.
+    pub fn num_kv_heads(&self) -> u64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
     /// `head_dim` if given, else `hidden_size / num_attention_heads` (0 if there are no heads).
-    pub fn head_dim(&self) -> usize {
+    pub fn head_dim(&self) -> u64 {
         self.head_dim.unwrap_or_else(|| {
             self.hidden_size
                 .checked_div(self.num_attention_heads)
@@ -280,7 +282,7 @@ impl LlamaConfig {
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
             ("max_position_embeddings", self.max_position_embeddings),
             ("vocab_size", self.vocab_size),
         ] {
@@ -298,13 +300,14 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_attention_heads % self.num_kv_heads() != 0 {
             return Err(field_err(
                 p,
                 "num_key_value_heads",
                 format!(
                     "{} kv heads do not divide {} attention heads",
-                    self.num_key_value_heads, self.num_attention_heads
+                    self.num_kv_heads(),
+                    self.num_attention_heads
                 ),
             ));
         }
@@ -336,7 +339,7 @@ impl LlamaConfig {
     }
 
     /// Sets `vocab_size` here and in `raw`.
-    pub fn set_vocab_size(&mut self, n: usize) {
+    pub fn set_vocab_size(&mut self, n: u64) {
         self.vocab_size = n;
         self.raw.insert("vocab_size".into(), Value::from(n));
     }
@@ -386,8 +389,9 @@ pub struct AddedToken {
     pub normalized: Option<bool>,
     #[serde(default)]
     pub single_word: Option<bool>,
-    #[serde(default)]
-    pub special: Option<bool>,
+    /// transformers' default is false.
+    #[serde(default, deserialize_with = "null_default")]
+    pub special: bool,
 }
 
 /// A special token given as a plain string or as an [`AddedToken`] object.
@@ -411,29 +415,18 @@ impl TokenSpec {
 /// One entry of a list-form `chat_template`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct NamedTemplate {
+    #[serde(default, deserialize_with = "null_default")]
     pub name: String,
-    pub template: String,
+    #[serde(default)]
+    pub template: Option<String>,
 }
 
-/// `chat_template`: one template, or a list of named ones.
+/// `chat_template` as written: one template, or a list of named ones.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
-pub enum ChatTemplate {
+enum ChatTemplateJson {
     Single(String),
     Named(Vec<NamedTemplate>),
-}
-
-impl ChatTemplate {
-    /// The single template, or the one named "default" in a list.
-    pub fn default_template(&self) -> Option<&str> {
-        match self {
-            ChatTemplate::Single(s) => Some(s),
-            ChatTemplate::Named(v) => v
-                .iter()
-                .find(|t| t.name == "default")
-                .map(|t| t.template.as_str()),
-        }
-    }
 }
 
 /// `tokenizer_config.json`.
@@ -453,11 +446,17 @@ pub struct TokenizerConfig {
     pub unk_token: Option<TokenSpec>,
     #[serde(default)]
     pub pad_token: Option<TokenSpec>,
-    #[serde(default)]
-    pub chat_template: Option<ChatTemplate>,
-    /// id -> token.
+    #[serde(default, rename = "chat_template")]
+    chat_template_json: Option<ChatTemplateJson>,
+    /// The template: a string `chat_template`, or the entry named "default" of a list.
+    #[serde(skip)]
+    pub chat_template: Option<String>,
+    /// The entries of a list-form `chat_template` (empty for the string form).
+    #[serde(skip)]
+    pub chat_templates: Vec<NamedTemplate>,
+    /// id (a decimal string, checked at load) -> token.
     #[serde(default, deserialize_with = "null_default")]
-    pub added_tokens_decoder: BTreeMap<u32, AddedToken>,
+    pub added_tokens_decoder: BTreeMap<String, AddedToken>,
     /// A float: transformers writes 1e30 for "no limit".
     #[serde(default)]
     pub model_max_length: Option<f64>,
@@ -477,8 +476,39 @@ impl TokenizerConfig {
         let path = resolve(dir_or_file, "tokenizer_config.json");
         let raw = read_object(&path)?;
         let mut c: TokenizerConfig = typed(&raw, &path)?;
+        match c.chat_template_json.take() {
+            None => {}
+            Some(ChatTemplateJson::Single(s)) => c.chat_template = Some(s),
+            Some(ChatTemplateJson::Named(v)) => {
+                c.chat_template = v
+                    .iter()
+                    .find(|t| t.name == "default")
+                    .and_then(|t| t.template.clone());
+                c.chat_templates = v;
+            }
+        }
+        for id in c.added_tokens_decoder.keys() {
+            if id.parse::<u32>().is_err() {
+                return Err(field_err(
+                    &path,
+                    format!("added_tokens_decoder.{id}"),
+                    "key is not a token id",
+                ));
+            }
+        }
         c.raw = raw;
         Ok(c)
+    }
+
+    /// `added_tokens_decoder` as (id, token), sorted by id.
+    pub fn added_tokens_by_id(&self) -> Vec<(u32, &AddedToken)> {
+        let mut v: Vec<(u32, &AddedToken)> = self
+            .added_tokens_decoder
+            .iter()
+            .filter_map(|(k, t)| Some((k.parse().ok()?, t)))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
     }
 }
 
@@ -945,7 +975,8 @@ mod tests {
         assert_eq!(c.intermediate_size, 768);
         assert_eq!(c.num_hidden_layers, 4);
         assert_eq!(c.num_attention_heads, 8);
-        assert_eq!(c.num_key_value_heads, 4);
+        assert_eq!(c.num_key_value_heads, Some(4));
+        assert_eq!(c.num_kv_heads(), 4);
         assert_eq!(c.head_dim(), 32);
         assert_eq!(c.rms_norm_eps, 1e-5);
         // transformers 5 layout: rope_parameters and dtype.
@@ -972,7 +1003,8 @@ mod tests {
             "rope_scaling":{"type":"linear","factor":2.0,"extra_key":3}}"#;
         let p = write_tmp(&dir, "config.json", text);
         let mut c = LlamaConfig::load(dir.path()).unwrap();
-        assert_eq!(c.num_key_value_heads, 4, "defaults to heads");
+        assert_eq!(c.num_key_value_heads, None);
+        assert_eq!(c.num_kv_heads(), 4, "defaults to heads");
         assert_eq!(c.head_dim(), 16);
         assert_eq!(c.eos_token_id.as_ref().unwrap().first(), Some(2));
         assert_eq!(c.eos_token_id.as_ref().unwrap().to_vec(), vec![2, 7]);
@@ -1046,7 +1078,7 @@ mod tests {
         }
         // null kv heads means "same as heads"
         std::fs::write(&p, base("", Some(("num_key_value_heads", "null")))).unwrap();
-        assert_eq!(LlamaConfig::load(&p).unwrap().num_key_value_heads, 4);
+        assert_eq!(LlamaConfig::load(&p).unwrap().num_kv_heads(), 4);
         // Not JSON / not an object / missing file.
         std::fs::write(&p, "{").unwrap();
         assert!(matches!(LlamaConfig::load(&p), Err(HfError::Syntax { .. })));
@@ -1094,23 +1126,32 @@ mod tests {
             &dir,
             "tokenizer_config.json",
             r#"{"chat_template":[{"name":"default","template":"{{x}}"},{"name":"tool_use","template":"t"}],
-                "added_tokens_decoder":{"32000":{"content":"<pad>","special":true,"lstrip":false}},
+                "added_tokens_decoder":{"32000":{"content":"<pad>","special":true,"lstrip":false},
+                                        "4":{"content":"<x>"}},
                 "pad_token":"<pad>","legacy":false,"add_prefix_space":true}"#,
         );
         let t = TokenizerConfig::load(&p).unwrap();
-        assert_eq!(
-            t.chat_template.as_ref().unwrap().default_template(),
-            Some("{{x}}")
-        );
-        assert_eq!(t.added_tokens_decoder[&32000].content, "<pad>");
-        assert_eq!(t.added_tokens_decoder[&32000].special, Some(true));
+        assert_eq!(t.chat_template.as_deref(), Some("{{x}}"));
+        assert_eq!(t.chat_templates.len(), 2);
+        assert_eq!(t.chat_templates[1].name, "tool_use");
+        assert_eq!(t.added_tokens_decoder["32000"].content, "<pad>");
+        assert!(t.added_tokens_decoder["32000"].special);
+        assert!(!t.added_tokens_decoder["4"].special);
+        let by_id = t.added_tokens_by_id();
+        assert_eq!((by_id[0].0, by_id[1].0), (4, 32000));
         assert_eq!(t.legacy, Some(false));
         std::fs::write(&p, r#"{"chat_template":"{{ bos_token }}"}"#).unwrap();
         let t = TokenizerConfig::load(&p).unwrap();
-        assert_eq!(
-            t.chat_template,
-            Some(ChatTemplate::Single("{{ bos_token }}".into()))
-        );
+        assert_eq!(t.chat_template.as_deref(), Some("{{ bos_token }}"));
+        assert!(t.chat_templates.is_empty());
+        std::fs::write(
+            &p,
+            r#"{"chat_template":[{"name":"tool_use","template":"t"}]}"#,
+        )
+        .unwrap();
+        let t = TokenizerConfig::load(&p).unwrap();
+        assert_eq!(t.chat_template, None, "no default entry");
+        assert_eq!(t.chat_templates.len(), 1);
         std::fs::write(&p, r#"{"added_tokens_decoder":{"x":{"content":"a"}}}"#).unwrap();
         let e = TokenizerConfig::load(&p).unwrap_err();
         assert!(e.to_string().contains("added_tokens_decoder"), "{e}");
