@@ -17,6 +17,9 @@ pub use reader::{GgufFile, GgufHeader, TensorInfo};
 pub use value::{GgufArray, GgufValue, GgufValueType};
 pub use writer::{serialize_header, GgufWriter};
 
+/// A tensor to write: name, ggml shape (`ne`, innermost first) and type.
+pub type TensorSpec = (String, Vec<u64>, GgmlType);
+
 /// The four magic bytes at offset 0.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 /// The version kiln writes. It reads versions 2 and 3, whose layouts are identical.
@@ -98,7 +101,11 @@ pub enum GgufError {
     #[error("alignment {alignment} is not a power of two")]
     BadAlignment { alignment: u64 },
     #[error("tensor name '{name}' is {len} bytes long; names must be shorter than {max} bytes")]
-    TensorNameTooLong { name: String, len: usize, max: usize },
+    TensorNameTooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
     #[error("duplicate tensor name '{name}'")]
     DuplicateTensor { name: String },
     #[error("tensor '{tensor}' has {n_dims} dimensions; expected 1 to {max}")]
@@ -108,7 +115,11 @@ pub enum GgufError {
         max: usize,
     },
     #[error("tensor '{tensor}' dimension {dim} is {value}, which does not fit in an int64")]
-    BadDimension { tensor: String, dim: usize, value: u64 },
+    BadDimension {
+        tensor: String,
+        dim: usize,
+        value: u64,
+    },
     #[error("tensor '{tensor}' with shape {shape:?} has too many elements (must be < 2^63)")]
     TooManyElements { tensor: String, shape: Vec<u64> },
     #[error("tensor '{tensor}' has unknown ggml type id {type_id}")]
@@ -129,7 +140,9 @@ pub enum GgufError {
         expected: u64,
         found: u64,
     },
-    #[error("data section would start at {data_offset}, past the end of the {file_size}-byte file")]
+    #[error(
+        "data section would start at {data_offset}, past the end of the {file_size}-byte file"
+    )]
     DataSectionOutOfFile { data_offset: u64, file_size: u64 },
     #[error("tensor '{tensor}' data spans bytes {start}..{end}, past the end of the {file_size}-byte file")]
     TensorOutOfFile {
@@ -200,10 +213,7 @@ pub(crate) mod test_util {
 
     impl Raw {
         pub fn header(version: u32, n_tensors: u64, n_kv: u64) -> Raw {
-            Raw(b"GGUF".to_vec())
-                .u32(version)
-                .u64(n_tensors)
-                .u64(n_kv)
+            Raw(b"GGUF".to_vec()).u32(version).u64(n_tensors).u64(n_kv)
         }
         pub fn bytes(mut self, b: &[u8]) -> Raw {
             self.0.extend_from_slice(b);
@@ -245,7 +255,7 @@ pub(crate) mod test_util {
     }
 
     /// The spec §1.1 worked example's metadata and tensors.
-    pub fn example_inputs() -> (Vec<(String, GgufValue)>, Vec<(String, Vec<u64>, GgmlType)>) {
+    pub fn example_inputs() -> (Vec<(String, GgufValue)>, Vec<TensorSpec>) {
         (
             vec![
                 (
@@ -264,15 +274,32 @@ pub(crate) mod test_util {
     /// The spec §1.1 worked example, 256 bytes, transcribed from the spec's listing.
     pub fn example_bytes() -> Vec<u8> {
         let hex = concat!(
-            "47475546", "03000000", "0200000000000000", "0200000000000000",
-            "1400000000000000", "67656e6572616c2e617263686974656374757265", // general.architecture
-            "08000000", "0500000000000000", "6c6c616d61", // "llama"
-            "1100000000000000", "6c6c616d612e626c6f636b5f636f756e74", // llama.block_count
-            "04000000", "01000000",
-            "0100000000000000", "61", "01000000", "0200000000000000", "00000000",
+            "47475546",
+            "03000000",
+            "0200000000000000",
+            "0200000000000000",
+            "1400000000000000",
+            "67656e6572616c2e617263686974656374757265", // general.architecture
+            "08000000",
+            "0500000000000000",
+            "6c6c616d61", // "llama"
+            "1100000000000000",
+            "6c6c616d612e626c6f636b5f636f756e74", // llama.block_count
+            "04000000",
+            "01000000",
+            "0100000000000000",
+            "61",
+            "01000000",
+            "0200000000000000",
+            "00000000",
             "0000000000000000",
-            "0100000000000000", "62", "02000000", "0300000000000000", "0100000000000000",
-            "01000000", "2000000000000000",
+            "0100000000000000",
+            "62",
+            "02000000",
+            "0300000000000000",
+            "0100000000000000",
+            "01000000",
+            "2000000000000000",
         );
         let mut v: Vec<u8> = (0..hex.len() / 2)
             .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())

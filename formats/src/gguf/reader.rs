@@ -385,8 +385,8 @@ impl GgufHeader {
                 return Err(GgufError::DuplicateKey { key });
             }
             let type_id = c.u32(&|| format!("value type of '{key}'"))?;
-            let ty = GgufValueType::from_id(type_id)
-                .ok_or_else(|| GgufError::UnknownValueType {
+            let ty =
+                GgufValueType::from_id(type_id).ok_or_else(|| GgufError::UnknownValueType {
                     key: key.clone(),
                     type_id,
                 })?;
@@ -569,5 +569,651 @@ impl fmt::Debug for GgufFile {
             .field("n_kv", &self.header.metadata.len())
             .field("n_tensors", &self.header.tensors.len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{example_bytes, parse_err, Raw};
+    use super::*;
+
+    const F32: u32 = 0;
+    const Q4_0: u32 = 2;
+
+    /// One F32 tensor of `n` elements at offset 0, no metadata.
+    fn one_tensor(n: u64) -> Raw {
+        Raw::header(3, 1, 0)
+            .tensor("w", &[n], F32, 0)
+            .pad_data(32, 4 * n as usize)
+    }
+
+    #[test]
+    fn valid_minimal_files_parse() {
+        let h = GgufHeader::parse(&one_tensor(4).0).unwrap();
+        assert_eq!(h.data_offset, 64);
+        assert_eq!(h.tensors[0].n_bytes(), 16);
+        // No tensors: ggml puts the data section right after the header, unpadded.
+        let h = GgufHeader::parse(&Raw::header(3, 0, 1).kv_u32("x", 7).0).unwrap();
+        assert_eq!(h.data_offset, 24 + 8 + 1 + 4 + 4);
+        assert_eq!(h.get("x"), Some(&GgufValue::U32(7)));
+        // A zero-element tensor is fine.
+        let h = GgufHeader::parse(
+            &Raw::header(3, 1, 0)
+                .tensor("z", &[0, 5], F32, 0)
+                .pad_data(32, 0)
+                .0,
+        )
+        .unwrap();
+        assert_eq!(h.tensors[0].n_bytes(), 0);
+    }
+
+    #[test]
+    fn truncation_at_every_offset() {
+        let full = example_bytes();
+        // Tensor b's data ends at 0xe6; only its trailing padding may be cut (ggml, like us,
+        // requires only that each tensor's data lies inside the file).
+        for len in 0..full.len() {
+            let r = GgufHeader::parse(&full[..len]);
+            if len < 0xe6 {
+                assert!(r.is_err(), "prefix of {len} bytes parsed");
+            } else {
+                assert!(r.is_ok(), "prefix of {len} bytes failed: {r:?}");
+            }
+        }
+        let e = parse_err(&full[..0xe5]);
+        assert!(
+            matches!(e, GgufError::TensorOutOfFile { ref tensor, end: 0xe6, .. } if tensor == "b"),
+            "{e}"
+        );
+        let e = parse_err(&full[..0x5a]);
+        assert!(matches!(e, GgufError::Truncated { .. }), "{e}");
+        assert!(e.to_string().contains("metadata key 1"), "{e}");
+        let e = parse_err(&full[..0x50]);
+        assert!(
+            matches!(
+                e,
+                GgufError::CountTooLarge {
+                    what: "n_tensors",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_magic() {
+        let mut b = one_tensor(4).0;
+        b[3] = b'X';
+        assert!(matches!(parse_err(&b), GgufError::BadMagic { found } if &found == b"GGUX"));
+        assert!(matches!(parse_err(b"GG"), GgufError::Truncated { .. }));
+    }
+
+    #[test]
+    fn versions() {
+        for v in [0u32, 1, 4, 0xffff_ffff] {
+            let e = parse_err(&Raw::header(v, 0, 0).0);
+            assert!(
+                matches!(e, GgufError::UnsupportedVersion { version } if version == v),
+                "{v}: {e}"
+            );
+        }
+        // Version 2 has the v3 layout and ggml still reads it, so kiln does too.
+        assert_eq!(
+            GgufHeader::parse(&Raw::header(2, 0, 0).0).unwrap().version,
+            2
+        );
+        // A big-endian v3 file reads its version as 0x03000000.
+        let e = parse_err(&Raw::header(0x0300_0000, 0, 0).0);
+        assert!(matches!(e, GgufError::WrongEndianness { .. }));
+        assert!(e.to_string().contains("byte-swapped"));
+    }
+
+    #[test]
+    fn huge_counts() {
+        let e = parse_err(&Raw::header(3, u64::MAX, 0).0);
+        assert!(
+            matches!(
+                e,
+                GgufError::CountTooLarge {
+                    what: "n_tensors",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse_err(&Raw::header(3, 0, 1 << 40).bytes(&[0; 100]).0);
+        assert!(
+            matches!(
+                e,
+                GgufError::CountTooLarge {
+                    what: "n_kv",
+                    max: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse_err(&Raw::header(3, 4, 0).bytes(&[0; 100]).0);
+        assert!(
+            matches!(
+                e,
+                GgufError::CountTooLarge {
+                    what: "n_tensors",
+                    max: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn huge_string_lengths() {
+        for len in [u64::MAX, MAX_STRING_LEN + 1] {
+            let b = Raw::header(3, 0, 1).u64(len).bytes(&[b'a'; 40]).0;
+            assert!(matches!(parse_err(&b), GgufError::StringTooLong { len: l, .. } if l == len));
+        }
+        // Under the cap but longer than the file.
+        let b = Raw::header(3, 0, 1).u64(1 << 20).bytes(&[b'a'; 40]).0;
+        let e = parse_err(&b);
+        assert!(
+            matches!(
+                e,
+                GgufError::Truncated {
+                    needed: 1048576,
+                    available: 40,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A string value, likewise.
+        let b = Raw::header(3, 0, 1).str(b"k").u32(8).u64(u64::MAX).0;
+        assert!(matches!(parse_err(&b), GgufError::StringTooLong { .. }));
+    }
+
+    #[test]
+    fn huge_array_counts() {
+        let arr = |elem: u32, n: u64| {
+            Raw::header(3, 0, 1)
+                .str(b"k")
+                .u32(9)
+                .u32(elem)
+                .u64(n)
+                .bytes(&[0; 64])
+                .0
+        };
+        let e = parse_err(&arr(0, u64::MAX));
+        assert!(
+            matches!(
+                e,
+                GgufError::ArrayTooLong {
+                    count: u64::MAX,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse_err(&arr(10, MAX_ARRAY_LEN + 1));
+        assert!(matches!(e, GgufError::ArrayTooLong { .. }), "{e}");
+        // Within the cap but more than the file holds: rejected before allocating.
+        for elem in [0, 4, 8, 12] {
+            let e = parse_err(&arr(elem, MAX_ARRAY_LEN));
+            assert!(matches!(e, GgufError::Truncated { .. }), "{elem}: {e}");
+        }
+        // Strings need at least 8 bytes each: 9 fit in 64 bytes only if... they don't.
+        assert!(matches!(parse_err(&arr(8, 9)), GgufError::Truncated { .. }));
+    }
+
+    #[test]
+    fn alignment_checks() {
+        for a in [0u32, 24, 3] {
+            let b = Raw::header(3, 0, 1).kv_u32(ALIGNMENT_KEY, a).0;
+            assert!(
+                matches!(parse_err(&b), GgufError::BadAlignment { alignment } if alignment == a as u64)
+            );
+        }
+        let b = Raw::header(3, 0, 1)
+            .str(ALIGNMENT_KEY.as_bytes())
+            .u32(10)
+            .u64(32)
+            .0;
+        let e = parse_err(&b);
+        assert!(
+            matches!(
+                e,
+                GgufError::WrongValueType {
+                    expected: GgufValueType::U32,
+                    found: GgufValueType::U64,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A valid alignment moves the data section.
+        let b = Raw::header(3, 1, 1)
+            .kv_u32(ALIGNMENT_KEY, 64)
+            .tensor("w", &[4], F32, 0)
+            .pad_data(64, 16)
+            .0;
+        let h = GgufHeader::parse(&b).unwrap();
+        assert_eq!((h.alignment, h.data_offset), (64, 128));
+    }
+
+    #[test]
+    fn duplicate_and_empty_keys() {
+        let b = Raw::header(3, 0, 2).kv_u32("a.b", 1).kv_u32("a.b", 2).0;
+        assert!(matches!(parse_err(&b), GgufError::DuplicateKey { key } if key == "a.b"));
+        let b = Raw::header(3, 0, 2).kv_u32("a", 1).kv_u32("", 2).0;
+        assert!(matches!(parse_err(&b), GgufError::EmptyKey { index: 1 }));
+    }
+
+    #[test]
+    fn duplicate_tensor_names() {
+        let b = Raw::header(3, 2, 0)
+            .tensor("w", &[4], F32, 0)
+            .tensor("w", &[4], F32, 32)
+            .pad_data(32, 64)
+            .0;
+        assert!(matches!(parse_err(&b), GgufError::DuplicateTensor { name } if name == "w"));
+    }
+
+    #[test]
+    fn tensor_name_length() {
+        let ok = "n".repeat(63);
+        let b = Raw::header(3, 1, 0)
+            .tensor(&ok, &[4], F32, 0)
+            .pad_data(32, 16)
+            .0;
+        assert!(GgufHeader::parse(&b).is_ok());
+        let long = "n".repeat(64);
+        let b = Raw::header(3, 1, 0)
+            .tensor(&long, &[4], F32, 0)
+            .pad_data(32, 16)
+            .0;
+        assert!(matches!(
+            parse_err(&b),
+            GgufError::TensorNameTooLong {
+                len: 64,
+                max: 64,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn n_dims_out_of_range() {
+        for dims in [&[][..], &[1, 1, 1, 1, 4][..]] {
+            let b = Raw::header(3, 1, 0)
+                .tensor("w", dims, F32, 0)
+                .pad_data(32, 16)
+                .0;
+            let e = parse_err(&b);
+            assert!(
+                matches!(e, GgufError::BadDimCount { n_dims, .. } if n_dims == dims.len() as u64),
+                "{e}"
+            );
+        }
+        let b = Raw::header(3, 1, 0)
+            .str(b"w")
+            .u32(u32::MAX)
+            .bytes(&[0; 64])
+            .0;
+        assert!(matches!(parse_err(&b), GgufError::BadDimCount { .. }));
+        // Four dimensions are fine.
+        let b = Raw::header(3, 1, 0)
+            .tensor("w", &[2, 1, 2, 1], F32, 0)
+            .pad_data(32, 16)
+            .0;
+        assert_eq!(
+            GgufHeader::parse(&b).unwrap().tensors[0].shape,
+            [2, 1, 2, 1]
+        );
+    }
+
+    #[test]
+    fn unknown_tensor_types() {
+        for id in [4u32, 5, 9, 16, 29, 31, u32::MAX] {
+            let b = Raw::header(3, 1, 0)
+                .tensor("w", &[32], id, 0)
+                .pad_data(32, 128)
+                .0;
+            let e = parse_err(&b);
+            assert!(
+                matches!(e, GgufError::UnknownTensorType { type_id, .. } if type_id == id),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn row_not_whole_blocks() {
+        let b = Raw::header(3, 1, 0)
+            .tensor("w", &[16, 2], Q4_0, 0)
+            .pad_data(32, 64)
+            .0;
+        let e = parse_err(&b);
+        assert!(
+            matches!(
+                e,
+                GgufError::NotBlockMultiple {
+                    ne0: 16,
+                    block_size: 32,
+                    ty: GgmlType::Q4_0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let b = Raw::header(3, 1, 0)
+            .tensor("w", &[64, 2], Q4_0, 0)
+            .pad_data(32, 72)
+            .0;
+        assert_eq!(GgufHeader::parse(&b).unwrap().tensors[0].n_bytes(), 72);
+    }
+
+    #[test]
+    fn negative_and_overflowing_dimensions() {
+        let b = Raw::header(3, 1, 0)
+            .tensor("w", &[4, u64::MAX], F32, 0)
+            .pad_data(32, 16)
+            .0;
+        assert!(matches!(
+            parse_err(&b),
+            GgufError::BadDimension { dim: 1, .. }
+        ));
+        let b = Raw::header(3, 1, 0)
+            .tensor("w", &[1 << 32, 1 << 32], F32, 0)
+            .pad_data(32, 16)
+            .0;
+        assert!(matches!(parse_err(&b), GgufError::TooManyElements { .. }));
+        let b = Raw::header(3, 1, 0)
+            .tensor("w", &[1 << 31, 1 << 31, 2], F32, 0)
+            .pad_data(32, 16)
+            .0;
+        assert!(matches!(parse_err(&b), GgufError::TooManyElements { .. }));
+        // Representable count, but the data is nowhere near the file.
+        let b = Raw::header(3, 1, 0)
+            .tensor("w", &[1 << 40], F32, 0)
+            .pad_data(32, 16)
+            .0;
+        assert!(matches!(parse_err(&b), GgufError::TensorOutOfFile { .. }));
+    }
+
+    /// Two F32 tensors of 4 elements (16 bytes, padded to 32) with the given offsets.
+    fn two(off_a: u64, off_b: u64, data: usize) -> Vec<u8> {
+        Raw::header(3, 2, 0)
+            .tensor("a", &[4], F32, off_a)
+            .tensor("b", &[4], F32, off_b)
+            .pad_data(32, data)
+            .0
+    }
+
+    #[test]
+    fn offsets_must_be_packed_and_inside_the_file() {
+        assert!(GgufHeader::parse(&two(0, 32, 64)).is_ok());
+        assert!(GgufHeader::parse(&two(0, 32, 48)).is_ok());
+        let cases = [
+            (two(32, 0, 64), "a", 0, 32),  // out of order
+            (two(0, 16, 64), "b", 32, 16), // overlapping the padding of a
+            (two(0, 0, 64), "b", 32, 0),   // overlapping a
+            (two(0, 64, 96), "b", 32, 64), // gap (aligned, but not packed)
+            (two(0, 33, 96), "b", 32, 33), // misaligned
+        ];
+        for (b, name, exp, got) in cases {
+            let e = parse_err(&b);
+            assert!(
+                matches!(e, GgufError::BadOffset { ref tensor, expected, found } if tensor == name && expected == exp && found == got),
+                "{e}"
+            );
+        }
+        let e = parse_err(&two(0, 32, 47));
+        assert!(
+            matches!(e, GgufError::TensorOutOfFile { ref tensor, .. } if tensor == "b"),
+            "{e}"
+        );
+        let e = parse_err(&two(u64::MAX, 32, 64));
+        assert!(matches!(e, GgufError::BadOffset { .. }), "{e}");
+    }
+
+    #[test]
+    fn data_section_past_end_of_file() {
+        let mut b = Raw::header(3, 1, 0).tensor("w", &[0], F32, 0).0;
+        b.push(0); // header ends at 57; data section would start at 64
+        let e = parse_err(&b);
+        assert!(
+            matches!(
+                e,
+                GgufError::DataSectionOutOfFile {
+                    data_offset: 64,
+                    file_size: 58
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn non_utf8_strings() {
+        let bad = [b'k', 0xff, 0xfe];
+        let b = Raw::header(3, 0, 1).str(&bad).u32(4).u32(1).0;
+        let e = parse_err(&b);
+        assert!(
+            matches!(e, GgufError::InvalidUtf8 { offset: 32, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("metadata key 0"), "{e}");
+        let b = Raw::header(3, 0, 1).str(b"k").u32(8).str(&bad).0;
+        let e = parse_err(&b);
+        assert!(
+            matches!(e, GgufError::InvalidUtf8 { .. }) && e.to_string().contains("'k'"),
+            "{e}"
+        );
+        let b = Raw::header(3, 0, 1)
+            .str(b"k")
+            .u32(9)
+            .u32(8)
+            .u64(2)
+            .str(b"ok")
+            .str(&bad)
+            .0;
+        let e = parse_err(&b);
+        assert!(e.to_string().contains("element 1 of array 'k'"), "{e}");
+        let b = Raw::header(3, 1, 0)
+            .str(&bad)
+            .u32(1)
+            .u64(4)
+            .u32(0)
+            .u64(0)
+            .pad_data(32, 16)
+            .0;
+        assert!(matches!(parse_err(&b), GgufError::InvalidUtf8 { .. }));
+    }
+
+    #[test]
+    fn bools_must_be_zero_or_one() {
+        let b = Raw::header(3, 0, 1).str(b"flag").u32(7).bytes(&[2]).0;
+        let e = parse_err(&b);
+        assert!(
+            matches!(e, GgufError::InvalidBool { ref key, value: 2, offset: 40 } if key == "flag"),
+            "{e}"
+        );
+        let b = Raw::header(3, 0, 1)
+            .str(b"flags")
+            .u32(9)
+            .u32(7)
+            .u64(3)
+            .bytes(&[0, 1, 255])
+            .0;
+        assert!(matches!(
+            parse_err(&b),
+            GgufError::InvalidBool { value: 255, .. }
+        ));
+        let b = Raw::header(3, 0, 1)
+            .str(b"flags")
+            .u32(9)
+            .u32(7)
+            .u64(2)
+            .bytes(&[0, 1])
+            .0;
+        let h = GgufHeader::parse(&b).unwrap();
+        assert_eq!(
+            h.get("flags"),
+            Some(&GgufValue::Array(GgufArray::Bool(vec![false, true])))
+        );
+    }
+
+    #[test]
+    fn nested_arrays_and_unknown_value_types() {
+        let b = Raw::header(3, 0, 1)
+            .str(b"nest")
+            .u32(9)
+            .u32(9)
+            .u64(1)
+            .u32(0)
+            .u64(0)
+            .0;
+        assert!(matches!(parse_err(&b), GgufError::NestedArray { key } if key == "nest"));
+        let b = Raw::header(3, 0, 1).str(b"k").u32(13).u32(0).0;
+        assert!(matches!(
+            parse_err(&b),
+            GgufError::UnknownValueType { type_id: 13, .. }
+        ));
+        let b = Raw::header(3, 0, 1).str(b"k").u32(9).u32(99).u64(0).0;
+        assert!(matches!(
+            parse_err(&b),
+            GgufError::UnknownValueType { type_id: 99, .. }
+        ));
+    }
+
+    #[test]
+    fn empty_arrays_are_read() {
+        let b = Raw::header(3, 0, 2)
+            .str(b"e")
+            .u32(9)
+            .u32(8)
+            .u64(0)
+            .str(b"f")
+            .u32(9)
+            .u32(6)
+            .u64(0)
+            .0;
+        let h = GgufHeader::parse(&b).unwrap();
+        assert_eq!(
+            h.get("e").and_then(|v| v.as_array()).map(|a| a.is_empty()),
+            Some(true)
+        );
+        assert_eq!(
+            h.get("f").and_then(|v| v.as_array()).map(|a| a.elem_type()),
+            Some(GgufValueType::F32)
+        );
+    }
+
+    #[test]
+    fn open_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.gguf");
+        std::fs::write(&p, b"GGUF\x01\0\0\0").unwrap();
+        let e = GgufFile::open(&p).unwrap_err();
+        assert!(matches!(
+            e.kind(),
+            GgufError::UnsupportedVersion { version: 1 }
+        ));
+        assert!(e.to_string().contains("bad.gguf"), "{e}");
+        let e = GgufFile::open(&dir.path().join("missing.gguf")).unwrap_err();
+        assert!(
+            matches!(e, GgufError::Io { .. }) && e.to_string().contains("missing.gguf"),
+            "{e}"
+        );
+        std::fs::write(&p, b"").unwrap();
+        assert!(matches!(
+            GgufFile::open(&p).unwrap_err().kind(),
+            GgufError::Truncated { .. }
+        ));
+    }
+
+    #[test]
+    fn foreign_tensor_info_gives_empty_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.gguf");
+        std::fs::write(&p, one_tensor(4).0).unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        let mut t = f.tensors[0].clone();
+        assert_eq!(f.tensor_data(&t).len(), 16);
+        t.offset = u64::MAX;
+        assert!(f.tensor_data(&t).is_empty());
+        f.release(&t);
+        t.shape = vec![1 << 40];
+        t.offset = 0;
+        assert!(f.tensor_data(&t).is_empty());
+        assert!(format!("{f:?}").contains("f.gguf"));
+    }
+
+    /// Feeds ~200k random mutations (byte sets, bit flips, truncations, u64 field smashes) of
+    /// valid files through the parser. Run with `cargo test -p kiln-formats -- --ignored stress`.
+    #[test]
+    #[ignore]
+    fn stress_mutations() {
+        let bases = [
+            example_bytes(),
+            Raw::header(3, 2, 3)
+                .kv_u32(ALIGNMENT_KEY, 64)
+                .str(b"tok")
+                .u32(9)
+                .u32(8)
+                .u64(3)
+                .str(b"a")
+                .str(b"bc")
+                .str(b"")
+                .str(b"b")
+                .u32(9)
+                .u32(7)
+                .u64(2)
+                .bytes(&[1, 0])
+                .tensor("x", &[64, 2], Q4_0, 0)
+                .tensor("y", &[3], F32, 128)
+                .pad_data(64, 140)
+                .0,
+        ];
+        for b in &bases {
+            GgufHeader::parse(b).unwrap();
+        }
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut ok, mut err) = (0u32, 0u32);
+        let n = 200_000;
+        for i in 0..n {
+            let mut b = bases[i % bases.len()].clone();
+            for _ in 0..=(next() % 4) {
+                let pos = (next() % b.len() as u64) as usize;
+                match next() % 5 {
+                    0 => b[pos] = next() as u8,
+                    1 => b[pos] ^= 1 << (next() % 8),
+                    2 => b.truncate(pos),
+                    3 => {
+                        let v =
+                            [0, 1, u64::MAX, 1 << 63, 1 << 30, 64, 0x100][(next() % 7) as usize];
+                        let end = (pos + 8).min(b.len());
+                        b[pos..end].copy_from_slice(&v.to_le_bytes()[..end - pos]);
+                    }
+                    _ => b[pos] = b[pos].wrapping_add(1),
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            match GgufHeader::parse(&b) {
+                Ok(_) => ok += 1,
+                Err(_) => err += 1,
+            }
+        }
+        eprintln!("stress: {n} mutations parsed without panic ({ok} accepted, {err} rejected)");
+        assert_eq!((ok + err) as usize, n);
     }
 }

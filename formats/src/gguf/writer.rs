@@ -278,3 +278,260 @@ impl GgufWriter {
         file.commit().map_err(io)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{GgufFile, TensorSpec, ALIGNMENT_KEY};
+    use super::*;
+
+    fn s(k: &str) -> String {
+        k.to_owned()
+    }
+
+    fn small() -> (Vec<(String, GgufValue)>, Vec<TensorSpec>) {
+        (
+            vec![(s("general.architecture"), GgufValue::String(s("llama")))],
+            vec![
+                (s("a"), vec![4], GgmlType::F32),
+                (s("b"), vec![32, 2], GgmlType::Q8_0),
+            ],
+        )
+    }
+
+    fn empty_dir(dir: &Path) -> bool {
+        std::fs::read_dir(dir).unwrap().count() == 0
+    }
+
+    #[test]
+    fn writes_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        let (md, ts) = small();
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        assert_eq!(w.tensor_infos()[1].offset, 32);
+        assert_eq!(w.path(), p);
+        let a: Vec<u8> = (0..16).collect();
+        let b: Vec<u8> = (0..68).map(|i| i as u8 ^ 0x5a).collect();
+        w.write_tensor("a", &a).unwrap();
+        assert!(!p.exists());
+        w.write_tensor("b", &b).unwrap();
+        w.finish().unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        assert_eq!(f.tensor_data(&f.tensors[0]), a);
+        assert_eq!(f.tensor_data(&f.tensors[1]), b);
+        assert_eq!(f.file_size(), f.data_offset + 32 + 96);
+        assert_eq!(f.path(), p);
+    }
+
+    #[test]
+    fn custom_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        let (mut md, ts) = small();
+        md.push((s(ALIGNMENT_KEY), GgufValue::U32(128)));
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        assert_eq!(w.tensor_infos()[1].offset, 128);
+        w.write_tensor("a", &[0; 16]).unwrap();
+        w.write_tensor("b", &[0; 68]).unwrap();
+        w.finish().unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        assert_eq!((f.alignment, f.data_offset % 128), (128, 0));
+        assert_eq!(f.file_size(), f.data_offset + 256);
+    }
+
+    #[test]
+    fn wrong_order_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        let (md, ts) = small();
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        let e = w.write_tensor("b", &[0; 68]).unwrap_err();
+        assert!(
+            matches!(e.kind(), GgufError::TensorOrder { expected, found } if expected == "a" && found == "b"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("m.gguf"), "{e}");
+        drop(w);
+        assert!(empty_dir(dir.path()));
+    }
+
+    #[test]
+    fn wrong_size_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        let (md, ts) = small();
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        let e = w.write_tensor("a", &[0; 15]).unwrap_err();
+        assert!(matches!(
+            e.kind(),
+            GgufError::TensorSize {
+                expected: 16,
+                found: 15,
+                ..
+            }
+        ));
+        // A rejected call wrote nothing: the right data can still follow.
+        w.write_tensor("a", &[0; 16]).unwrap();
+        let e = w.write_tensor("b", &[0; 69]).unwrap_err();
+        assert!(matches!(e.kind(), GgufError::TensorSize { .. }));
+        drop(w);
+        assert!(empty_dir(dir.path()));
+    }
+
+    #[test]
+    fn missing_or_extra_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        let (md, ts) = small();
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        w.write_tensor("a", &[0; 16]).unwrap();
+        let e = w.finish().unwrap_err();
+        assert!(
+            matches!(e.kind(), GgufError::MissingTensors { written: 1, expected: 2, next } if next == "b"),
+            "{e}"
+        );
+        assert!(empty_dir(dir.path()));
+
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        w.write_tensor("a", &[0; 16]).unwrap();
+        w.write_tensor("b", &[0; 68]).unwrap();
+        let e = w.write_tensor("c", &[]).unwrap_err();
+        assert!(matches!(e.kind(), GgufError::ExtraTensor { .. }));
+        w.finish().unwrap();
+        assert!(p.exists());
+    }
+
+    #[test]
+    fn invalid_inputs_are_refused_before_creating_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        let t = |n: &str, shape: Vec<u64>, ty| vec![(s(n), shape, ty)];
+        let md = |k: &str, v| vec![(s(k), v)];
+        type Case = (Vec<(String, GgufValue)>, Vec<TensorSpec>);
+        let cases: Vec<Case> = vec![
+            (md("", GgufValue::U8(0)), vec![]),
+            (
+                vec![(s("k"), GgufValue::U8(0)), (s("k"), GgufValue::U8(1))],
+                vec![],
+            ),
+            (md(ALIGNMENT_KEY, GgufValue::U32(24)), vec![]),
+            (md(ALIGNMENT_KEY, GgufValue::U32(0)), vec![]),
+            (md(ALIGNMENT_KEY, GgufValue::U64(32)), vec![]),
+            (vec![], t(&"n".repeat(64), vec![4], GgmlType::F32)),
+            (vec![], t("w", vec![], GgmlType::F32)),
+            (vec![], t("w", vec![1, 1, 1, 1, 1], GgmlType::F32)),
+            (vec![], t("w", vec![16], GgmlType::Q4_0)),
+            (vec![], t("w", vec![1 << 63], GgmlType::F32)),
+            (vec![], t("w", vec![1 << 32, 1 << 32], GgmlType::F32)),
+            (
+                vec![],
+                vec![
+                    (s("w"), vec![4], GgmlType::F32),
+                    (s("w"), vec![4], GgmlType::F32),
+                ],
+            ),
+        ];
+        for (md, ts) in cases {
+            let e = GgufWriter::create(&p, &md, &ts).err().unwrap();
+            assert!(e.to_string().contains("m.gguf"), "{e}");
+            assert!(serialize_header(&md, &ts).is_err());
+            assert!(empty_dir(dir.path()));
+        }
+    }
+
+    #[test]
+    fn empty_arrays_and_strings_are_written() {
+        let md = vec![
+            (s("e"), GgufValue::Array(GgufArray::String(vec![]))),
+            (s("s"), GgufValue::String(String::new())),
+        ];
+        let bytes = serialize_header(&md, &[]).unwrap();
+        let h = super::super::GgufHeader::parse(&bytes).unwrap();
+        assert_eq!(h.metadata, md);
+    }
+
+    /// Writes a file with kiln and reads it with the Python `gguf` package (skipped if missing).
+    #[test]
+    fn python_gguf_reads_our_files() {
+        let probe = std::process::Command::new("python3")
+            .args(["-c", "import gguf"])
+            .output();
+        if !matches!(probe, Ok(ref o) if o.status.success()) {
+            eprintln!("skipping: python3 with the gguf package not found");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("py.gguf");
+        let md = vec![
+            (s("general.architecture"), GgufValue::String(s("llama"))),
+            (s("llama.block_count"), GgufValue::U32(2)),
+            (s("llama.rope.freq_base"), GgufValue::F32(10000.0)),
+            (s("t.i64"), GgufValue::I64(-5)),
+            (s("t.bool"), GgufValue::Bool(true)),
+            (s("t.f64"), GgufValue::F64(0.25)),
+            (
+                s("tokenizer.ggml.tokens"),
+                GgufValue::Array(GgufArray::String(vec![s("<unk>"), s("▁你好"), s("")])),
+            ),
+            (
+                s("tokenizer.ggml.token_type"),
+                GgufValue::Array(GgufArray::I32(vec![2, 1, 1])),
+            ),
+        ];
+        let ts = vec![
+            (s("a"), vec![2], GgmlType::F32),
+            (s("b"), vec![3, 1], GgmlType::F16),
+            (s("q"), vec![32, 2], GgmlType::Q8_0),
+        ];
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        w.write_tensor("a", &[0, 0, 0x80, 0x3f, 0, 0, 0, 0x40])
+            .unwrap();
+        w.write_tensor("b", &[0x00, 0x3c, 0x00, 0x40, 0x00, 0x42])
+            .unwrap();
+        let q: Vec<u8> = (0..68).map(|i| i as u8).collect();
+        w.write_tensor("q", &q).unwrap();
+        w.finish().unwrap();
+
+        let script = r#"
+import sys, json, gguf
+r = gguf.GGUFReader(sys.argv[1])
+out = {"fields": {}, "tensors": [], "alignment": int(r.alignment), "data_offset": int(r.data_offset)}
+for k, f in r.fields.items():
+    if k.startswith("GGUF."):
+        continue
+    out["fields"][k] = f.contents()
+for t in r.tensors:
+    out["tensors"].append([t.name, int(t.tensor_type), [int(x) for x in t.shape], int(t.data_offset), t.data.tobytes().hex()])
+print(json.dumps(out, ensure_ascii=False))
+"#;
+        let o = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let fields = &got["fields"];
+        for (k, v) in &md {
+            assert_eq!(&fields[k], &v.to_json(), "field {k}");
+        }
+        assert_eq!(fields.as_object().unwrap().len(), md.len());
+        let f = GgufFile::open(&p).unwrap();
+        assert_eq!(got["alignment"], 32);
+        assert_eq!(got["data_offset"], f.data_offset);
+        let tensors = got["tensors"].as_array().unwrap();
+        assert_eq!(tensors.len(), 3);
+        for (t, py) in f.tensors.iter().zip(tensors) {
+            assert_eq!(py[0], t.name.as_str());
+            assert_eq!(py[1], t.ty.id());
+            assert_eq!(py[2], serde_json::json!(t.shape));
+            assert_eq!(py[3], f.data_offset + t.offset);
+            let hex: String = f
+                .tensor_data(t)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(py[4], hex.as_str(), "tensor {}", t.name);
+        }
+    }
+}
