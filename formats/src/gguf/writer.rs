@@ -257,6 +257,8 @@ impl GgufWriter {
     }
 
     /// Checks every tensor was written, flushes, renames into place.
+    ///
+    /// On any error the temporary file is removed and nothing appears at the output path.
     pub fn finish(self) -> Result<(), GgufError> {
         if self.poisoned {
             return Err(GgufError::Poisoned.in_file(&self.path));
@@ -276,6 +278,17 @@ impl GgufWriter {
         };
         let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
         file.commit().map_err(io)
+    }
+}
+
+impl std::fmt::Debug for GgufWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufWriter")
+            .field("path", &self.path)
+            .field("written", &self.next)
+            .field("n_tensors", &self.infos.len())
+            .field("alignment", &self.alignment)
+            .finish()
     }
 }
 
@@ -432,7 +445,7 @@ mod tests {
             ),
         ];
         for (md, ts) in cases {
-            let e = GgufWriter::create(&p, &md, &ts).err().unwrap();
+            let e = GgufWriter::create(&p, &md, &ts).unwrap_err();
             assert!(e.to_string().contains("m.gguf"), "{e}");
             assert!(serialize_header(&md, &ts).is_err());
             assert!(empty_dir(dir.path()));
