@@ -1,6 +1,7 @@
 //! kiln-quant: ggml block types, reference quantizers bit-exact with llama.cpp, and SIMD kernels.
 
 pub mod blocks;
+pub mod dot;
 pub mod error;
 pub mod reference;
 pub mod types;

@@ -1,0 +1,578 @@
+//! Dot products of a weight row (any ggml type) with an activation row, the way ggml's CPU backend
+//! computes matrix products: activations are first quantized to the weight type's partner format
+//! ([`ActFormat`]: Q8_0, Q8_1 or Q8_K, or kept as f32 for float weights), then each block's integer
+//! dot product is scaled in f32.
+//!
+//! Everything here is the scalar reference: plain safe Rust over ggml's little-endian block bytes
+//! (spec §3), written so the compiler can vectorize the integer inner loops. The integer parts are
+//! exact, so results equal ggml's (`ggml_vec_dot_*`) up to the order of the f32 additions.
+//!
+//! The kernels take rows whose lengths the caller has validated once ([`check_row`],
+//! [`act_row_bytes`]); on mismatched lengths they never panic, they only use the common prefix of
+//! whole blocks.
+
+use half::f16;
+
+use crate::{GgmlType, QuantError};
+
+/// Elements per legacy block.
+const QK: usize = 32;
+/// Elements per K-quant super-block.
+const QK_K: usize = 256;
+
+/// The format activations are converted to before a dot product with a weight row
+/// (ggml's `vec_dot_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActFormat {
+    /// f32 as is (F32 and F16 weights: ggml's AMX/llamafile paths multiply f32 activations).
+    F32,
+    /// Rounded to bf16 (BF16 weights).
+    BF16,
+    /// `d:f16 | qs[32] (i8)`, 34 bytes per 32 values.
+    Q8_0,
+    /// `d:f16 | s:f16 | qs[32] (i8)`, 36 bytes per 32 values; `s = d * Σqs`.
+    Q8_1,
+    /// `d:f32 | qs[256] (i8) | bsums[16] (i16)`, 292 bytes per 256 values.
+    Q8K,
+}
+
+impl ActFormat {
+    /// Values per block.
+    pub const fn block_size(self) -> usize {
+        match self {
+            ActFormat::F32 | ActFormat::BF16 => 1,
+            ActFormat::Q8_0 | ActFormat::Q8_1 => QK,
+            ActFormat::Q8K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            ActFormat::F32 => 4,
+            ActFormat::BF16 => 2,
+            ActFormat::Q8_0 => 34,
+            ActFormat::Q8_1 => 36,
+            ActFormat::Q8K => 292,
+        }
+    }
+}
+
+/// The activation format ggml pairs with weights of type `w`, or None when `w` cannot be a matmul
+/// weight here (Q8_K is an intermediate type only).
+pub fn act_format(w: GgmlType) -> Option<ActFormat> {
+    Some(match w {
+        GgmlType::F32 | GgmlType::F16 => ActFormat::F32,
+        GgmlType::BF16 => ActFormat::BF16,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActFormat::Q8_0,
+        GgmlType::Q4_1 | GgmlType::Q5_1 => ActFormat::Q8_1,
+        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+            ActFormat::Q8K
+        }
+        GgmlType::Q8K => return None,
+    })
+}
+
+/// Bytes of one activation row of `n` values in format `f`; `n` must be a whole number of blocks.
+pub fn act_row_bytes(f: ActFormat, n: usize) -> Option<usize> {
+    if n % f.block_size() != 0 {
+        return None;
+    }
+    (n / f.block_size()).checked_mul(f.block_bytes())
+}
+
+/// Checks that `bytes` is exactly one row of `n` values of weight type `ty` usable in a dot product.
+pub fn check_row(ty: GgmlType, n: usize, bytes: usize) -> Result<(), QuantError> {
+    if act_format(ty).is_none() || n % ty.block_size() != 0 {
+        return Err(QuantError::NotBlockMultiple {
+            ty,
+            block_size: ty.block_size(),
+            len: n,
+        });
+    }
+    let expected = (n / ty.block_size())
+        .checked_mul(ty.type_size())
+        .ok_or(QuantError::SizeOverflow { ty, elements: n })?;
+    if expected != bytes {
+        return Err(QuantError::ByteLength {
+            ty,
+            what: "weight row",
+            expected,
+            actual: bytes,
+        });
+    }
+    Ok(())
+}
+
+#[inline]
+fn rd_f16(b: &[u8], off: usize) -> f32 {
+    match b.get(off..off + 2) {
+        Some(s) => f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32(),
+        None => 0.0,
+    }
+}
+
+#[inline]
+fn rd_f32(b: &[u8], off: usize) -> f32 {
+    match b.get(off..off + 4) {
+        Some(s) => f32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+        None => 0.0,
+    }
+}
+
+/// `round()` of the x86 `_mm256_round_ps(_, _MM_ROUND_NEAREST)`: ties to even.
+#[inline]
+fn round_even(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+/// Max |x| over a block, as ggml's SIMD max reduction computes it (NaN-free input assumed).
+#[inline]
+fn absmax(x: &[f32]) -> f32 {
+    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// ggml-cpu's x86 `quantize_row_q8_0`: `d = amax/127`, `id = 127/amax`, round half to even.
+/// (This is what the CPU backend uses for activations; it differs from `quantize_row_q8_0_ref` in
+/// `id` and in the rounding of ties.)
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
+        let amax = absmax(xb);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        ob[0..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        for (q, &v) in ob[2..34].iter_mut().zip(xb) {
+            *q = (round_even(v * id) as i32).clamp(-128, 127) as i8 as u8;
+        }
+    }
+}
+
+/// ggml-cpu's x86 `quantize_row_q8_1`: as [`quantize_row_q8_0`] plus `s = f16(d * Σq)`.
+pub fn quantize_row_q8_1(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(36)) {
+        let amax = absmax(xb);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in ob[4..36].iter_mut().zip(xb) {
+            let qi = (round_even(v * id) as i32).clamp(-128, 127);
+            sum += qi;
+            *q = qi as i8 as u8;
+        }
+        ob[0..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        ob[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_bits().to_le_bytes());
+    }
+}
+
+/// `quantize_row_q8_K` (ggml-cpu uses the reference on x86).
+pub fn quantize_row_q8_k(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(292)) {
+        if let Ok(a) = <&[f32; QK_K]>::try_from(xb) {
+            let b = crate::reference::kquants::quantize_q8_k(a);
+            ob.copy_from_slice(&b.to_bytes());
+        }
+    }
+}
+
+/// Converts one activation row `x` into `out` (exactly [`act_row_bytes`] long) in format `f`.
+pub fn quantize_act(f: ActFormat, x: &[f32], out: &mut [u8]) {
+    match f {
+        ActFormat::F32 => {
+            for (o, v) in out.chunks_exact_mut(4).zip(x) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        ActFormat::BF16 => {
+            for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&crate::f32_to_bf16_bits(v).to_le_bytes());
+            }
+        }
+        ActFormat::Q8_0 => quantize_row_q8_0(x, out),
+        ActFormat::Q8_1 => quantize_row_q8_1(x, out),
+        ActFormat::Q8K => quantize_row_q8_k(x, out),
+    }
+}
+
+/// A dot-product kernel: `(weight row bytes, activation row bytes) -> f32`.
+pub type DotFn = fn(&[u8], &[u8]) -> f32;
+
+/// The scalar reference kernel for weights of type `w` (activations in [`act_format`]`(w)`).
+pub fn dot_fn(w: GgmlType) -> Option<DotFn> {
+    Some(match w {
+        GgmlType::F32 => dot_f32_f32,
+        GgmlType::F16 => dot_f16_f32,
+        GgmlType::BF16 => dot_bf16_bf16,
+        GgmlType::Q4_0 => dot_q4_0_q8_0,
+        GgmlType::Q4_1 => dot_q4_1_q8_1,
+        GgmlType::Q5_0 => dot_q5_0_q8_0,
+        GgmlType::Q5_1 => dot_q5_1_q8_1,
+        GgmlType::Q8_0 => dot_q8_0_q8_0,
+        GgmlType::Q2K => dot_q2_k_q8_k,
+        GgmlType::Q3K => dot_q3_k_q8_k,
+        GgmlType::Q4K => dot_q4_k_q8_k,
+        GgmlType::Q5K => dot_q5_k_q8_k,
+        GgmlType::Q6K => dot_q6_k_q8_k,
+        GgmlType::Q8K => return None,
+    })
+}
+
+/// Dot product of weight row `w` (type `ty`) with activation row `a` (already in
+/// [`act_format`]`(ty)`). Returns 0 for Q8_K weights.
+pub fn vec_dot(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
+    dot_fn(ty).map_or(0.0, |f| f(w, a))
+}
+
+const LANES: usize = 16;
+
+fn lanes_sum(acc: [f32; LANES]) -> f32 {
+    // pairwise, as a 512-bit horizontal add does
+    let mut v = acc;
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            v[i] += v[i + n];
+        }
+    }
+    v[0]
+}
+
+/// F32 weights · f32 activations.
+pub fn dot_f32_f32(w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (wc, ac) in w.chunks_exact(4 * LANES).zip(a.chunks_exact(4 * LANES)) {
+        for (l, s) in acc.iter_mut().enumerate() {
+            *s += rd_f32(wc, 4 * l) * rd_f32(ac, 4 * l);
+        }
+    }
+    let mut tail = 0.0f32;
+    let done = (w.len().min(a.len()) / (4 * LANES)) * 4 * LANES;
+    for (wc, ac) in w[done.min(w.len())..]
+        .chunks_exact(4)
+        .zip(a[done.min(a.len())..].chunks_exact(4))
+    {
+        tail += rd_f32(wc, 0) * rd_f32(ac, 0);
+    }
+    lanes_sum(acc) + tail
+}
+
+/// F16 weights · f32 activations, accumulated in f32 (ggml's AMX F16 kernel).
+pub fn dot_f16_f32(w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (wc, ac) in w.chunks_exact(2 * LANES).zip(a.chunks_exact(4 * LANES)) {
+        for (l, s) in acc.iter_mut().enumerate() {
+            *s += rd_f16(wc, 2 * l) * rd_f32(ac, 4 * l);
+        }
+    }
+    let blocks = (w.len() / 2).min(a.len() / 4) / LANES * LANES;
+    let mut tail = 0.0f32;
+    for (wc, ac) in w[(2 * blocks).min(w.len())..]
+        .chunks_exact(2)
+        .zip(a[(4 * blocks).min(a.len())..].chunks_exact(4))
+    {
+        tail += rd_f16(wc, 0) * rd_f32(ac, 0);
+    }
+    lanes_sum(acc) + tail
+}
+
+/// BF16 weights · bf16 activations, accumulated in f32.
+pub fn dot_bf16_bf16(w: &[u8], a: &[u8]) -> f32 {
+    let mut sum = 0.0f32;
+    for (wc, ac) in w.chunks_exact(2).zip(a.chunks_exact(2)) {
+        let x = crate::bf16_bits_to_f32(u16::from_le_bytes([wc[0], wc[1]]));
+        let y = crate::bf16_bits_to_f32(u16::from_le_bytes([ac[0], ac[1]]));
+        sum += x * y;
+    }
+    sum
+}
+
+#[inline]
+fn i8_at(b: &[u8], i: usize) -> i32 {
+    i32::from(b.get(i).copied().unwrap_or(0) as i8)
+}
+
+/// Q4_0 · Q8_0.
+pub fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(18).zip(a.chunks_exact(34)) {
+        let qs = &x[2..18];
+        let q8 = &y[2..34];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let v0 = i32::from(qs[j] & 0x0F) - 8;
+            let v1 = i32::from(qs[j] >> 4) - 8;
+            sumi += v0 * i8_at(q8, j) + v1 * i8_at(q8, j + 16);
+        }
+        sumf += sumi as f32 * (rd_f16(x, 0) * rd_f16(y, 0));
+    }
+    sumf
+}
+
+/// Q4_1 · Q8_1.
+pub fn dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
+        let qs = &x[4..20];
+        let q8 = &y[4..36];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let v0 = i32::from(qs[j] & 0x0F);
+            let v1 = i32::from(qs[j] >> 4);
+            sumi += v0 * i8_at(q8, j) + v1 * i8_at(q8, j + 16);
+        }
+        sumf += (rd_f16(x, 0) * rd_f16(y, 0)) * sumi as f32 + rd_f16(x, 2) * rd_f16(y, 2);
+    }
+    sumf
+}
+
+#[inline]
+fn q5_vals(qh: u32, qs: &[u8], j: usize) -> (i32, i32) {
+    let xh0 = ((qh >> j) << 4) & 0x10;
+    let xh1 = (qh >> (j + 12)) & 0x10;
+    let b = u32::from(qs.get(j).copied().unwrap_or(0));
+    (((b & 0x0F) | xh0) as i32, ((b >> 4) | xh1) as i32)
+}
+
+/// Q5_0 · Q8_0.
+pub fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(22).zip(a.chunks_exact(34)) {
+        let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+        let qs = &x[6..22];
+        let q8 = &y[2..34];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let (v0, v1) = q5_vals(qh, qs, j);
+            sumi += (v0 - 16) * i8_at(q8, j) + (v1 - 16) * i8_at(q8, j + 16);
+        }
+        sumf += sumi as f32 * (rd_f16(x, 0) * rd_f16(y, 0));
+    }
+    sumf
+}
+
+/// Q5_1 · Q8_1.
+pub fn dot_q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(24).zip(a.chunks_exact(36)) {
+        let qh = u32::from_le_bytes([x[4], x[5], x[6], x[7]]);
+        let qs = &x[8..24];
+        let q8 = &y[4..36];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let (v0, v1) = q5_vals(qh, qs, j);
+            sumi += v0 * i8_at(q8, j) + v1 * i8_at(q8, j + 16);
+        }
+        sumf += (rd_f16(x, 0) * rd_f16(y, 0)) * sumi as f32 + rd_f16(x, 2) * rd_f16(y, 2);
+    }
+    sumf
+}
+
+/// Q8_0 · Q8_0.
+pub fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
+        let mut sumi = 0i32;
+        for (&p, &q) in x[2..34].iter().zip(&y[2..34]) {
+            sumi += i32::from(p as i8) * i32::from(q as i8);
+        }
+        sumf += sumi as f32 * (rd_f16(x, 0) * rd_f16(y, 0));
+    }
+    sumf
+}
+
+/// A Q8_K activation block, borrowed.
+struct Q8K<'a> {
+    d: f32,
+    qs: &'a [u8],
+    bsums: [i32; 16],
+}
+
+fn q8k(y: &[u8]) -> Q8K<'_> {
+    let mut bsums = [0i32; 16];
+    for (k, s) in bsums.iter_mut().enumerate() {
+        let o = 260 + 2 * k;
+        *s = i32::from(i16::from_le_bytes([y[o], y[o + 1]]));
+    }
+    Q8K {
+        d: rd_f32(y, 0),
+        qs: &y[4..260],
+        bsums,
+    }
+}
+
+/// Σ over groups of `G` values: `scale[g] * Σ a[i]*q8[i]`, exact in i32.
+#[inline]
+fn scaled_isum<const G: usize>(vals: &[i8; QK_K], q8: &[u8], scales: &[i32]) -> i32 {
+    let mut isum = 0i32;
+    for ((vg, qg), &sc) in vals.chunks_exact(G).zip(q8.chunks_exact(G)).zip(scales) {
+        let mut s = 0i32;
+        for (&v, &q) in vg.iter().zip(qg) {
+            s += i32::from(v) * i32::from(q as i8);
+        }
+        isum += sc * s;
+    }
+    isum
+}
+
+/// Q2_K · Q8_K.
+pub fn dot_q2_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(84).zip(a.chunks_exact(292)) {
+        let y = q8k(y);
+        let sc = &x[0..16];
+        let q2 = &x[16..80];
+        let mut vals = [0i8; QK_K];
+        for (e, v) in vals.iter_mut().enumerate() {
+            let byte = q2[(e / 128) * 32 + e % 32];
+            *v = ((byte >> (2 * ((e % 128) / 32))) & 3) as i8;
+        }
+        let mut scales = [0i32; 16];
+        let mut summs = 0i32;
+        for j in 0..16 {
+            scales[j] = i32::from(sc[j] & 0x0F);
+            summs += y.bsums[j] * i32::from(sc[j] >> 4);
+        }
+        let isum = scaled_isum::<16>(&vals, y.qs, &scales);
+        let dall = y.d * rd_f16(x, 80);
+        let dmin = y.d * rd_f16(x, 82);
+        sumf += dall * isum as f32 - dmin * summs as f32;
+    }
+    sumf
+}
+
+/// Q3_K · Q8_K.
+pub fn dot_q3_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(110).zip(a.chunks_exact(292)) {
+        let y = q8k(y);
+        let hm = &x[0..32];
+        let q3 = &x[32..96];
+        let sb = &x[96..108];
+        let mut vals = [0i8; QK_K];
+        for (e, v) in vals.iter_mut().enumerate() {
+            let c = e / 128;
+            let j = (e % 128) / 32;
+            let l = e % 32;
+            let low = ((q3[c * 32 + l] >> (2 * j)) & 3) as i8;
+            let bit = 1u8 << (c * 4 + j);
+            *v = low - if hm[l] & bit != 0 { 0 } else { 4 };
+        }
+        let mut aux = [0u32; 4];
+        for (k, s) in aux.iter_mut().take(3).enumerate() {
+            *s = u32::from_le_bytes([sb[4 * k], sb[4 * k + 1], sb[4 * k + 2], sb[4 * k + 3]]);
+        }
+        let tmp = aux[2];
+        aux[2] = ((aux[0] >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4);
+        aux[3] = ((aux[1] >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4);
+        aux[0] = (aux[0] & KMASK2) | ((tmp & KMASK1) << 4);
+        aux[1] = (aux[1] & KMASK2) | (((tmp >> 2) & KMASK1) << 4);
+        let mut scales = [0i32; 16];
+        for (j, s) in scales.iter_mut().enumerate() {
+            let byte = aux[j / 4].to_le_bytes()[j % 4] as i8;
+            *s = i32::from(byte) - 32;
+        }
+        let isum = scaled_isum::<16>(&vals, y.qs, &scales);
+        sumf += (rd_f16(x, 108) * y.d) * isum as f32;
+    }
+    sumf
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
+#[inline]
+fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
+    if j < 4 {
+        (i32::from(q[j] & 63), i32::from(q[j + 4] & 63))
+    } else {
+        (
+            i32::from((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4)),
+            i32::from((q[j + 4] >> 4) | ((q[j] >> 6) << 4)),
+        )
+    }
+}
+
+fn dot_q45_k(w: &[u8], a: &[u8], five: bool) -> f32 {
+    let bs = if five { 176 } else { 144 };
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(bs).zip(a.chunks_exact(292)) {
+        let y = q8k(y);
+        let sc = &x[4..16];
+        let (qh, q4) = if five {
+            (&x[16..48], &x[48..176])
+        } else {
+            (&x[0..0], &x[16..144])
+        };
+        let mut vals = [0i8; QK_K];
+        for (e, v) in vals.iter_mut().enumerate() {
+            let chunk = e / 64;
+            let hi = (e % 64) >= 32;
+            let l = e % 32;
+            let b = q4[chunk * 32 + l];
+            let mut q = if hi { b >> 4 } else { b & 0x0F };
+            if five {
+                let bit = 1u8 << (2 * chunk + usize::from(hi));
+                if qh[l] & bit != 0 {
+                    q += 16;
+                }
+            }
+            *v = q as i8;
+        }
+        let mut scales = [0i32; 8];
+        let mut summs = 0i32;
+        for (j, s) in scales.iter_mut().enumerate() {
+            let (scv, m) = scale_min_k4(j, sc);
+            *s = scv;
+            summs += (y.bsums[2 * j] + y.bsums[2 * j + 1]) * m;
+        }
+        let isum = scaled_isum::<32>(&vals, y.qs, &scales);
+        let d = rd_f16(x, 0) * y.d;
+        let dmin = rd_f16(x, 2) * y.d;
+        sumf += d * isum as f32 - dmin * summs as f32;
+    }
+    sumf
+}
+
+/// Q4_K · Q8_K.
+pub fn dot_q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    dot_q45_k(w, a, false)
+}
+
+/// Q5_K · Q8_K.
+pub fn dot_q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    dot_q45_k(w, a, true)
+}
+
+/// Q6_K · Q8_K.
+pub fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
+        let y = q8k(y);
+        let ql = &x[0..128];
+        let qh = &x[128..192];
+        let sc = &x[192..208];
+        let mut vals = [0i8; QK_K];
+        for c in 0..2 {
+            for l in 0..32 {
+                let h = qh[c * 32 + l];
+                let a0 = ql[c * 64 + l];
+                let a1 = ql[c * 64 + l + 32];
+                let base = c * 128 + l;
+                vals[base] = ((a0 & 0x0F) | ((h & 3) << 4)) as i8 - 32;
+                vals[base + 32] = ((a1 & 0x0F) | (((h >> 2) & 3) << 4)) as i8 - 32;
+                vals[base + 64] = ((a0 >> 4) | (((h >> 4) & 3) << 4)) as i8 - 32;
+                vals[base + 96] = ((a1 >> 4) | (((h >> 6) & 3) << 4)) as i8 - 32;
+            }
+        }
+        let mut scales = [0i32; 16];
+        for (s, &b) in scales.iter_mut().zip(sc) {
+            *s = i32::from(b as i8);
+        }
+        let isum = scaled_isum::<16>(&vals, y.qs, &scales);
+        sumf += (rd_f16(x, 208) * y.d) * isum as f32;
+    }
+    sumf
+}
+
+#[cfg(test)]
+mod tests;
