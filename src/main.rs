@@ -2,6 +2,8 @@
 
 mod cmd;
 mod convert;
+mod eval;
+mod model;
 mod progress;
 mod quant_plan;
 mod transcode;
@@ -25,6 +27,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Quantize a GGUF file to any llama.cpp level (Q4_0 ... Q6_K and the _S/_M/_L mixes).
     Quantize(cmd::quantize::Args),
+    /// Perplexity of a GGUF model on a text, computed as llama-perplexity does.
+    Perplexity(cmd::perplexity::Args),
 }
 
 /// What a subcommand reports back: success, or a check that failed (exit 1).
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Perplexity(a) => cmd::perplexity::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

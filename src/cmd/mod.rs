@@ -2,4 +2,5 @@
 
 pub mod convert;
 pub mod inspect;
+pub mod perplexity;
 pub mod quantize;

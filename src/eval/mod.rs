@@ -1,0 +1,3 @@
+//! Evaluation of a loaded model: perplexity exactly as llama-perplexity computes it.
+
+pub mod perplexity;

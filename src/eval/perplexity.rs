@@ -1,0 +1,186 @@
+//! Perplexity with llama-perplexity's method (spec §5.1): fixed chunks of `n_ctx` tokens, each
+//! evaluated from an empty cache with BOS in place of its first token, only the second half of each
+//! chunk scored, running `[k]` values and the delta-method error of the final estimate.
+
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+use crate::model::{Backend, Model};
+
+/// What to evaluate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PplParams {
+    /// Tokens per chunk (`-c`).
+    pub n_ctx: usize,
+    /// Tokens per forward call (`-b`, capped at `n_ctx`).
+    pub n_batch: usize,
+    /// At most this many chunks (`--chunks`).
+    pub max_chunks: Option<usize>,
+}
+
+/// The outcome of a perplexity run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PplResult {
+    /// Running perplexity after each chunk (`[k]` values).
+    pub running: Vec<f64>,
+    pub ppl: f64,
+    /// Delta-method uncertainty of `ppl`, None when the variance is not positive.
+    pub ppl_err: Option<f64>,
+    pub n_chunk: usize,
+    /// Scored tokens.
+    pub n_scored: usize,
+    /// Tokens evaluated (`n_chunk * n_ctx`).
+    pub n_eval: usize,
+}
+
+/// Number of chunks llama-perplexity uses for `ntok` tokens, or an error like its own.
+pub fn n_chunks(ntok: usize, p: &PplParams) -> Result<usize> {
+    if p.n_ctx < 2 {
+        bail!("context size must be at least 2 (got {})", p.n_ctx);
+    }
+    if ntok < 2 * p.n_ctx {
+        bail!(
+            "you need at least {} tokens to evaluate perplexity with a context of {}; the text tokenizes to only {ntok} tokens",
+            2 * p.n_ctx,
+            p.n_ctx
+        );
+    }
+    let max = ntok / p.n_ctx;
+    Ok(match p.max_chunks {
+        Some(c) if c > 0 => c.min(max),
+        _ => max,
+    })
+}
+
+/// `-(log softmax(logits)[tok])` exactly as perplexity.cpp's `log_softmax`: f32 max, f64 sum of
+/// `expf` of f32 differences, log in f64.
+pub fn nll(logits: &[f32], tok: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from((l - max).exp())).sum();
+    let lt = logits.get(tok).copied().unwrap_or(f32::NEG_INFINITY);
+    -(f64::from(lt - max) - sum.ln())
+}
+
+/// The final estimate: `(ppl, Some(err))` from `S1 = Σnll`, `S2 = Σnll²` over `n` tokens.
+pub fn estimate(s1: f64, s2: f64, n: usize) -> (f64, Option<f64>) {
+    let nf = n as f64;
+    let mean = s1 / nf;
+    let ppl = mean.exp();
+    let var = s2 / nf - mean * mean;
+    if var > 0.0 && n > 1 {
+        (ppl, Some((var / (nf - 1.0)).sqrt() * ppl))
+    } else {
+        (ppl, None)
+    }
+}
+
+/// Runs the evaluation over `tokens` (the whole tokenized text, BOS first if the vocabulary adds
+/// one). `bos` replaces each chunk's first token when `Some`. `on_chunk(k, running_ppl)` is called
+/// after every chunk.
+pub fn perplexity<B: Backend>(
+    model: &Model<B>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    p: &PplParams,
+    mut on_chunk: impl FnMut(usize, f64),
+) -> Result<PplResult> {
+    let n_chunk = n_chunks(tokens.len(), p)?;
+    let n_ctx = p.n_ctx;
+    let n_batch = p.n_batch.clamp(1, n_ctx);
+    let first = n_ctx / 2;
+    let n_vocab = model.cfg.n_vocab;
+    let mut cache = model.new_cache(n_ctx)?;
+    let (mut s1, mut s2, mut count) = (0.0f64, 0.0f64, 0usize);
+    let mut running = Vec::with_capacity(n_chunk);
+    for k in 0..n_chunk {
+        let start = k * n_ctx;
+        let orig = &tokens[start..start + n_ctx];
+        let mut input = orig.to_vec();
+        if let (Some(b), Some(t0)) = (bos, input.first_mut()) {
+            *t0 = b;
+        }
+        let mut logits: Vec<f32> = Vec::with_capacity((n_ctx - first) * n_vocab);
+        let mut pos = 0;
+        while pos < n_ctx {
+            let end = (pos + n_batch).min(n_ctx);
+            if end > first {
+                let from = first.saturating_sub(pos);
+                logits.extend(model.forward(&mut cache, &input[pos..end], pos, from)?);
+            } else {
+                // context-only batch: logits of its last row are computed and dropped
+                model.forward(&mut cache, &input[pos..end], pos, end - pos - 1)?;
+            }
+            pos = end;
+        }
+        // logits row i is position first+i and scores token first+i+1
+        let n_score = n_ctx - 1 - first;
+        let vals: Vec<f64> = (0..n_score)
+            .into_par_iter()
+            .map(|i| {
+                let row = &logits[i * n_vocab..(i + 1) * n_vocab];
+                nll(row, orig[first + i + 1] as usize)
+            })
+            .collect();
+        for v in vals {
+            s1 += v;
+            s2 += v * v;
+        }
+        count += n_score;
+        let r = (s1 / count as f64).exp();
+        running.push(r);
+        on_chunk(k + 1, r);
+    }
+    let (ppl, ppl_err) = estimate(s1, s2, count);
+    Ok(PplResult {
+        running,
+        ppl,
+        ppl_err,
+        n_chunk,
+        n_scored: count,
+        n_eval: n_chunk * n_ctx,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_count_follows_llama_perplexity() {
+        let p = PplParams {
+            n_ctx: 128,
+            n_batch: 2048,
+            max_chunks: None,
+        };
+        assert!(n_chunks(255, &p).is_err());
+        assert_eq!(n_chunks(256, &p).unwrap(), 2);
+        assert_eq!(n_chunks(1000, &p).unwrap(), 7);
+        let p3 = PplParams {
+            max_chunks: Some(3),
+            ..p
+        };
+        assert_eq!(n_chunks(1000, &p3).unwrap(), 3);
+        assert_eq!(n_chunks(300, &p3).unwrap(), 2);
+        let p1 = PplParams { n_ctx: 1, ..p };
+        assert!(n_chunks(100, &p1).is_err());
+    }
+
+    #[test]
+    fn nll_of_uniform_logits_is_log_vocab() {
+        let l = vec![0.25f32; 1000];
+        assert!((nll(&l, 3) - 1000f64.ln()).abs() < 1e-9);
+        let mut l2 = vec![0.0f32; 4];
+        l2[1] = 100.0;
+        assert!(nll(&l2, 1) < 1e-6);
+        assert!(nll(&l2, 9).is_infinite());
+    }
+
+    #[test]
+    fn estimate_uses_the_delta_method() {
+        // two tokens with nll 1 and 3: mean 2, var 1, err = sqrt(1/1) * e^2
+        let (ppl, err) = estimate(4.0, 10.0, 2);
+        assert!((ppl - 2f64.exp()).abs() < 1e-12);
+        assert!((err.unwrap() - 2f64.exp()).abs() < 1e-12);
+        assert_eq!(estimate(2.0, 2.0, 2).1, None);
+    }
+}

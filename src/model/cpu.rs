@@ -1,0 +1,486 @@
+//! The CPU backend: weights stay in the memory-mapped GGUF, matrix products quantize the
+//! activations to the weight type's partner format and use kiln-quant's dot kernels, tiled over
+//! weight rows and spread across threads with rayon; f16 KV cache; f32 everything else.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use half::f16;
+use kiln_formats::gguf::{GgufFile, TensorInfo};
+use kiln_quant::dot::{act_format, act_row_bytes, check_row, dot_fn, quantize_act, ActFormat, DotFn};
+use kiln_quant::GgmlType;
+use rayon::prelude::*;
+
+use super::{AttnShape, Backend, Rope};
+
+/// Weight rows per parallel task of a matrix product.
+const ROW_TILE: usize = 16;
+/// Upper bound on one cache's size in bytes.
+const MAX_CACHE_BYTES: usize = 64 << 30;
+
+/// The CPU backend (threads come from rayon's global pool).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+/// A weight tensor: the mapped file and where its rows are.
+pub struct CpuWeight {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    file: Arc<GgufFile>,
+    info: TensorInfo,
+    act: Option<ActFormat>,
+    dot: Option<DotFn>,
+    /// 1-D f32 vectors (norm weights), decoded once.
+    dense: Option<Vec<f32>>,
+}
+
+impl CpuWeight {
+    fn bytes(&self) -> &[u8] {
+        self.file.tensor_data(&self.info)
+    }
+}
+
+/// A row-major f32 matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuAct {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuAct {
+    fn row(&self, i: usize) -> &[f32] {
+        self.data
+            .get(i * self.cols..(i + 1) * self.cols)
+            .unwrap_or(&[])
+    }
+}
+
+/// The f16 K and V rows of every layer.
+pub struct CpuCache {
+    n_ctx: usize,
+    kv_dim: usize,
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
+}
+
+fn f16_bits(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+/// 16-lane f32 dot product (the lanes and pairwise reduction of a 512-bit FMA loop).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    let mut n = 16;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            acc[i] += acc[i + n];
+        }
+    }
+    acc[0] + tail
+}
+
+impl Backend for CpuBackend {
+    type Weight = CpuWeight;
+    type Act = CpuAct;
+    type Cache = CpuCache;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn load_weight(&self, file: &Arc<GgufFile>, t: &TensorInfo) -> Result<CpuWeight> {
+        let cols = usize::try_from(t.row_len()).context("row too long")?;
+        let rows = usize::try_from(t.n_rows()).context("too many rows")?;
+        let row_bytes = usize::try_from(t.ty.row_size(t.row_len()).unwrap_or(0))
+            .context("row too large")?;
+        let data = file.tensor_data(t);
+        if row_bytes == 0 || rows.checked_mul(row_bytes) != Some(data.len()) {
+            bail!(
+                "tensor {} ({}) has {} bytes, expected {rows} rows of {row_bytes}",
+                t.name,
+                t.ty,
+                data.len()
+            );
+        }
+        let dense = if t.shape.len() == 1 {
+            let mut v = vec![0f32; cols];
+            kiln_quant::dequantize_row(t.ty, data, &mut v)
+                .with_context(|| format!("decoding {}", t.name))?;
+            Some(v)
+        } else {
+            check_row(t.ty, cols, row_bytes)
+                .with_context(|| format!("{} cannot be used in a matrix product", t.name))?;
+            None
+        };
+        Ok(CpuWeight {
+            ty: t.ty,
+            rows,
+            cols,
+            row_bytes,
+            file: Arc::clone(file),
+            info: t.clone(),
+            act: act_format(t.ty),
+            dot: dot_fn(t.ty),
+            dense,
+        })
+    }
+
+    fn new_cache(&self, n_layer: usize, n_ctx: usize, kv_dim: usize) -> Result<CpuCache> {
+        let per = n_ctx
+            .checked_mul(kv_dim)
+            .filter(|&n| n.saturating_mul(4).saturating_mul(n_layer) <= MAX_CACHE_BYTES)
+            .with_context(|| {
+                format!("a KV cache of {n_ctx} positions × {n_layer} layers is too large")
+            })?;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..n_layer {
+            k.push(vec![0u16; per]);
+            v.push(vec![0u16; per]);
+        }
+        Ok(CpuCache {
+            n_ctx,
+            kv_dim,
+            k,
+            v,
+        })
+    }
+
+    fn embed(&self, table: &CpuWeight, tokens: &[u32]) -> Result<CpuAct> {
+        let cols = table.cols;
+        let mut data = vec![0f32; tokens.len() * cols];
+        let bytes = table.bytes();
+        for (&t, out) in tokens.iter().zip(data.chunks_exact_mut(cols)) {
+            let t = t as usize;
+            let row = bytes
+                .get(t * table.row_bytes..(t + 1) * table.row_bytes)
+                .with_context(|| format!("token {t} is outside the embedding table"))?;
+            kiln_quant::dequantize_row(table.ty, row, out)?;
+        }
+        Ok(CpuAct {
+            data,
+            rows: tokens.len(),
+            cols,
+        })
+    }
+
+    fn rms_norm(&self, x: &CpuAct, w: &CpuWeight, eps: f32) -> Result<CpuAct> {
+        let wv = match &w.dense {
+            Some(v) if v.len() == x.cols => v,
+            _ => bail!("norm weight does not match rows of {}", x.cols),
+        };
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols).for_each(|row| {
+            let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+            let mean = (sum / row.len() as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for (y, &g) in row.iter_mut().zip(wv) {
+                *y = *y * scale * g;
+            }
+        });
+        Ok(out)
+    }
+
+    fn matmul(&self, w: &CpuWeight, x: &CpuAct) -> Result<CpuAct> {
+        if x.cols != w.cols {
+            bail!(
+                "matrix product of rows of {} with a {} weight of rows of {}",
+                x.cols,
+                w.ty,
+                w.cols
+            );
+        }
+        let (Some(af), Some(dot)) = (w.act, w.dot) else {
+            bail!("{} weights cannot be multiplied", w.ty);
+        };
+        let k = w.cols;
+        let n = w.rows;
+        let t = x.rows;
+        let wb = w.bytes();
+        let mut out_t = vec![0f32; n * t];
+        if w.ty == GgmlType::F16 {
+            // f16 weights × f32 activations: widen a tile of weight rows once, then f32 dots.
+            out_t
+                .par_chunks_mut(ROW_TILE * t)
+                .enumerate()
+                .for_each(|(ci, o)| {
+                    let r0 = ci * ROW_TILE;
+                    let nr = o.len() / t.max(1);
+                    let mut wf = vec![0f32; nr * k];
+                    let src = wb.get(r0 * w.row_bytes..(r0 + nr) * w.row_bytes).unwrap_or(&[]);
+                    let _ = kiln_quant::f16_to_f32_slice(src, &mut wf);
+                    for ti in 0..t {
+                        let a = x.row(ti);
+                        for r in 0..nr {
+                            o[r * t + ti] = dot_f32(&wf[r * k..(r + 1) * k], a);
+                        }
+                    }
+                });
+        } else {
+            let rb = act_row_bytes(af, k).context("activation row does not fit blocks")?;
+            let mut qa = vec![0u8; rb * t];
+            qa.par_chunks_mut(rb)
+                .zip(x.data.par_chunks(k))
+                .for_each(|(o, r)| quantize_act(af, r, o));
+            out_t
+                .par_chunks_mut(ROW_TILE * t)
+                .enumerate()
+                .for_each(|(ci, o)| {
+                    let r0 = ci * ROW_TILE;
+                    let nr = o.len() / t.max(1);
+                    for ti in 0..t {
+                        let a = &qa[ti * rb..(ti + 1) * rb];
+                        for r in 0..nr {
+                            let row = wb
+                                .get((r0 + r) * w.row_bytes..(r0 + r + 1) * w.row_bytes)
+                                .unwrap_or(&[]);
+                            o[r * t + ti] = dot(row, a);
+                        }
+                    }
+                });
+        }
+        // transpose [n][t] -> [t][n]
+        let mut data = vec![0f32; n * t];
+        data.par_chunks_mut(n).enumerate().for_each(|(ti, row)| {
+            for (r, y) in row.iter_mut().enumerate() {
+                *y = out_t[r * t + ti];
+            }
+        });
+        Ok(CpuAct {
+            data,
+            rows: t,
+            cols: n,
+        })
+    }
+
+    fn rope(&self, x: &mut CpuAct, n_head: usize, head_dim: usize, n_rot: usize, pos0: usize, rope: Rope) {
+        let theta_scale = rope.freq_base.powf(-2.0 / n_rot as f32);
+        let cols = x.cols;
+        x.data
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(i, row)| {
+                // ggml_rope_cache_init: theta multiplied up in f32
+                let mut cache = vec![0f32; n_rot];
+                let mut theta = (pos0 + i) as f32;
+                for c in cache.chunks_exact_mut(2) {
+                    let th = rope.freq_scale * theta;
+                    c[0] = th.cos();
+                    c[1] = th.sin();
+                    theta *= theta_scale;
+                }
+                for h in row.chunks_exact_mut(head_dim).take(n_head) {
+                    for (p, c) in h[..n_rot].chunks_exact_mut(2).zip(cache.chunks_exact(2)) {
+                        let (x0, x1) = (p[0], p[1]);
+                        p[0] = x0 * c[0] - x1 * c[1];
+                        p[1] = x0 * c[1] + x1 * c[0];
+                    }
+                }
+            });
+    }
+
+    fn attention(
+        &self,
+        cache: &mut CpuCache,
+        layer: usize,
+        q: &CpuAct,
+        k: &CpuAct,
+        v: &CpuAct,
+        n_past: usize,
+        s: AttnShape,
+    ) -> Result<CpuAct> {
+        let t = q.rows;
+        let kvd = cache.kv_dim;
+        let n_kv = n_past + t;
+        if n_kv > cache.n_ctx {
+            bail!(
+                "context full: {n_kv} positions do not fit the cache of {}",
+                cache.n_ctx
+            );
+        }
+        if k.cols != kvd || v.cols != kvd || k.rows != t || v.rows != t
+            || q.cols != s.n_head * s.head_dim
+            || kvd != s.n_head_kv * s.head_dim
+        {
+            bail!("attention inputs do not match the cache");
+        }
+        let (Some(kc), Some(vc)) = (cache.k.get_mut(layer), cache.v.get_mut(layer)) else {
+            bail!("layer {layer} is not in the cache");
+        };
+        for (dst, src) in kc[n_past * kvd..n_kv * kvd].iter_mut().zip(&k.data) {
+            *dst = f16_bits(*src);
+        }
+        for (dst, src) in vc[n_past * kvd..n_kv * kvd].iter_mut().zip(&v.data) {
+            *dst = f16_bits(*src);
+        }
+        let widen = |c: &[u16]| -> Vec<f32> {
+            c[..n_kv * kvd]
+                .par_iter()
+                .map(|&b| f16::from_bits(b).to_f32())
+                .collect()
+        };
+        let kf = widen(kc);
+        let vf = widen(vc);
+        let hd = s.head_dim;
+        let group = s.n_head / s.n_head_kv.max(1);
+        let mut out = vec![0f32; t * q.cols];
+        out.par_chunks_mut(q.cols)
+            .enumerate()
+            .for_each(|(ti, orow)| {
+                let qrow = q.row(ti);
+                let len = n_past + ti + 1;
+                let mut scores = vec![0f32; len];
+                for h in 0..s.n_head {
+                    let kvh = h / group.max(1);
+                    let qh = &qrow[h * hd..(h + 1) * hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        let kr = &kf[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                        *sc = dot_f32(qh, kr) * s.scale;
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0.0f64;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += f64::from(*sc);
+                    }
+                    let o = &mut orow[h * hd..(h + 1) * hd];
+                    for (j, &p) in scores.iter().enumerate() {
+                        let vr = &vf[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                        for (y, &vv) in o.iter_mut().zip(vr) {
+                            *y += p * vv;
+                        }
+                    }
+                    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum as f32 };
+                    for y in o.iter_mut() {
+                        *y *= inv;
+                    }
+                }
+            });
+        Ok(CpuAct {
+            data: out,
+            rows: t,
+            cols: q.cols,
+        })
+    }
+
+    fn swiglu(&self, gate: &CpuAct, up: &CpuAct) -> Result<CpuAct> {
+        if gate.rows != up.rows || gate.cols != up.cols {
+            bail!("swiglu operands differ in shape");
+        }
+        let mut out = gate.clone();
+        out.data
+            .par_iter_mut()
+            .zip(up.data.par_iter())
+            .for_each(|(g, &u)| {
+                let x = *g;
+                *g = x / (1.0 + (-x).exp()) * u;
+            });
+        Ok(out)
+    }
+
+    fn add(&self, x: &mut CpuAct, y: &CpuAct) -> Result<()> {
+        if x.rows != y.rows || x.cols != y.cols {
+            bail!("add operands differ in shape");
+        }
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn tail_rows(&self, x: &CpuAct, from: usize) -> CpuAct {
+        let from = from.min(x.rows);
+        CpuAct {
+            data: x.data[from * x.cols..].to_vec(),
+            rows: x.rows - from,
+            cols: x.cols,
+        }
+    }
+
+    fn to_host(&self, x: CpuAct) -> Vec<f32> {
+        x.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_f32_matches_naive() {
+        let a: Vec<f32> = (0..100).map(|i| (i as f32 * 0.3).sin()).collect();
+        let b: Vec<f32> = (0..100).map(|i| (i as f32 * 0.7).cos()).collect();
+        let naive: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x * y)).sum();
+        assert!((f64::from(dot_f32(&a, &b)) - naive).abs() < 1e-4);
+    }
+
+    #[test]
+    fn rope_position_zero_is_identity_and_rotation_preserves_norm() {
+        let be = CpuBackend;
+        let x0 = CpuAct {
+            data: (0..16).map(|i| i as f32 - 7.5).collect(),
+            rows: 2,
+            cols: 8,
+        };
+        let mut x = x0.clone();
+        let rope = Rope {
+            freq_base: 10000.0,
+            freq_scale: 1.0,
+        };
+        be.rope(&mut x, 2, 4, 4, 0, rope);
+        assert_eq!(x.data[..8], x0.data[..8]);
+        for (a, b) in x.data[8..].chunks(2).zip(x0.data[8..].chunks(2)) {
+            let na = a[0] * a[0] + a[1] * a[1];
+            let nb = b[0] * b[0] + b[1] * b[1];
+            assert!((na - nb).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn attention_of_one_token_returns_its_value() {
+        let be = CpuBackend;
+        let mut cache = be.new_cache(1, 4, 4).unwrap();
+        let q = CpuAct {
+            data: vec![0.3; 8],
+            rows: 1,
+            cols: 8,
+        };
+        let k = CpuAct {
+            data: vec![0.5; 4],
+            rows: 1,
+            cols: 4,
+        };
+        let v = CpuAct {
+            data: vec![1.0, 2.0, 3.0, 4.0],
+            rows: 1,
+            cols: 4,
+        };
+        let s = AttnShape {
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 4,
+            scale: 0.5,
+        };
+        let o = be.attention(&mut cache, 0, &q, &k, &v, 0, s).unwrap();
+        assert_eq!(o.data, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+        // overflowing the cache is an error, not a panic
+        assert!(be.attention(&mut cache, 0, &q, &k, &v, 4, s).is_err());
+        assert!(be.attention(&mut cache, 3, &q, &k, &v, 0, s).is_err());
+    }
+}

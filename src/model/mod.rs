@@ -1,0 +1,343 @@
+//! The Llama forward pass over GGUF weights of any supported type, written once over a small
+//! [`Backend`] trait (the CPU backend is [`cpu::CpuBackend`]; a CUDA backend can follow).
+//!
+//! The graph is llama.cpp's `llm_build_llama`: RMSNorm (the file's epsilon), Q/K/V projections,
+//! normal-mode RoPE (adjacent pairs; the converter permuted Q and K), grouped-query causal attention
+//! over an f16 KV cache with scale 1/sqrt(head_dim), the output projection and residual, RMSNorm,
+//! SwiGLU feed-forward and residual, and finally RMSNorm and the output head.
+
+pub mod cpu;
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use kiln_formats::gguf::{GgufFile, GgufHeader, TensorInfo};
+
+/// Hyper-parameters of a Llama model, from GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub n_vocab: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Rotated dimensions per head (`llama.rope.dimension_count`, default head_dim).
+    pub n_rot: usize,
+    pub rms_eps: f32,
+    pub rope: Rope,
+    /// `llama.context_length`.
+    pub n_ctx_train: usize,
+}
+
+/// RoPE parameters (normal mode).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
+    pub freq_base: f32,
+    /// 1/linear scale factor (1.0 when unscaled).
+    pub freq_scale: f32,
+}
+
+/// Upper bound on any one dimension read from metadata (guards allocations).
+const MAX_DIM: usize = 1 << 24;
+
+fn meta_usize(h: &GgufHeader, key: &str) -> Result<Option<usize>> {
+    match h.get(key) {
+        None => Ok(None),
+        Some(v) => {
+            let n = v
+                .as_u64()
+                .with_context(|| format!("metadata {key} is not a non-negative integer"))?;
+            let n = usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= MAX_DIM)
+                .with_context(|| format!("metadata {key} = {n} is out of range"))?;
+            Ok(Some(n))
+        }
+    }
+}
+
+fn meta_f32(h: &GgufHeader, key: &str) -> Result<Option<f32>> {
+    match h.get(key) {
+        None => Ok(None),
+        Some(v) => Ok(Some(
+            v.as_f32()
+                .with_context(|| format!("metadata {key} is not a float"))?,
+        )),
+    }
+}
+
+impl LlamaConfig {
+    /// Reads the configuration; errors name the missing or bad key. Only `llama` is supported.
+    pub fn from_gguf(h: &GgufHeader) -> Result<LlamaConfig> {
+        let arch = h
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .context("general.architecture is missing")?;
+        if arch != "llama" {
+            bail!("unsupported architecture '{arch}' (kiln evaluates llama models only)");
+        }
+        let need = |k: &str| -> Result<usize> {
+            meta_usize(h, k)?.with_context(|| format!("metadata {k} is missing"))
+        };
+        let n_embd = need("llama.embedding_length")?;
+        let n_layer = need("llama.block_count")?;
+        let n_ff = need("llama.feed_forward_length")?;
+        let n_head = need("llama.attention.head_count")?;
+        let n_head_kv = meta_usize(h, "llama.attention.head_count_kv")?.unwrap_or(n_head);
+        if n_embd == 0 || n_head == 0 || n_head_kv == 0 || n_layer == 0 || n_ff == 0 {
+            bail!("model dimensions must be non-zero");
+        }
+        if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+            bail!(
+                "head counts do not divide: n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv}"
+            );
+        }
+        let head_dim = n_embd / n_head;
+        let n_rot = meta_usize(h, "llama.rope.dimension_count")?.unwrap_or(head_dim);
+        if n_rot > head_dim || n_rot % 2 != 0 {
+            bail!("llama.rope.dimension_count {n_rot} does not fit head dimension {head_dim}");
+        }
+        let rms_eps = meta_f32(h, "llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
+        let freq_base = meta_f32(h, "llama.rope.freq_base")?.unwrap_or(10000.0);
+        let scaling = h.get("llama.rope.scaling.type").and_then(|v| v.as_str());
+        let factor = meta_f32(h, "llama.rope.scaling.factor")?
+            .or(meta_f32(h, "llama.rope.scale_linear")?)
+            .unwrap_or(0.0);
+        let freq_scale = match scaling {
+            Some("linear") | None if factor > 0.0 => 1.0 / factor,
+            Some("none") | Some("linear") | None => 1.0,
+            Some(other) => bail!("unsupported rope scaling type '{other}'"),
+        };
+        let tok = h
+            .tensor("token_embd.weight")
+            .context("tensor token_embd.weight is missing")?;
+        let n_vocab = usize::try_from(tok.n_rows()).context("vocabulary too large")?;
+        let n_ctx_train = meta_usize(h, "llama.context_length")?.unwrap_or(2048);
+        Ok(LlamaConfig {
+            n_vocab,
+            n_embd,
+            n_layer,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_rot,
+            rms_eps,
+            rope: Rope {
+                freq_base,
+                freq_scale,
+            },
+            n_ctx_train,
+        })
+    }
+
+    /// Width of the K and V rows: `n_head_kv * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+/// Attention geometry passed to [`Backend::attention`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// The operations a device must provide. Activations (`Act`) are row-major matrices with one row
+/// per token; they live wherever the backend keeps them.
+pub trait Backend: Send + Sync {
+    /// A weight tensor ready for this device.
+    type Weight: Send + Sync;
+    /// An activation matrix.
+    type Act: Send;
+    /// The KV cache of one sequence.
+    type Cache: Send;
+
+    /// Short name for reports ("cpu").
+    fn name(&self) -> String;
+    /// Prepares tensor `t` of `file`; `rows`×`cols` is its expected matrix shape.
+    fn load_weight(&self, file: &Arc<GgufFile>, t: &TensorInfo) -> Result<Self::Weight>;
+    /// A cache for `n_ctx` positions of `n_layer` layers, rows of width `kv_dim`.
+    fn new_cache(&self, n_layer: usize, n_ctx: usize, kv_dim: usize) -> Result<Self::Cache>;
+    /// Rows of the embedding table, as f32.
+    fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Result<Self::Act>;
+    /// RMSNorm of each row times `w`.
+    fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act>;
+    /// `x · wᵀ`: one output row per input row, `w.rows` columns.
+    fn matmul(&self, w: &Self::Weight, x: &Self::Act) -> Result<Self::Act>;
+    /// Normal-mode RoPE in place; row `i` is at position `pos0 + i`.
+    fn rope(&self, x: &mut Self::Act, n_head: usize, head_dim: usize, n_rot: usize, pos0: usize, rope: Rope);
+    /// Stores `k`, `v` at positions `n_past..` of layer `layer` and attends causally.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        cache: &mut Self::Cache,
+        layer: usize,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        n_past: usize,
+        shape: AttnShape,
+    ) -> Result<Self::Act>;
+    /// `silu(gate) * up`.
+    fn swiglu(&self, gate: &Self::Act, up: &Self::Act) -> Result<Self::Act>;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
+    /// The rows `from..` of `x`.
+    fn tail_rows(&self, x: &Self::Act, from: usize) -> Self::Act;
+    /// The matrix on the host, row-major.
+    fn to_host(&self, x: Self::Act) -> Vec<f32>;
+}
+
+struct Layer<W> {
+    attn_norm: W,
+    wq: W,
+    wk: W,
+    wv: W,
+    wo: W,
+    ffn_norm: W,
+    w_gate: W,
+    w_up: W,
+    w_down: W,
+}
+
+/// A loaded Llama model on backend `B`.
+pub struct Model<B: Backend> {
+    pub cfg: LlamaConfig,
+    pub backend: B,
+    tok_embd: B::Weight,
+    output_norm: B::Weight,
+    output: B::Weight,
+    layers: Vec<Layer<B::Weight>>,
+}
+
+/// Checks that tensor `name` exists with shape `[cols, rows]` (ggml order) and returns it.
+fn tensor<'a>(h: &'a GgufHeader, name: &str, shape: &[usize]) -> Result<&'a TensorInfo> {
+    let t = h
+        .tensor(name)
+        .with_context(|| format!("tensor {name} is missing"))?;
+    let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    if t.shape != want {
+        bail!(
+            "tensor {name} has shape {:?}, expected {:?}",
+            t.shape,
+            want
+        );
+    }
+    Ok(t)
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads every tensor of a Llama GGUF onto `backend`, checking names and shapes.
+    pub fn load(file: Arc<GgufFile>, backend: B) -> Result<Model<B>> {
+        let cfg = LlamaConfig::from_gguf(&file)?;
+        let h: &GgufHeader = &file;
+        let (e, v, ff) = (cfg.n_embd, cfg.n_vocab, cfg.n_ff);
+        let qd = cfg.n_head * cfg.head_dim;
+        let kvd = cfg.kv_dim();
+        let ld = |name: &str, shape: &[usize]| -> Result<B::Weight> {
+            let t = tensor(h, name, shape)?;
+            backend
+                .load_weight(&file, t)
+                .with_context(|| format!("loading {name}"))
+        };
+        let tok_embd = ld("token_embd.weight", &[e, v])?;
+        let output_norm = ld("output_norm.weight", &[e])?;
+        let output = if h.tensor("output.weight").is_some() {
+            ld("output.weight", &[e, v])?
+        } else {
+            ld("token_embd.weight", &[e, v])?
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: ld(&p("attn_norm"), &[e])?,
+                wq: ld(&p("attn_q"), &[e, qd])?,
+                wk: ld(&p("attn_k"), &[e, kvd])?,
+                wv: ld(&p("attn_v"), &[e, kvd])?,
+                wo: ld(&p("attn_output"), &[qd, e])?,
+                ffn_norm: ld(&p("ffn_norm"), &[e])?,
+                w_gate: ld(&p("ffn_gate"), &[e, ff])?,
+                w_up: ld(&p("ffn_up"), &[e, ff])?,
+                w_down: ld(&p("ffn_down"), &[ff, e])?,
+            });
+        }
+        Ok(Model {
+            cfg,
+            backend,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+        })
+    }
+
+    /// A KV cache for one sequence of up to `n_ctx` positions.
+    pub fn new_cache(&self, n_ctx: usize) -> Result<B::Cache> {
+        self.backend
+            .new_cache(self.cfg.n_layer, n_ctx, self.cfg.kv_dim())
+    }
+
+    /// Evaluates `tokens` at positions `n_past..n_past+len` (earlier positions must already be in
+    /// `cache`) and returns the logits of rows `logits_from..` (`n_vocab` floats each).
+    pub fn forward(
+        &self,
+        cache: &mut B::Cache,
+        tokens: &[u32],
+        n_past: usize,
+        logits_from: usize,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let be = &self.backend;
+        if tokens.is_empty() || logits_from >= tokens.len() {
+            bail!(
+                "nothing to evaluate ({} tokens, logits from {logits_from})",
+                tokens.len()
+            );
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+            bail!("token id {bad} is outside the vocabulary ({})", cfg.n_vocab);
+        }
+        let shape = AttnShape {
+            n_head: cfg.n_head,
+            n_head_kv: cfg.n_head_kv,
+            head_dim: cfg.head_dim,
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+        };
+        let mut x = be.embed(&self.tok_embd, tokens)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (il, l) in self.layers.iter().enumerate() {
+            let cur = be.rms_norm(&x, &l.attn_norm, cfg.rms_eps)?;
+            let mut q = be.matmul(&l.wq, &cur)?;
+            let mut k = be.matmul(&l.wk, &cur)?;
+            let v = be.matmul(&l.wv, &cur)?;
+            be.rope(&mut q, cfg.n_head, cfg.head_dim, cfg.n_rot, n_past, cfg.rope);
+            be.rope(&mut k, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, n_past, cfg.rope);
+            let att = be.attention(cache, il, &q, &k, &v, n_past, shape)?;
+            let mut cur = be.matmul(&l.wo, &att)?;
+            if il == last && logits_from > 0 {
+                // only the rows whose logits are wanted go on (llama.cpp's out_ids)
+                cur = be.tail_rows(&cur, logits_from);
+                x = be.tail_rows(&x, logits_from);
+            }
+            be.add(&mut cur, &x)?;
+            let ffn_in = cur;
+            let cur = be.rms_norm(&ffn_in, &l.ffn_norm, cfg.rms_eps)?;
+            let up = be.matmul(&l.w_up, &cur)?;
+            let gate = be.matmul(&l.w_gate, &cur)?;
+            let act = be.swiglu(&gate, &up)?;
+            let mut out = be.matmul(&l.w_down, &act)?;
+            be.add(&mut out, &ffn_in)?;
+            x = out;
+        }
+        let cur = be.rms_norm(&x, &self.output_norm, cfg.rms_eps)?;
+        let logits = be.matmul(&self.output, &cur)?;
+        Ok(be.to_host(logits))
+    }
+}
