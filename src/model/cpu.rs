@@ -7,7 +7,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use half::f16;
 use kiln_formats::gguf::{GgufFile, TensorInfo};
-use kiln_quant::dot::{act_format, act_row_bytes, check_row, dot_fn, quantize_act, ActFormat, DotFn};
+use kiln_quant::dot::{
+    act_format, act_row_bytes, axpy, check_row, dot_f32_slices as dot_f32, dot_fn, quantize_act,
+    ActFormat, DotFn,
+};
 use kiln_quant::GgmlType;
 use rayon::prelude::*;
 
@@ -68,30 +71,6 @@ pub struct CpuCache {
 
 fn f16_bits(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
-}
-
-/// 16-lane f32 dot product (the lanes and pairwise reduction of a 512-bit FMA loop).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0.0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    let mut n = 16;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            acc[i] += acc[i + n];
-        }
-    }
-    acc[0] + tail
 }
 
 impl Backend for CpuBackend {
@@ -362,9 +341,7 @@ impl Backend for CpuBackend {
                     let o = &mut orow[h * hd..(h + 1) * hd];
                     for (j, &p) in scores.iter().enumerate() {
                         let vr = &vf[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        for (y, &vv) in o.iter_mut().zip(vr) {
-                            *y += p * vv;
-                        }
+                        axpy(o, p, vr);
                     }
                     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum as f32 };
                     for y in o.iter_mut() {

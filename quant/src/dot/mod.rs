@@ -291,21 +291,44 @@ fn i8_at(b: &[u8], i: usize) -> i32 {
     i32::from(b.get(i).copied().unwrap_or(0) as i8)
 }
 
+/// llamafile's tinyBLAS_Q0_AVX accumulation (what ggml-cpu uses on x86 for Q4_0, Q5_0 and Q8_0
+/// weights with two or more activation rows): per block, eight i32 lanes of four products each,
+/// converted to f32 and fused-multiply-added with `dx*dy` into eight f32 lanes; then the 256-bit
+/// horizontal sum. `vals(x, e)` is weight element `e` of block `x`.
+#[inline]
+fn dot_q0_lanes(w: &[u8], a: &[u8], wbs: usize, vals: impl Fn(&[u8], &mut [i32; QK])) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut xv = [0i32; QK];
+    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(34)) {
+        vals(x, &mut xv);
+        let d = rd_f16(x, 0) * rd_f16(y, 0);
+        let q8 = &y[2..34];
+        for (m, c) in acc.iter_mut().enumerate() {
+            let mut lane = 0i32;
+            for e in 4 * m..4 * m + 4 {
+                lane += xv[e] * i8_at(q8, e);
+            }
+            *c = d.mul_add(lane as f32, *c);
+        }
+    }
+    hsum8(acc)
+}
+
+/// The x86 `hsum` of a `__m256`: `((c0+c4)+(c2+c6)) + ((c1+c5)+(c3+c7))`.
+#[inline]
+fn hsum8(c: [f32; 8]) -> f32 {
+    let t = [c[4] + c[0], c[5] + c[1], c[6] + c[2], c[7] + c[3]];
+    (t[0] + t[2]) + (t[1] + t[3])
+}
+
 /// Q4_0 · Q8_0.
 pub fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(18).zip(a.chunks_exact(34)) {
-        let qs = &x[2..18];
-        let q8 = &y[2..34];
-        let mut sumi = 0i32;
+    dot_q0_lanes(w, a, 18, |x, v| {
         for j in 0..16 {
-            let v0 = i32::from(qs[j] & 0x0F) - 8;
-            let v1 = i32::from(qs[j] >> 4) - 8;
-            sumi += v0 * i8_at(q8, j) + v1 * i8_at(q8, j + 16);
+            v[j] = i32::from(x[2 + j] & 0x0F) - 8;
+            v[j + 16] = i32::from(x[2 + j] >> 4) - 8;
         }
-        sumf += sumi as f32 * (rd_f16(x, 0) * rd_f16(y, 0));
-    }
-    sumf
+    })
 }
 
 /// Q4_1 · Q8_1.
@@ -335,19 +358,14 @@ fn q5_vals(qh: u32, qs: &[u8], j: usize) -> (i32, i32) {
 
 /// Q5_0 · Q8_0.
 pub fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(22).zip(a.chunks_exact(34)) {
+    dot_q0_lanes(w, a, 22, |x, v| {
         let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
-        let qs = &x[6..22];
-        let q8 = &y[2..34];
-        let mut sumi = 0i32;
         for j in 0..16 {
-            let (v0, v1) = q5_vals(qh, qs, j);
-            sumi += (v0 - 16) * i8_at(q8, j) + (v1 - 16) * i8_at(q8, j + 16);
+            let (v0, v1) = q5_vals(qh, &x[6..22], j);
+            v[j] = v0 - 16;
+            v[j + 16] = v1 - 16;
         }
-        sumf += sumi as f32 * (rd_f16(x, 0) * rd_f16(y, 0));
-    }
-    sumf
+    })
 }
 
 /// Q5_1 · Q8_1.
@@ -369,15 +387,11 @@ pub fn dot_q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
 
 /// Q8_0 · Q8_0.
 pub fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
-        let mut sumi = 0i32;
-        for (&p, &q) in x[2..34].iter().zip(&y[2..34]) {
-            sumi += i32::from(p as i8) * i32::from(q as i8);
+    dot_q0_lanes(w, a, 34, |x, v| {
+        for (o, &b) in v.iter_mut().zip(&x[2..34]) {
+            *o = i32::from(b as i8);
         }
-        sumf += sumi as f32 * (rd_f16(x, 0) * rd_f16(y, 0));
-    }
-    sumf
+    })
 }
 
 /// A Q8_K activation block, borrowed.
@@ -572,6 +586,31 @@ pub fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         sumf += (rd_f16(x, 208) * y.d) * isum as f32;
     }
     sumf
+}
+
+/// 16-lane f32 dot product of two f32 slices (the lanes and pairwise reduction of a 512-bit FMA
+/// loop); the common prefix is used when the lengths differ.
+pub fn dot_f32_slices(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    lanes_sum(acc) + tail
+}
+
+/// `y += a * x` over the common prefix.
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (v, &u) in y.iter_mut().zip(x) {
+        *v += a * u;
+    }
 }
 
 #[cfg(test)]
