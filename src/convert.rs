@@ -96,7 +96,10 @@ impl LlamaDims {
             n_ff: cfg.intermediate_size as usize,
             n_layer: cfg.num_hidden_layers as usize,
             n_head,
-            n_head_kv: cfg.num_key_value_heads.map(|v| v as usize).unwrap_or(n_head),
+            n_head_kv: cfg
+                .num_key_value_heads
+                .map(|v| v as usize)
+                .unwrap_or(n_head),
             head_dim,
             n_vocab: cfg.vocab_size as usize,
             tied: cfg.tie_word_embeddings,
@@ -191,7 +194,10 @@ pub fn plan_tensors(
             anyhow!("{source}: tensor {name} is not a Llama tensor kiln knows how to convert")
         })?;
         let want = dims.expected_shape(name).ok_or_else(|| {
-            anyhow!("{source}: tensor {name} has a layer index beyond num_hidden_layers={}", dims.n_layer)
+            anyhow!(
+                "{source}: tensor {name} has a layer index beyond num_hidden_layers={}",
+                dims.n_layer
+            )
         })?;
         if *shape != want {
             bail!(
@@ -231,7 +237,10 @@ pub fn plan_tensors(
     }
     // Every tensor the model needs must be there.
     let have: std::collections::HashSet<&str> = jobs.iter().map(|j| j.hf_name.as_str()).collect();
-    let mut required = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
+    let mut required = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
     if !dims.tied {
         required.push("lm_head.weight".into());
     }
@@ -251,7 +260,10 @@ pub fn plan_tensors(
         }
     }
     if let Some(missing) = required.iter().find(|r| !have.contains(r.as_str())) {
-        bail!("{source}: tensor {missing} is missing (config.json describes {} layers)", dims.n_layer);
+        bail!(
+            "{source}: tensor {missing} is missing (config.json describes {} layers)",
+            dims.n_layer
+        );
     }
     jobs.sort_by(|a, b| {
         crate::quant_plan::loader_order_key(&a.gguf_name)
@@ -324,9 +336,18 @@ pub fn model_metadata(
         GgufValue::U32(cfg.max_position_embeddings as u32),
     );
     put("llama.embedding_length", GgufValue::U32(dims.n_embd as u32));
-    put("llama.feed_forward_length", GgufValue::U32(dims.n_ff as u32));
-    put("llama.attention.head_count", GgufValue::U32(dims.n_head as u32));
-    put("llama.attention.head_count_kv", GgufValue::U32(dims.n_head_kv as u32));
+    put(
+        "llama.feed_forward_length",
+        GgufValue::U32(dims.n_ff as u32),
+    );
+    put(
+        "llama.attention.head_count",
+        GgufValue::U32(dims.n_head as u32),
+    );
+    put(
+        "llama.attention.head_count_kv",
+        GgufValue::U32(dims.n_head_kv as u32),
+    );
     if let Some(theta) = rope_theta(cfg) {
         put("llama.rope.freq_base", GgufValue::F32(theta as f32));
     }
@@ -339,12 +360,21 @@ pub fn model_metadata(
         GgufValue::F32(cfg.rms_norm_eps as f32),
     );
     if cfg.head_dim.is_some() {
-        put("llama.attention.key_length", GgufValue::U32(dims.head_dim as u32));
-        put("llama.attention.value_length", GgufValue::U32(dims.head_dim as u32));
+        put(
+            "llama.attention.key_length",
+            GgufValue::U32(dims.head_dim as u32),
+        );
+        put(
+            "llama.attention.value_length",
+            GgufValue::U32(dims.head_dim as u32),
+        );
     }
     put("general.file_type", GgufValue::U32(file_type));
     put("llama.vocab_size", GgufValue::U32(dims.n_vocab as u32));
-    put("llama.rope.dimension_count", GgufValue::U32(dims.head_dim as u32));
+    put(
+        "llama.rope.dimension_count",
+        GgufValue::U32(dims.head_dim as u32),
+    );
     put("general.quantization_version", GgufValue::U32(2));
     m
 }
@@ -410,14 +440,18 @@ pub fn vocab_metadata(
         let text = std::fs::read_to_string(&added_path)
             .with_context(|| format!("reading {}", added_path.display()))?;
         let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a JSON object of token -> id", added_path.display()))?;
+            .with_context(|| {
+                format!("{}: not a JSON object of token -> id", added_path.display())
+            })?;
         for (text, id) in map {
-            let id = id
-                .as_u64()
-                .ok_or_else(|| anyhow!("{}: id of {text:?} is not an integer", added_path.display()))?
-                as usize;
+            let id = id.as_u64().ok_or_else(|| {
+                anyhow!("{}: id of {text:?} is not an integer", added_path.display())
+            })? as usize;
             if id >= n_vocab {
-                bail!("{}: token {text:?} has id {id} ≥ vocab_size {n_vocab}", added_path.display());
+                bail!(
+                    "{}: token {text:?} has id {id} ≥ vocab_size {n_vocab}",
+                    added_path.display()
+                );
             }
             tokens[id] = text;
             scores[id] = -1000.0;
@@ -426,7 +460,10 @@ pub fn vocab_metadata(
     }
     let tc_path = tok_dir.join("tokenizer_config.json");
     let tc = if tc_path.is_file() {
-        Some(TokenizerConfig::load(&tc_path).with_context(|| format!("reading {}", tc_path.display()))?)
+        Some(
+            TokenizerConfig::load(&tc_path)
+                .with_context(|| format!("reading {}", tc_path.display()))?,
+        )
     } else {
         None
     };
@@ -449,13 +486,31 @@ pub fn vocab_metadata(
     }
     let mut m: Vec<(String, GgufValue)> = Vec::new();
     if let Some(asp) = tc.as_ref().and_then(|t| t.add_prefix_space) {
-        m.push(("tokenizer.ggml.add_space_prefix".into(), GgufValue::Bool(asp)));
+        m.push((
+            "tokenizer.ggml.add_space_prefix".into(),
+            GgufValue::Bool(asp),
+        ));
     }
-    m.push(("tokenizer.ggml.model".into(), GgufValue::String("llama".into())));
-    m.push(("tokenizer.ggml.pre".into(), GgufValue::String("default".into())));
-    m.push(("tokenizer.ggml.tokens".into(), GgufValue::Array(GgufArray::String(tokens))));
-    m.push(("tokenizer.ggml.scores".into(), GgufValue::Array(GgufArray::F32(scores))));
-    m.push(("tokenizer.ggml.token_type".into(), GgufValue::Array(GgufArray::I32(types))));
+    m.push((
+        "tokenizer.ggml.model".into(),
+        GgufValue::String("llama".into()),
+    ));
+    m.push((
+        "tokenizer.ggml.pre".into(),
+        GgufValue::String("default".into()),
+    ));
+    m.push((
+        "tokenizer.ggml.tokens".into(),
+        GgufValue::Array(GgufArray::String(tokens)),
+    ));
+    m.push((
+        "tokenizer.ggml.scores".into(),
+        GgufValue::Array(GgufArray::F32(scores)),
+    ));
+    m.push((
+        "tokenizer.ggml.token_type".into(),
+        GgufValue::Array(GgufArray::I32(types)),
+    ));
     let special = SpecialTokens::resolve(tok_dir, tc_path.is_file(), cfg, n_vocab)?;
     for (key, id) in &special.ids {
         m.push((format!("tokenizer.ggml.{key}"), GgufValue::U32(*id)));
@@ -497,12 +552,21 @@ impl SpecialTokens {
         n_vocab: usize,
     ) -> Result<SpecialTokens> {
         let read = |p: &Path| -> Result<serde_json::Value> {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))
         };
         let tj_path = tok_dir.join("tokenizer.json");
-        let tj = if tj_path.is_file() { Some(read(&tj_path)?) } else { None };
-        let tc = if has_tc { Some(read(&tok_dir.join("tokenizer_config.json"))?) } else { None };
+        let tj = if tj_path.is_file() {
+            Some(read(&tj_path)?)
+        } else {
+            None
+        };
+        let tc = if has_tc {
+            Some(read(&tok_dir.join("tokenizer_config.json"))?)
+        } else {
+            None
+        };
         let content = |kind: &str| -> Option<String> {
             let v = tc.as_ref()?.get(format!("{kind}_token"))?;
             v.as_str()
@@ -513,7 +577,11 @@ impl SpecialTokens {
         let mut add_bos = None;
         let mut add_eos = None;
         if let Some(tj) = &tj {
-            let added = tj.get("added_tokens").and_then(|a| a.as_array()).cloned().unwrap_or_default();
+            let added = tj
+                .get("added_tokens")
+                .and_then(|a| a.as_array())
+                .cloned()
+                .unwrap_or_default();
             for (kind, key) in SPECIAL_KINDS {
                 if let Some(c) = content(kind) {
                     let id = added
@@ -530,7 +598,11 @@ impl SpecialTokens {
                 .and_then(|s| s.as_array())
                 .filter(|s| s.len() > 1)
             {
-                let special = |v: &serde_json::Value| v.pointer("/SpecialToken/id").and_then(|x| x.as_str()).map(str::to_string);
+                let special = |v: &serde_json::Value| {
+                    v.pointer("/SpecialToken/id")
+                        .and_then(|x| x.as_str())
+                        .map(str::to_string)
+                };
                 if let Some(first) = single.first().and_then(special) {
                     add_bos = Some(Some(first) == content("bos"));
                 }
@@ -557,7 +629,11 @@ impl SpecialTokens {
             .filter(|(_, id)| *id >= 0 && (*id as usize) < n_vocab)
             .map(|(k, id)| (k, id as u32))
             .collect();
-        Ok(SpecialTokens { ids, add_bos, add_eos })
+        Ok(SpecialTokens {
+            ids,
+            add_bos,
+            add_eos,
+        })
     }
 }
 
@@ -579,17 +655,28 @@ mod tests {
                 }
             }
         }
-        let got: Vec<usize> = (0..rows).map(|r| permuted_source_row(r, rows, nh)).collect();
+        let got: Vec<usize> = (0..rows)
+            .map(|r| permuted_source_row(r, rows, nh))
+            .collect();
         assert_eq!(got, expect);
     }
 
     #[test]
     fn names_and_types() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.k_proj.weight").unwrap(), "blk.3.attn_k.weight");
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.k_proj.weight").unwrap(),
+            "blk.3.attn_k.weight"
+        );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
         assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
         assert!(is_dropped("model.layers.0.self_attn.rotary_emb.inv_freq"));
-        assert_eq!(tensor_type("blk.0.attn_norm.weight", 1, GgmlType::F16), GgmlType::F32);
-        assert_eq!(tensor_type("blk.0.attn_q.weight", 2, GgmlType::Q8_0), GgmlType::Q8_0);
+        assert_eq!(
+            tensor_type("blk.0.attn_norm.weight", 1, GgmlType::F16),
+            GgmlType::F32
+        );
+        assert_eq!(
+            tensor_type("blk.0.attn_q.weight", 2, GgmlType::Q8_0),
+            GgmlType::Q8_0
+        );
     }
 }

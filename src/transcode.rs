@@ -20,10 +20,12 @@ pub fn transcode(
 ) -> Result<Vec<u8>> {
     let in_row = src_ty
         .row_size(cols as u64)
-        .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {src_ty}"))? as usize;
+        .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {src_ty}"))?
+        as usize;
     let out_row = dst_ty
         .row_size(cols as u64)
-        .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {dst_ty}"))? as usize;
+        .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {dst_ty}"))?
+        as usize;
     if src.len() != rows * in_row {
         bail!(
             "tensor {tensor}: {} bytes of data, expected {} ({rows} rows of {cols} {src_ty})",
@@ -33,10 +35,12 @@ pub fn transcode(
     }
     let mut out = vec![0u8; rows * out_row];
     if src_ty == dst_ty {
-        out.par_chunks_mut(out_row).enumerate().for_each(|(r, dst)| {
-            let s = src_row_of(r);
-            dst.copy_from_slice(&src[s * in_row..(s + 1) * in_row]);
-        });
+        out.par_chunks_mut(out_row)
+            .enumerate()
+            .for_each(|(r, dst)| {
+                let s = src_row_of(r);
+                dst.copy_from_slice(&src[s * in_row..(s + 1) * in_row]);
+            });
         return Ok(out);
     }
     out.par_chunks_mut(out_row)

@@ -34,12 +34,22 @@ fn every_layout_gives_identical_bytes_and_matches_independent_check() {
             hashes.push((l, sha256_file(&out)));
         }
         for (l, h) in &hashes {
-            assert_eq!(h, &hashes[0].1, "{m}: layout {l} differs from {}", hashes[0].0);
+            assert_eq!(
+                h, &hashes[0].1,
+                "{m}: layout {l} differs from {}",
+                hashes[0].0
+            );
         }
         let out = tmp.path().join(format!("{m}-st.gguf"));
         py_check(
             "expected_gguf.py",
-            &[fx.join(m).join("st").as_os_str(), out.as_os_str(), "--outtype".as_ref(), "f16".as_ref(), "--ignore-order".as_ref()],
+            &[
+                fx.join(m).join("st").as_os_str(),
+                out.as_os_str(),
+                "--outtype".as_ref(),
+                "f16".as_ref(),
+                "--ignore-order".as_ref(),
+            ],
         );
     }
 }
@@ -61,7 +71,13 @@ fn outtypes_and_input_dtypes_match_independent_check() {
         convert(&src, &out, outtype);
         py_check(
             "expected_gguf.py",
-            &[src.as_os_str(), out.as_os_str(), "--outtype".as_ref(), outtype.as_ref(), "--ignore-order".as_ref()],
+            &[
+                src.as_os_str(),
+                out.as_os_str(),
+                "--outtype".as_ref(),
+                outtype.as_ref(),
+                "--ignore-order".as_ref(),
+            ],
         );
     }
 }
@@ -81,8 +97,12 @@ fn llama_cpp_loads_converted_models() {
             .args(["-c", "128", "--chunks", "2", "-t", "2"])
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success() && text.contains("Final estimate"), "{m}: llama-perplexity failed:\n{text}");
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && text.contains("Final estimate"),
+            "{m}: llama-perplexity failed:\n{text}"
+        );
     }
 }
 
@@ -105,7 +125,8 @@ fn inspect_reads_every_input_kind() {
         assert_exit(&o, 0);
         let o = run_kiln(&["inspect", p.to_str().unwrap(), "--json"]);
         assert_exit(&o, 0);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("inspect --json parses");
+        let v: serde_json::Value =
+            serde_json::from_slice(&o.stdout).expect("inspect --json parses");
         assert!(v.get("kind").is_some(), "{}", p.display());
     }
     let o = run_kiln(&["inspect", gguf.to_str().unwrap(), "--json"]);
@@ -128,7 +149,13 @@ fn hostile_inputs_fail_cleanly_and_write_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.gguf");
     let check = |dir: &Path, needle: &str| {
-        let o = run_kiln(&["convert", dir.to_str().unwrap(), "-o", out.to_str().unwrap(), "-q"]);
+        let o = run_kiln(&[
+            "convert",
+            dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "-q",
+        ]);
         assert_exit(&o, 2);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(needle), "expected {needle:?} in: {err}");
@@ -138,20 +165,30 @@ fn hostile_inputs_fail_cleanly_and_write_nothing() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.contains("out.gguf"))
             .collect();
-        assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+        assert!(
+            leftovers.is_empty(),
+            "temporary files left behind: {leftovers:?}"
+        );
     };
     // Truncated safetensors.
     let d = tmp.path().join("trunc");
     copy_dir(&fx.join("mha-llama2/st"), &d);
     let f = d.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     check(&d, "model.safetensors");
     // Tokenizer larger than the vocabulary (the Chinese-LLaMA mistake: 55,296 pieces, 32,000 rows).
     let d = tmp.path().join("vocab");
     copy_dir(&fx.join("mha-llama2/st"), &d);
     std::fs::copy(
-        shared_dir().unwrap().join("fixtures/chinese-llama-2-tokenizer/tokenizer.model"),
+        shared_dir()
+            .unwrap()
+            .join("fixtures/chinese-llama-2-tokenizer/tokenizer.model"),
         d.join("tokenizer.model"),
     )
     .unwrap();
@@ -160,7 +197,11 @@ fn hostile_inputs_fail_cleanly_and_write_nothing() {
     let d = tmp.path().join("shape");
     copy_dir(&fx.join("mha-llama2/st"), &d);
     let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(d.join("config.json"), cfg.replace("\"intermediate_size\": 512", "\"intermediate_size\": 1024")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"intermediate_size\": 512", "\"intermediate_size\": 1024"),
+    )
+    .unwrap();
     check(&d, "mlp");
     // Missing folder.
     check(&tmp.path().join("nope"), "config.json");

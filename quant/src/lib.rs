@@ -1,5 +1,114 @@
 //! kiln-quant: ggml block types, reference quantizers bit-exact with llama.cpp, and SIMD kernels.
 
+pub mod blocks;
+pub mod error;
+pub mod reference;
 pub mod types;
 
+use rayon::prelude::*;
+
+pub use error::QuantError;
+pub use reference::float::{
+    bf16_bits_to_f32, bf16_to_f32_slice, f16_bits_to_f32, f16_to_f32_slice, f32_to_bf16_bits,
+    f32_to_f16_bits,
+};
+pub use reference::{dequantize_row, quantize_row_ref};
 pub use types::GgmlType;
+
+/// Quantizes one row (any whole number of blocks) of `src` into `dst`.
+///
+/// This is the fast-path entry point; its output is always byte-identical to
+/// [`quantize_row_ref`]. For now it simply calls the reference; SIMD kernels slot in here.
+pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
+    quantize_row_ref(ty, src, dst)
+}
+
+/// Quantizes `src`, a row-major matrix with `n_per_row` columns, into `dst`, rows in parallel
+/// (rayon). The bytes are identical to quantizing the rows one after another.
+///
+/// `n_per_row` must be non-zero, divide `src.len()` and be a multiple of `ty.block_size()`;
+/// `dst.len()` must be exactly `rows * row_size`.
+pub fn quantize_rows(
+    ty: GgmlType,
+    src: &[f32],
+    n_per_row: usize,
+    dst: &mut [u8],
+) -> Result<(), QuantError> {
+    if n_per_row == 0 || src.len() % n_per_row != 0 {
+        return Err(QuantError::BadRowLength {
+            ty,
+            n_per_row,
+            len: src.len(),
+        });
+    }
+    let row_bytes = reference::bytes_for(ty, n_per_row)?;
+    let rows = src.len() / n_per_row;
+    let total = rows
+        .checked_mul(row_bytes)
+        .ok_or(QuantError::SizeOverflow {
+            ty,
+            elements: src.len(),
+        })?;
+    reference::check_len(ty, "destination", total, dst.len())?;
+    if rows == 0 {
+        return Ok(());
+    }
+    src.par_chunks(n_per_row)
+        .zip(dst.par_chunks_mut(row_bytes))
+        .try_for_each(|(s, d)| quantize_row(ty, s, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 97) as f32 * 0.05))
+            .collect()
+    }
+
+    #[test]
+    fn rows_equal_sequential() {
+        let n_per_row = 512;
+        let rows = 9;
+        let x = signal(n_per_row * rows);
+        for ty in GgmlType::ALL {
+            let rb = ty.row_size(n_per_row as u64).unwrap() as usize;
+            let mut par = vec![0u8; rb * rows];
+            quantize_rows(ty, &x, n_per_row, &mut par).unwrap();
+            let mut seq = vec![0u8; rb * rows];
+            for (s, d) in x.chunks(n_per_row).zip(seq.chunks_mut(rb)) {
+                quantize_row_ref(ty, s, d).unwrap();
+            }
+            assert_eq!(par, seq, "{ty}");
+            // one call over the whole matrix gives the same bytes too (blocks are independent)
+            let mut whole = vec![0u8; rb * rows];
+            quantize_row(ty, &x, &mut whole).unwrap();
+            assert_eq!(whole, seq, "{ty}");
+        }
+    }
+
+    #[test]
+    fn rows_errors() {
+        let x = signal(512);
+        let mut out = vec![0u8; 4096];
+        assert!(matches!(
+            quantize_rows(GgmlType::Q4_0, &x, 0, &mut out),
+            Err(QuantError::BadRowLength { n_per_row: 0, .. })
+        ));
+        assert!(matches!(
+            quantize_rows(GgmlType::Q4_0, &x, 100, &mut out),
+            Err(QuantError::BadRowLength { .. })
+        ));
+        assert!(matches!(
+            quantize_rows(GgmlType::Q4K, &x, 128, &mut out),
+            Err(QuantError::NotBlockMultiple { .. })
+        ));
+        assert!(matches!(
+            quantize_rows(GgmlType::Q4_0, &x, 256, &mut out),
+            Err(QuantError::ByteLength { expected: 288, .. })
+        ));
+        assert!(quantize_rows(GgmlType::Q4_0, &[], 32, &mut []).is_ok());
+    }
+}

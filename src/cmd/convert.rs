@@ -12,7 +12,9 @@ use std::time::Instant;
 
 /// Arguments of `kiln convert`.
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  kiln convert Llama-2-7b-hf -o llama-2-7b.f16.gguf --outtype f16")]
+#[command(
+    after_help = "Example:\n  kiln convert Llama-2-7b-hf -o llama-2-7b.f16.gguf --outtype f16"
+)]
 pub struct Args {
     /// Hugging Face model folder (config.json, tokenizer.model, weights).
     pub hf_dir: PathBuf,
@@ -36,12 +38,18 @@ pub struct Args {
 pub fn run(a: Args) -> Result<Outcome> {
     let t0 = Instant::now();
     let cfg_path = a.hf_dir.join("config.json");
-    let cfg = LlamaConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg =
+        LlamaConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     let dims = LlamaDims::from_config(&cfg).with_context(|| cfg_path.display().to_string())?;
     let ckpt = Checkpoint::open(&a.hf_dir)
         .with_context(|| format!("opening the weights in {}", a.hf_dir.display()))?;
     let source = a.hf_dir.display().to_string();
-    let jobs = convert::plan_tensors(&dims, &convert::checkpoint_shapes(&ckpt), a.outtype.ggml(), &source)?;
+    let jobs = convert::plan_tensors(
+        &dims,
+        &convert::checkpoint_shapes(&ckpt),
+        a.outtype.ggml(),
+        &source,
+    )?;
     let name = a.name.clone().unwrap_or_else(|| {
         a.hf_dir
             .canonicalize()
@@ -53,8 +61,10 @@ pub fn run(a: Args) -> Result<Outcome> {
     let tok_dir = a.tokenizer_dir.as_ref().unwrap_or(&a.hf_dir);
     meta.extend(convert::vocab_metadata(tok_dir, &cfg, dims.n_vocab)?);
 
-    let infos: Vec<(String, Vec<u64>, kiln_quant::GgmlType)> =
-        jobs.iter().map(|j| (j.gguf_name.clone(), j.ne.clone(), j.ty)).collect();
+    let infos: Vec<(String, Vec<u64>, kiln_quant::GgmlType)> = jobs
+        .iter()
+        .map(|j| (j.gguf_name.clone(), j.ne.clone(), j.ty))
+        .collect();
     let mut w = GgufWriter::create(&a.out, &meta, &infos)
         .with_context(|| format!("creating {}", a.out.display()))?;
     let total: u64 = jobs.iter().map(|j| j.n_bytes()).sum();
@@ -69,7 +79,8 @@ pub fn run(a: Args) -> Result<Outcome> {
             .with_context(|| format!("writing {}", a.out.display()))?;
         pb.inc(bytes.len() as u64);
     }
-    w.finish().with_context(|| format!("finishing {}", a.out.display()))?;
+    w.finish()
+        .with_context(|| format!("finishing {}", a.out.display()))?;
     pb.finish_and_clear();
     eprintln!(
         "wrote {} ({} tensors, {:.1} MiB, {}) in {:.1}s",

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 /// Arguments of `kiln inspect`.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  kiln inspect model.gguf\n  kiln inspect Llama-2-7b-hf --json\n  kiln inspect chinese-llama-2-lora-7b/tokenizer.model")]
+#[command(
+    after_help = "Examples:\n  kiln inspect model.gguf\n  kiln inspect Llama-2-7b-hf --json\n  kiln inspect chinese-llama-2-lora-7b/tokenizer.model"
+)]
 pub struct Args {
     /// A .gguf, .safetensors or .bin file, a tokenizer.model, an HF model folder or a PEFT adapter folder.
     pub path: PathBuf,
@@ -52,7 +54,9 @@ fn describe(p: &Path, full: bool) -> Result<Value> {
     if is_gguf(p) {
         return describe_gguf(p, full);
     }
-    if p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".model")) {
+    if p.file_name()
+        .is_some_and(|n| n.to_string_lossy().ends_with(".model"))
+    {
         return describe_spm(p);
     }
     describe_checkpoint(p, "checkpoint")
@@ -89,8 +93,10 @@ fn describe_gguf(p: &Path, full: bool) -> Result<Value> {
                    "offset": f.data_offset + t.offset})
         })
         .collect();
-    Ok(json!({"kind": "gguf", "path": p, "version": f.version, "alignment": f.alignment,
-              "data_offset": f.data_offset, "file_size": f.file_size(), "metadata": meta, "tensors": tensors}))
+    Ok(
+        json!({"kind": "gguf", "path": p, "version": f.version, "alignment": f.alignment,
+              "data_offset": f.data_offset, "file_size": f.file_size(), "metadata": meta, "tensors": tensors}),
+    )
 }
 
 fn describe_spm(p: &Path) -> Result<Value> {
@@ -105,10 +111,12 @@ fn describe_spm(p: &Path) -> Result<Value> {
         .take(8)
         .map(|x| json!({"piece": x.piece, "score": x.score, "type": format!("{:?}", x.kind)}))
         .collect();
-    Ok(json!({"kind": "sentencepiece", "path": p, "pieces": sp.pieces.len(), "types": counts,
+    Ok(
+        json!({"kind": "sentencepiece", "path": p, "pieces": sp.pieces.len(), "types": counts,
               "model_type": sp.model_type, "unk_id": sp.unk_id, "bos_id": sp.bos_id, "eos_id": sp.eos_id,
               "pad_id": sp.pad_id, "byte_fallback": sp.byte_fallback, "add_dummy_prefix": sp.add_dummy_prefix,
-              "first_pieces": first}))
+              "first_pieces": first}),
+    )
 }
 
 fn describe_checkpoint(p: &Path, kind: &str) -> Result<Value> {
@@ -118,8 +126,10 @@ fn describe_checkpoint(p: &Path, kind: &str) -> Result<Value> {
         let bytes: usize = t.shape.iter().product::<usize>() * t.dtype.size();
         offset_note.push(json!({"name": t.name, "dtype": format!("{:?}", t.dtype), "shape": t.shape, "bytes": bytes}));
     }
-    Ok(json!({"kind": kind, "path": p, "format": c.format(), "files": c.files(),
-              "total_bytes": c.total_bytes(), "tensors": offset_note}))
+    Ok(
+        json!({"kind": kind, "path": p, "format": c.format(), "files": c.files(),
+              "total_bytes": c.total_bytes(), "tensors": offset_note}),
+    )
 }
 
 fn read_json(p: &Path) -> Result<Value> {
@@ -151,8 +161,20 @@ fn describe_dir(p: &Path, _full: bool) -> Result<Value> {
 
 fn print_text(v: &Value) {
     let s = |k: &str| v.get(k).map(|x| x.to_string()).unwrap_or_default();
-    println!("{} ({})", v["path"].as_str().unwrap_or(""), v["kind"].as_str().unwrap_or(""));
-    for k in ["format", "version", "alignment", "data_offset", "file_size", "total_bytes", "pieces"] {
+    println!(
+        "{} ({})",
+        v["path"].as_str().unwrap_or(""),
+        v["kind"].as_str().unwrap_or("")
+    );
+    for k in [
+        "format",
+        "version",
+        "alignment",
+        "data_offset",
+        "file_size",
+        "total_bytes",
+        "pieces",
+    ] {
         if v.get(k).is_some() {
             println!("  {k}: {}", s(k));
         }
@@ -170,7 +192,10 @@ fn print_text(v: &Value) {
     }
     if let Some(ts) = v.get("tensors").and_then(|t| t.as_array()) {
         println!("tensors: {}", ts.len());
-        println!("  {:<48} {:<6} {:<22} {:>14} {:>14}", "name", "dtype", "shape", "bytes", "offset");
+        println!(
+            "  {:<48} {:<6} {:<22} {:>14} {:>14}",
+            "name", "dtype", "shape", "bytes", "offset"
+        );
         for t in ts {
             println!(
                 "  {:<48} {:<6} {:<22} {:>14} {:>14}",
@@ -178,7 +203,9 @@ fn print_text(v: &Value) {
                 t["dtype"].as_str().unwrap_or(""),
                 t["shape"].to_string(),
                 t["bytes"],
-                t.get("offset").map(|o| o.to_string()).unwrap_or_else(|| "-".into())
+                t.get("offset")
+                    .map(|o| o.to_string())
+                    .unwrap_or_else(|| "-".into())
             );
         }
     }

@@ -10,7 +10,8 @@ use regex::Regex;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const TYPES_HELP: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, \
+const TYPES_HELP: &str =
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, \
 Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (aliases Q3_K, Q4_K, Q5_K; case-insensitive)";
 
 /// Arguments of `kiln quantize` (llama-quantize's positional form and flag names).
@@ -59,7 +60,9 @@ pub struct Args {
 fn parse_type(s: &str, flag: &str) -> Result<GgmlType> {
     GgmlType::from_name(s)
         .filter(|t| *t != GgmlType::Q8K)
-        .ok_or_else(|| anyhow!("{flag}: unknown tensor type {s:?} (use a ggml type such as Q8_0, Q6_K, F16)"))
+        .ok_or_else(|| {
+            anyhow!("{flag}: unknown tensor type {s:?} (use a ggml type such as Q8_0, Q6_K, F16)")
+        })
 }
 
 /// The model facts the mix rules need, from the GGUF metadata.
@@ -81,12 +84,20 @@ fn model_shape(f: &GgufFile) -> Result<ModelShape> {
     let n_head = get("llama.attention.head_count")
         .ok_or_else(|| anyhow!("{}: no llama.attention.head_count key", f.path().display()))?;
     let n_head_kv = get("llama.attention.head_count_kv").unwrap_or(n_head);
-    Ok(ModelShape { n_layer, n_head, n_head_kv })
+    Ok(ModelShape {
+        n_layer,
+        n_head,
+        n_head_kv,
+    })
 }
 
 /// ggml's n_dims: trailing dimensions of size 1 dropped (at least one kept), as llama-quantize writes.
 fn c_shape(shape: &[u64]) -> Vec<u64> {
-    let n = shape.iter().rposition(|&d| d != 1).map(|i| i + 1).unwrap_or(1);
+    let n = shape
+        .iter()
+        .rposition(|&d| d != 1)
+        .map(|i| i + 1)
+        .unwrap_or(1);
     shape[..n].to_vec()
 }
 
@@ -95,9 +106,14 @@ pub fn run(a: Args) -> Result<Outcome> {
     let ftype_s = a
         .ftype
         .as_deref()
-        .or(if a.dry_run { a.output.as_ref().and_then(|o| o.to_str()) } else { None })
+        .or(if a.dry_run {
+            a.output.as_ref().and_then(|o| o.to_str())
+        } else {
+            None
+        })
         .ok_or_else(|| anyhow!("missing TYPE: one of {TYPES_HELP}"))?;
-    let ftype = Ftype::parse(ftype_s).ok_or_else(|| anyhow!("unknown TYPE {ftype_s:?}: use one of {TYPES_HELP}"))?;
+    let ftype = Ftype::parse(ftype_s)
+        .ok_or_else(|| anyhow!("unknown TYPE {ftype_s:?}: use one of {TYPES_HELP}"))?;
     let mut ov = Overrides {
         pure: a.pure,
         leave_output_tensor: a.leave_output_tensor,
@@ -120,21 +136,34 @@ pub fn run(a: Args) -> Result<Outcome> {
         if n == 0 {
             bail!("threads must be at least 1");
         }
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
 
-    let input = GgufFile::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    let input =
+        GgufFile::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let shape = model_shape(&input)?;
     let mut order: Vec<&TensorInfo> = input.tensors.iter().collect();
-    order.sort_by(|x, y| quant_plan::loader_order_key(&x.name).cmp(&quant_plan::loader_order_key(&y.name)));
+    order.sort_by(|x, y| {
+        quant_plan::loader_order_key(&x.name).cmp(&quant_plan::loader_order_key(&y.name))
+    });
     let plan_in: Vec<PlanTensor> = order
         .iter()
-        .map(|t| PlanTensor { name: t.name.clone(), shape: t.shape.clone(), ty: t.ty })
+        .map(|t| PlanTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ty: t.ty,
+        })
         .collect();
     let types = Planner::plan(ftype, shape, &ov, &plan_in);
 
     if !a.allow_requantize {
-        if let Some((t, _)) = order.iter().zip(&types).find(|(t, ty)| t.ty.is_quantized() && **ty != t.ty) {
+        if let Some((t, _)) = order
+            .iter()
+            .zip(&types)
+            .find(|(t, ty)| t.ty.is_quantized() && **ty != t.ty)
+        {
             bail!(
                 "{}: tensor {} is already quantized ({}); requantizing loses quality twice, so it needs --allow-requantize (better: quantize from the F16 file)",
                 a.input.display(),
@@ -148,14 +177,19 @@ pub fn run(a: Args) -> Result<Outcome> {
     let new_sizes: Vec<u64> = order
         .iter()
         .zip(&types)
-        .map(|(t, ty)| ty.row_size(t.row_len()).unwrap_or(0) * (t.n_elements() / t.row_len().max(1)))
+        .map(|(t, ty)| {
+            ty.row_size(t.row_len()).unwrap_or(0) * (t.n_elements() / t.row_len().max(1))
+        })
         .collect();
     let total_in: u64 = order.iter().map(|t| t.n_bytes()).sum();
     let total_out: u64 = new_sizes.iter().sum();
     let bpw = |b: u64| b as f64 * 8.0 / n_elements.max(1) as f64;
 
     if a.dry_run {
-        println!("{:<36} {:>22} {:>6} -> {:<6} {:>12} {:>12}", "tensor", "shape", "type", "new", "MiB in", "MiB out");
+        println!(
+            "{:<36} {:>22} {:>6} -> {:<6} {:>12} {:>12}",
+            "tensor", "shape", "type", "new", "MiB in", "MiB out"
+        );
         for ((t, ty), ns) in order.iter().zip(&types).zip(&new_sizes) {
             println!(
                 "{:<36} {:>22} {:>6} -> {:<6} {:>12.3} {:>12.3}",
@@ -176,7 +210,10 @@ pub fn run(a: Args) -> Result<Outcome> {
         );
         return Ok(Outcome::Ok);
     }
-    let out_path = a.output.as_ref().ok_or_else(|| anyhow!("missing OUTPUT path"))?;
+    let out_path = a
+        .output
+        .as_ref()
+        .ok_or_else(|| anyhow!("missing OUTPUT path"))?;
     if a.ftype.is_none() {
         bail!("missing TYPE: one of {TYPES_HELP}");
     }
@@ -185,7 +222,9 @@ pub fn run(a: Args) -> Result<Outcome> {
         .metadata
         .iter()
         .filter(|(k, _)| {
-            k != "general.quantization_version" && k != "general.file_type" && !k.starts_with("split.")
+            k != "general.quantization_version"
+                && k != "general.file_type"
+                && !k.starts_with("split.")
         })
         .cloned()
         .collect();
@@ -217,7 +256,8 @@ pub fn run(a: Args) -> Result<Outcome> {
             .with_context(|| format!("writing {}", out_path.display()))?;
         pb.inc(t.n_bytes());
     }
-    w.finish().with_context(|| format!("finishing {}", out_path.display()))?;
+    w.finish()
+        .with_context(|| format!("finishing {}", out_path.display()))?;
     pb.finish_and_clear();
     eprintln!(
         "{ftype}: {} -> {}: {:.2} MiB ({:.2} BPW) -> {:.2} MiB ({:.2} BPW) in {:.1}s",

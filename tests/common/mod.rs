@@ -54,7 +54,9 @@ pub fn fixtures() -> Option<PathBuf> {
             None
         })?;
         if !python_ok() {
-            eprintln!("skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed");
+            eprintln!(
+                "skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed"
+            );
             return None;
         }
         let out = root().join("target").join("kiln-fixtures");
@@ -91,9 +93,11 @@ pub fn llamacpp_bin() -> Option<PathBuf> {
         .ok()
         .map(PathBuf::from)
         .into_iter()
-        .chain(std::env::var("HOME").ok().map(|h| {
-            PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu/bin")
-        }));
+        .chain(
+            std::env::var("HOME")
+                .ok()
+                .map(|h| PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu/bin")),
+        );
     for c in cands {
         if c.join("llama-quantize").is_file() && c.join("llama-perplexity").is_file() {
             return Some(c);
