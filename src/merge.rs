@@ -178,7 +178,11 @@ impl Adapter {
                 "{}: bias = {:?}{}: LoRA adapters that train biases are not supported (Llama has no biases \
                  to merge them into); only bias = \"none\" can be merged",
                 cfg_path.display(),
-                cfg.bias,
+                match cfg.bias {
+                    LoraBias::None => "none",
+                    LoraBias::All => "all",
+                    LoraBias::LoraOnly => "lora_only",
+                },
                 if cfg.lora_bias { " with lora_bias" } else { "" }
             );
         }

@@ -140,3 +140,42 @@ pub fn sha256_file(p: &Path) -> String {
     let bytes = std::fs::read(p).unwrap();
     format!("{:x}", Sha256::digest(bytes))
 }
+
+/// The generated LoRA fixtures (`fixtures/gen_lora.py`: a GQA base and PEFT adapters), made once per
+/// target folder. None (with a printed reason) when Python or ../shared is missing.
+pub fn lora_fixtures() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let shared = shared_dir().or_else(|| {
+            eprintln!("skipping: ../shared not found (set KILN_SHARED)");
+            None
+        })?;
+        if !python_ok() {
+            eprintln!("skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed");
+            return None;
+        }
+        let out = root().join("target").join("kiln-lora-fixtures");
+        if out.join(".complete").is_file() {
+            return Some(out);
+        }
+        let tmp = root()
+            .join("target")
+            .join(format!("kiln-lora-fixtures.tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let st = Command::new("python3")
+            .arg(root().join("fixtures/gen_lora.py"))
+            .arg(&tmp)
+            .arg("--shared")
+            .arg(&shared)
+            .status()
+            .expect("python3 runs");
+        assert!(st.success(), "fixtures/gen_lora.py failed");
+        std::fs::write(tmp.join(".complete"), b"ok").unwrap();
+        if std::fs::rename(&tmp, &out).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        assert!(out.join(".complete").is_file());
+        Some(out)
+    })
+    .clone()
+}

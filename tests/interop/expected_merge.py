@@ -363,6 +363,7 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--gguf")
     ap.add_argument("--outtype", default="f16", choices=["f16", "bf16", "f32"])
+    ap.add_argument("--max-shard-size", help="accepted for symmetry with kiln merge; sharding is checked as found")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     for p in [args.base] + args.lora + [x for x in (args.out, args.gguf) if x]:
