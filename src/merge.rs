@@ -94,7 +94,11 @@ fn classify(key: &str) -> Key {
             let rest = &k[pos + tag.len()..];
             // `<m>.lora_embedding_A` or `<m>.lora_embedding_A.<adapter>`
             if rest.is_empty() || (rest.starts_with('.') && !rest[1..].contains('.')) {
-                return if is_a { Key::EmbA(module) } else { Key::EmbB(module) };
+                return if is_a {
+                    Key::EmbA(module)
+                } else {
+                    Key::EmbB(module)
+                };
             }
             return Key::Unknown;
         }
@@ -137,7 +141,8 @@ pub fn tokenizer_size(dir: &Path) -> Result<Option<usize>> {
     let mut n = sp.pieces.len();
     let added = dir.join("added_tokens.json");
     if added.is_file() {
-        let text = std::fs::read_to_string(&added).with_context(|| format!("reading {}", added.display()))?;
+        let text = std::fs::read_to_string(&added)
+            .with_context(|| format!("reading {}", added.display()))?;
         let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a JSON object of token -> id", added.display()))?;
         for (tok, id) in map {
@@ -165,7 +170,8 @@ impl Adapter {
                 dir.display()
             );
         }
-        let cfg = AdapterConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+        let cfg = AdapterConfig::load(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
         if cfg.use_dora {
             bail!(
                 "{}: use_dora is true: DoRA adapters (magnitude vector and column norms) are not supported \
@@ -191,7 +197,10 @@ impl Adapter {
             .map(|f| dir.join(f))
             .find(|p| p.is_file())
             .ok_or_else(|| {
-                anyhow!("{}: neither adapter_model.safetensors nor adapter_model.bin is there", dir.display())
+                anyhow!(
+                    "{}: neither adapter_model.safetensors nor adapter_model.bin is there",
+                    dir.display()
+                )
             })?;
         let ckpt = Checkpoint::open(&weights)
             .with_context(|| format!("reading the adapter weights {}", weights.display()))?;
@@ -256,20 +265,37 @@ impl Adapter {
             let b = b_of.remove(&(m.clone(), *emb)).ok_or_else(|| {
                 anyhow!("{}: {m} has lora_A ({a}) but no lora_B", weights.display())
             })?;
-            modules.push(LoraModule { module: m.clone(), a: a.clone(), b, embedding: *emb });
+            modules.push(LoraModule {
+                module: m.clone(),
+                a: a.clone(),
+                b,
+                embedding: *emb,
+            });
         }
         if let Some(((m, _), b)) = b_of.into_iter().next() {
             bail!("{}: {m} has lora_B ({b}) but no lora_A", weights.display());
         }
         let n_tokens = tokenizer_size(dir)?;
-        Ok(Adapter { dir: dir.to_path_buf(), cfg, ckpt, modules, replacements, n_tokens })
+        Ok(Adapter {
+            dir: dir.to_path_buf(),
+            cfg,
+            ckpt,
+            modules,
+            replacements,
+            n_tokens,
+        })
     }
 
     /// Files read from this adapter (for the input hashes).
     pub fn files(&self) -> Vec<PathBuf> {
         let mut v = vec![self.dir.join("adapter_config.json")];
         v.extend(self.ckpt.files().iter().cloned());
-        v.extend(TOKENIZER_FILES.iter().map(|f| self.dir.join(f)).filter(|p| p.is_file()));
+        v.extend(
+            TOKENIZER_FILES
+                .iter()
+                .map(|f| self.dir.join(f))
+                .filter(|p| p.is_file()),
+        );
         v
     }
 }
@@ -342,7 +368,11 @@ fn state_dict_key(name: &str) -> (usize, usize, usize) {
             let rest = name.strip_prefix("model.layers.").unwrap_or(name);
             let (l, s) = rest.split_once('.').unwrap_or((rest, ""));
             let l = l.parse().unwrap_or(usize::MAX);
-            (1, l, LAYER.iter().position(|x| *x == s).unwrap_or(LAYER.len()))
+            (
+                1,
+                l,
+                LAYER.iter().position(|x| *x == s).unwrap_or(LAYER.len()),
+            )
         }
     }
 }
@@ -364,14 +394,19 @@ fn family(s: &str) -> Option<&'static str> {
         ("falcon", "falcon"),
         ("llama", "llama"),
     ];
-    FAMILIES.iter().find(|(k, _)| s.contains(k)).map(|(_, f)| *f)
+    FAMILIES
+        .iter()
+        .find(|(k, _)| s.contains(k))
+        .map(|(_, f)| *f)
 }
 
 /// Model size tag like "7b" / "13b" in a name.
 fn size_tag(s: &str) -> Option<String> {
     let s = s.to_ascii_lowercase();
     let re = regex::Regex::new(r"(?:^|[^0-9a-z.])([0-9]+(?:\.[0-9]+)?b)(?:$|[^0-9a-z])").ok()?;
-    re.captures(&s).and_then(|c| c.get(1)).map(|m| m.as_str().to_string())
+    re.captures(&s)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str().to_string())
 }
 
 /// Checks the base and the adapters against each other and decides every output tensor.
@@ -440,7 +475,9 @@ pub fn plan(
         match &cfg.target_modules {
             TargetModules::List(list) => {
                 for t in list {
-                    let found = base_modules.iter().any(|m| m == t || m.ends_with(&format!(".{t}")));
+                    let found = base_modules
+                        .iter()
+                        .any(|m| m == t || m.ends_with(&format!(".{t}")));
                     if !found {
                         bail!(
                             "{src}: unknown target module {t:?} in adapter_config.json: the base model has no \
@@ -547,8 +584,14 @@ pub fn plan(
                 ));
                 continue;
             }
-            let a = ad.ckpt.get(&m.a).ok_or_else(|| anyhow!("{src}: tensor {} vanished", m.a))?;
-            let b = ad.ckpt.get(&m.b).ok_or_else(|| anyhow!("{src}: tensor {} vanished", m.b))?;
+            let a = ad
+                .ckpt
+                .get(&m.a)
+                .ok_or_else(|| anyhow!("{src}: tensor {} vanished", m.a))?;
+            let b = ad
+                .ckpt
+                .get(&m.b)
+                .ok_or_else(|| anyhow!("{src}: tensor {} vanished", m.b))?;
             if a.shape.len() != 2 || b.shape.len() != 2 {
                 bail!(
                     "{src}: {} and {} must be matrices, found shapes {:?} and {:?}",
@@ -603,7 +646,9 @@ pub fn plan(
             } else if cfg.fan_in_fan_out && (in_a, out_b) == (rows, cols) {
                 true
             } else {
-                let hidden_hint = if in_a != cols && (in_a == dims.n_embd || cols == dims.n_embd || in_a != out_b) {
+                let hidden_hint = if in_a != cols
+                    && (in_a == dims.n_embd || cols == dims.n_embd || in_a != out_b)
+                {
                     format!(
                         "; the factors' input size {in_a} differs from the base's {cols}: the adapter was \
                          trained for a model with a different hidden size (base hidden_size = {})",
@@ -620,7 +665,12 @@ pub fn plan(
             if !target.deltas.is_empty() && target.deltas.iter().any(|d| d.adapter == ai) {
                 bail!("{src}: two LoRA pairs target {hf}");
             }
-            target.deltas.push(Delta { adapter: ai, module: mi, scale: cfg.scale_for(&m.module), transpose });
+            target.deltas.push(Delta {
+                adapter: ai,
+                module: mi,
+                scale: cfg.scale_for(&m.module),
+                transpose,
+            });
         }
         // Targeted modules without factors keep B = 0 in PEFT: no change; say so.
         let missing = base_modules
@@ -701,7 +751,13 @@ pub fn plan(
     }
     let mut tensors: Vec<Planned> = cur.into_values().collect();
     tensors.sort_by_key(|p| state_dict_key(&p.name));
-    Ok(Plan { tensors, n_vocab, tied, tokenizer_dir: tok_dir, warnings })
+    Ok(Plan {
+        tensors,
+        n_vocab,
+        tied,
+        tokenizer_dir: tok_dir,
+        warnings,
+    })
 }
 
 /// f32 values of a tensor.
@@ -804,7 +860,11 @@ fn factors(ad: &Adapter, m: &LoraModule, d: &Delta, rows: usize, cols: usize) ->
     let b = widen(&ad.ckpt.data(&m.b)?);
     let r = ad.ckpt.get(&m.a).map(|t| t.shape[0]).unwrap_or(0);
     if r == 0 || a.len() != r * (a.len() / r) || b.len() % r != 0 {
-        bail!("{}: bad LoRA factor sizes for {}", ad.dir.display(), m.module);
+        bail!(
+            "{}: bad LoRA factor sizes for {}",
+            ad.dir.display(),
+            m.module
+        );
     }
     let exact = products_exact(&a, &b);
     let (coef, basis) = if !d.transpose {
@@ -827,9 +887,19 @@ fn factors(ad: &Adapter, m: &LoraModule, d: &Delta, rows: usize, cols: usize) ->
         (coef, basis)
     };
     if coef.len() != rows * r || basis.len() != r * cols {
-        bail!("{}: LoRA factors of {} do not fit [{rows}, {cols}]", ad.dir.display(), m.module);
+        bail!(
+            "{}: LoRA factors of {} do not fit [{rows}, {cols}]",
+            ad.dir.display(),
+            m.module
+        );
     }
-    Ok(Factors { r, coef, basis, scale: d.scale, exact })
+    Ok(Factors {
+        r,
+        coef,
+        basis,
+        scale: d.scale,
+        exact,
+    })
 }
 
 /// Adds `scale·(coef·basis)` to one row, accumulating the product in f32 over k ascending.
@@ -870,11 +940,20 @@ pub fn materialize<'a>(
             .data(n)?,
     };
     let cols: usize = t.shape.iter().skip(1).product::<usize>().max(1);
-    let cols = if t.shape.len() <= 1 { t.shape.first().copied().unwrap_or(1) } else { cols };
+    let cols = if t.shape.len() <= 1 {
+        t.shape.first().copied().unwrap_or(1)
+    } else {
+        cols
+    };
     let src_rows = if t.shape.len() <= 1 { 1 } else { t.source_rows };
     let rows = if t.shape.len() <= 1 { 1 } else { t.shape[0] };
     if data.n_elements() != src_rows * cols {
-        bail!("tensor {}: {} values, expected {}", t.name, data.n_elements(), src_rows * cols);
+        bail!(
+            "tensor {}: {} values, expected {}",
+            t.name,
+            data.n_elements(),
+            src_rows * cols
+        );
     }
     if t.deltas.is_empty() && rows == src_rows && data.dtype == t.dtype {
         return Ok(Cow::Borrowed(data.bytes));
@@ -898,11 +977,15 @@ pub fn materialize<'a>(
                 },
             );
     }
-    drop(data);
     // Deltas in adapter order, each rounded to the dtype (as merging one adapter at a time does).
     for d in &t.deltas {
-        let ad = adapters.get(d.adapter).ok_or_else(|| anyhow!("adapter {} missing", d.adapter))?;
-        let m = ad.modules.get(d.module).ok_or_else(|| anyhow!("module {} missing", d.module))?;
+        let ad = adapters
+            .get(d.adapter)
+            .ok_or_else(|| anyhow!("adapter {} missing", d.adapter))?;
+        let m = ad
+            .modules
+            .get(d.module)
+            .ok_or_else(|| anyhow!("module {} missing", d.module))?;
         let f = factors(ad, m, d, src_rows, cols)?;
         let dtype = t.dtype;
         out[..src_rows * row_bytes]
@@ -985,7 +1068,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
             return Ok((v * mul as f64) as u64);
         }
     }
-    let v: u64 = t.parse().map_err(|_| anyhow!("bad size {s:?} (use e.g. 5GB, 500MB or bytes)"))?;
+    let v: u64 = t
+        .parse()
+        .map_err(|_| anyhow!("bad size {s:?} (use e.g. 5GB, 500MB or bytes)"))?;
     if v == 0 {
         bail!("bad size {s:?}");
     }
@@ -1072,19 +1157,32 @@ mod tests {
             classify("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight"),
             Key::LoraB(m) if m == "model.layers.0.mlp.up_proj"
         ));
-        assert!(matches!(classify("base_model.model.model.embed_tokens.weight"), Key::Full(n) if n == EMBED));
+        assert!(
+            matches!(classify("base_model.model.model.embed_tokens.weight"), Key::Full(n) if n == EMBED)
+        );
         assert!(matches!(
             classify("base_model.model.lm_head.modules_to_save.default.weight"),
             Key::Full(n) if n == HEAD
         ));
-        assert!(matches!(classify("base_model.model.model.embed_tokens.base_layer.weight"), Key::Full(n) if n == EMBED));
-        assert!(matches!(classify("base_model.model.model.embed_tokens.original_module.weight"), Key::Ignore));
+        assert!(
+            matches!(classify("base_model.model.model.embed_tokens.base_layer.weight"), Key::Full(n) if n == EMBED)
+        );
+        assert!(matches!(
+            classify("base_model.model.model.embed_tokens.original_module.weight"),
+            Key::Ignore
+        ));
         assert!(matches!(
             classify("base_model.model.model.embed_tokens.lora_embedding_A"),
             Key::EmbA(m) if m == "model.embed_tokens"
         ));
-        assert!(matches!(classify("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"), Key::Dora));
-        assert!(matches!(classify("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"), Key::Bias));
+        assert!(matches!(
+            classify("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+            Key::Dora
+        ));
+        assert!(matches!(
+            classify("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"),
+            Key::Bias
+        ));
         assert!(matches!(classify("something"), Key::Unknown));
     }
 
@@ -1094,13 +1192,21 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("100kb").unwrap(), 100_000);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("x").is_err() && parse_size("0").is_err() && parse_size("-1GB").is_err());
-        assert_eq!(shard_groups(&[5, 5, 5, 20, 1], 10), vec![vec![0, 1], vec![2], vec![3], vec![4]]);
+        assert!(
+            parse_size("x").is_err() && parse_size("0").is_err() && parse_size("-1GB").is_err()
+        );
+        assert_eq!(
+            shard_groups(&[5, 5, 5, 20, 1], 10),
+            vec![vec![0, 1], vec![2], vec![3], vec![4]]
+        );
     }
 
     #[test]
     fn exactness_of_products() {
-        let f16ish: Vec<f32> = [0.01f32, -0.02, 0.5].iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let f16ish: Vec<f32> = [0.01f32, -0.02, 0.5]
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
         assert!(products_exact(&f16ish, &f16ish));
         assert!(!products_exact(&[0.1f32], &[0.3f32]));
         assert!(!products_exact(&[1e-30f32], &[1e-30f32]));

@@ -29,7 +29,14 @@ fn input_args(fx: &Path, base: &str, loras: &[&str]) -> Vec<String> {
     v
 }
 
-fn check_case(fx: &Path, tmp: &Path, tag: &str, base: &str, loras: &[&str], extra: &[&str]) -> PathBuf {
+fn check_case(
+    fx: &Path,
+    tmp: &Path,
+    tag: &str,
+    base: &str,
+    loras: &[&str],
+    extra: &[&str],
+) -> PathBuf {
     let out = tmp.join(tag);
     let gguf = tmp.join(format!("{tag}.gguf"));
     let mut args = input_args(fx, base, loras);
@@ -39,7 +46,12 @@ fn check_case(fx: &Path, tmp: &Path, tag: &str, base: &str, loras: &[&str], extr
     let o = merge(&k);
     assert_exit(&o, 0);
     let mut py: Vec<OsString> = args.iter().map(OsString::from).collect();
-    py.extend(["--out".into(), out.clone().into(), "--gguf".into(), gguf.into()]);
+    py.extend([
+        "--out".into(),
+        out.clone().into(),
+        "--gguf".into(),
+        gguf.into(),
+    ]);
     py_check("expected_merge.py", &py);
     out
 }
@@ -65,8 +77,22 @@ fn merged_tensors_equal_independent_numpy_computation() {
     check_case(&fx, t, "fifo", "base/st", &["fifo"], &[]);
     check_case(&fx, t, "f32", "base/st", &["f32"], &[]);
     check_case(&fx, t, "bf16", "base-bf16/st", &["zh-st"], &[]);
-    check_case(&fx, t, "pad", "base/st", &["zh-st"], &["--vocab-size", "55360"]);
-    check_case(&fx, t, "sharded", "base/st", &["zh-st", "zh2"], &["--max-shard-size", "10MB"]);
+    check_case(
+        &fx,
+        t,
+        "pad",
+        "base/st",
+        &["zh-st"],
+        &["--vocab-size", "55360"],
+    );
+    check_case(
+        &fx,
+        t,
+        "sharded",
+        "base/st",
+        &["zh-st", "zh2"],
+        &["--max-shard-size", "10MB"],
+    );
     assert!(t.join("sharded/model.safetensors.index.json").is_file());
     assert!(t.join("sharded/model-00003-of-00003.safetensors").is_file());
 }
@@ -82,7 +108,12 @@ fn gguf_outtypes_match_independent_check() {
         k.extend(["--gguf", s(&gguf), "--outtype", outtype]);
         assert_exit(&merge(&k), 0);
         let mut py: Vec<OsString> = args.iter().map(OsString::from).collect();
-        py.extend(["--gguf".into(), gguf.into(), "--outtype".into(), outtype.into()]);
+        py.extend([
+            "--gguf".into(),
+            gguf.into(),
+            "--outtype".into(),
+            outtype.into(),
+        ]);
         py_check("expected_merge.py", &py);
     }
 }
@@ -91,13 +122,38 @@ fn gguf_outtypes_match_independent_check() {
 fn stacking_equals_merging_one_at_a_time() {
     let Some(fx) = lora_fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let (one, two, both) = (tmp.path().join("one"), tmp.path().join("two"), tmp.path().join("both"));
+    let (one, two, both) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("both"),
+    );
     let base = fx.join("base/st");
     let (zh, zh2) = (fx.join("lora/zh-st"), fx.join("lora/zh2"));
-    assert_exit(&merge(&["--base", s(&base), "--lora", s(&zh), "--out", s(&one)]), 0);
-    assert_exit(&merge(&["--base", s(&one), "--lora", s(&zh2), "--out", s(&two)]), 0);
-    assert_exit(&merge(&["--base", s(&base), "--lora", s(&zh), "--lora", s(&zh2), "--out", s(&both)]), 0);
-    assert_eq!(sha256_file(&two.join("model.safetensors")), sha256_file(&both.join("model.safetensors")));
+    assert_exit(
+        &merge(&["--base", s(&base), "--lora", s(&zh), "--out", s(&one)]),
+        0,
+    );
+    assert_exit(
+        &merge(&["--base", s(&one), "--lora", s(&zh2), "--out", s(&two)]),
+        0,
+    );
+    assert_exit(
+        &merge(&[
+            "--base",
+            s(&base),
+            "--lora",
+            s(&zh),
+            "--lora",
+            s(&zh2),
+            "--out",
+            s(&both),
+        ]),
+        0,
+    );
+    assert_eq!(
+        sha256_file(&two.join("model.safetensors")),
+        sha256_file(&both.join("model.safetensors"))
+    );
 }
 
 #[test]
@@ -113,22 +169,48 @@ fn quantized_gguf_equals_merge_convert_quantize() {
     let ours = t.join("kiln-q.gguf");
     for ty in ["q4_k_m", "q6_k", "q8_0"] {
         let o = merge(&[
-            "--base", s(&base), "--lora", s(&zh), "--gguf", s(&direct), "--outtype", ty, "--name", "zh",
+            "--base",
+            s(&base),
+            "--lora",
+            s(&zh),
+            "--gguf",
+            s(&direct),
+            "--outtype",
+            ty,
+            "--name",
+            "zh",
         ]);
         assert_exit(&o, 0);
         if !hf.exists() {
-            assert_exit(&merge(&["--base", s(&base), "--lora", s(&zh), "--out", s(&hf)]), 0);
-            assert_exit(&run_kiln(&["convert", s(&hf), "-o", s(&f16), "--name", "zh", "-q"]), 0);
+            assert_exit(
+                &merge(&["--base", s(&base), "--lora", s(&zh), "--out", s(&hf)]),
+                0,
+            );
+            assert_exit(
+                &run_kiln(&["convert", s(&hf), "-o", s(&f16), "--name", "zh", "-q"]),
+                0,
+            );
         }
-        assert_exit(&run_kiln(&["quantize", s(&f16), s(&ours), &ty.to_uppercase(), "-q"]), 0);
-        assert_eq!(sha256_file(&direct), sha256_file(&ours), "{ty}: merge --gguf differs from merge → convert → quantize");
+        assert_exit(
+            &run_kiln(&["quantize", s(&f16), s(&ours), &ty.to_uppercase(), "-q"]),
+            0,
+        );
+        assert_eq!(
+            sha256_file(&direct),
+            sha256_file(&ours),
+            "{ty}: merge --gguf differs from merge → convert → quantize"
+        );
         if let Some(bin) = llamacpp_bin() {
             let theirs = t.join("llama-q.gguf");
             let o = Command::new(bin.join("llama-quantize"))
                 .args([s(&f16), s(&theirs), &ty.to_uppercase(), "2"])
                 .output()
                 .unwrap();
-            assert!(o.status.success(), "llama-quantize: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "llama-quantize: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             py_check("compare_gguf.py", &[direct.as_os_str(), theirs.as_os_str()]);
         }
     }
@@ -143,8 +225,16 @@ fn llama_cpp_loads_merged_gguf() {
     for ty in ["f16", "q4_k_m"] {
         let out = tmp.path().join(format!("m-{ty}.gguf"));
         let o = merge(&[
-            "--base", s(&fx.join("base/st")), "--lora", s(&fx.join("lora/zh-st")), "--lora",
-            s(&fx.join("lora/zh2")), "--gguf", s(&out), "--outtype", ty,
+            "--base",
+            s(&fx.join("base/st")),
+            "--lora",
+            s(&fx.join("lora/zh-st")),
+            "--lora",
+            s(&fx.join("lora/zh2")),
+            "--gguf",
+            s(&out),
+            "--outtype",
+            ty,
         ]);
         assert_exit(&o, 0);
         let o = Command::new(bin.join("llama-perplexity"))
@@ -153,7 +243,8 @@ fn llama_cpp_loads_merged_gguf() {
             .args(["-c", "128", "--chunks", "2", "-t", "2"])
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
         #[cfg(unix)]
         {
             use std::os::unix::process::ExitStatusExt;
@@ -164,7 +255,10 @@ fn llama_cpp_loads_merged_gguf() {
                 continue;
             }
         }
-        assert!(o.status.success() && text.contains("Final estimate"), "{ty}: llama-perplexity failed:\n{text}");
+        assert!(
+            o.status.success() && text.contains("Final estimate"),
+            "{ty}: llama-perplexity failed:\n{text}"
+        );
     }
 }
 
@@ -199,35 +293,94 @@ fn hostile_inputs_fail_cleanly_and_write_nothing() {
     ];
     for (lora, needle) in cases {
         let o = merge(&[
-            "--base", s(&base), "--lora", s(&fx.join("lora").join(lora)), "--out", s(&out), "--gguf", s(&gguf),
-            "--outtype", "q4_k_m",
+            "--base",
+            s(&base),
+            "--lora",
+            s(&fx.join("lora").join(lora)),
+            "--out",
+            s(&out),
+            "--gguf",
+            s(&gguf),
+            "--outtype",
+            "q4_k_m",
         ]);
         assert_exit(&o, 2);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(needle), "{lora}: expected {needle:?} in: {err}");
-        assert!(leftovers(tmp.path(), "out").is_empty(), "{lora}: left {:?}", leftovers(tmp.path(), "out"));
+        assert!(
+            err.contains(needle),
+            "{lora}: expected {needle:?} in: {err}"
+        );
+        assert!(
+            leftovers(tmp.path(), "out").is_empty(),
+            "{lora}: left {:?}",
+            leftovers(tmp.path(), "out")
+        );
     }
     // A bad LoRA stacked after a good one still writes nothing; a LoRA without embeddings is fine
     // once an earlier one has grown the vocabulary to its tokenizer's size.
     let o = merge(&[
-        "--base", s(&base), "--lora", s(&fx.join("lora/zh-st")), "--lora", s(&fx.join("lora/bad-rmismatch")),
-        "--out", s(&out),
+        "--base",
+        s(&base),
+        "--lora",
+        s(&fx.join("lora/zh-st")),
+        "--lora",
+        s(&fx.join("lora/bad-rmismatch")),
+        "--out",
+        s(&out),
     ]);
     assert_exit(&o, 2);
     assert!(leftovers(tmp.path(), "out").is_empty());
     let o = merge(&[
-        "--base", s(&base), "--lora", s(&fx.join("lora/zh-st")), "--lora", s(&fx.join("lora/bad-noembed")),
-        "--out", s(&out),
+        "--base",
+        s(&base),
+        "--lora",
+        s(&fx.join("lora/zh-st")),
+        "--lora",
+        s(&fx.join("lora/bad-noembed")),
+        "--out",
+        s(&out),
     ]);
     assert_exit(&o, 0);
     std::fs::remove_dir_all(&out).unwrap();
     // Padding below the vocabulary, missing inputs, nothing to write.
     for args in [
-        vec!["--base", s(&base), "--lora", s(&fx.join("lora/zh-st")), "--out", s(&out), "--vocab-size", "32000"],
-        vec!["--base", s(&base), "--lora", s(&tmp.path().join("nope")), "--out", s(&out)],
-        vec!["--base", s(&tmp.path().join("nope")), "--lora", s(&fx.join("lora/zh-st")), "--out", s(&out)],
+        vec![
+            "--base",
+            s(&base),
+            "--lora",
+            s(&fx.join("lora/zh-st")),
+            "--out",
+            s(&out),
+            "--vocab-size",
+            "32000",
+        ],
+        vec![
+            "--base",
+            s(&base),
+            "--lora",
+            s(&tmp.path().join("nope")),
+            "--out",
+            s(&out),
+        ],
+        vec![
+            "--base",
+            s(&tmp.path().join("nope")),
+            "--lora",
+            s(&fx.join("lora/zh-st")),
+            "--out",
+            s(&out),
+        ],
         vec!["--base", s(&base), "--lora", s(&fx.join("lora/zh-st"))],
-        vec!["--base", s(&base), "--lora", s(&fx.join("lora/zh-st")), "--gguf", s(&gguf), "--outtype", "q9"],
+        vec![
+            "--base",
+            s(&base),
+            "--lora",
+            s(&fx.join("lora/zh-st")),
+            "--gguf",
+            s(&gguf),
+            "--outtype",
+            "q9",
+        ],
     ] {
         assert_exit(&merge(&args), 2);
         assert!(leftovers(tmp.path(), "out").is_empty());
@@ -249,8 +402,14 @@ fn out_folder_holding_another_model_needs_force() {
     let o = merge(&k);
     assert_exit(&o, 2);
     assert!(String::from_utf8_lossy(&o.stderr).contains("different model"));
-    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), b"old");
-    assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap(), other);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        b"old"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("config.json")).unwrap(),
+        other
+    );
     // --force replaces it; merging the same model again needs no --force.
     k.push("--force");
     assert_exit(&merge(&k), 0);

@@ -88,7 +88,9 @@ fn sha256_of(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -125,7 +127,8 @@ fn check_out_dir(out: &Path, new_cfg: &LlamaConfig, force: bool) -> Result<OutSt
     if !out.is_dir() {
         bail!("--out {}: exists and is not a folder", out.display());
     }
-    let mut entries = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
+    let mut entries =
+        std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
     if entries.next().is_none() {
         return Ok(OutState::Reuse);
     }
@@ -141,8 +144,14 @@ fn check_out_dir(out: &Path, new_cfg: &LlamaConfig, force: bool) -> Result<OutSt
                 .map(|k| {
                     format!(
                         "{k} {} vs {}",
-                        old.get(*k).map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
-                        new_cfg.raw.get(*k).map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+                        old.get(*k)
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        new_cfg
+                            .raw
+                            .get(*k)
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "-".into())
                     )
                 })
                 .collect();
@@ -162,6 +171,9 @@ fn check_out_dir(out: &Path, new_cfg: &LlamaConfig, force: bool) -> Result<OutSt
         out.display()
     )
 }
+
+/// Staged file names and their (name, sha256) pairs.
+type Staged = (Vec<String>, Vec<(String, String)>);
 
 /// One safetensors shard being written.
 struct Shard {
@@ -189,9 +201,16 @@ impl HfOut {
             _ => PathBuf::from("."),
         };
         if !parent.is_dir() {
-            bail!("--out {}: the parent folder {} does not exist", out.display(), parent.display());
+            bail!(
+                "--out {}: the parent folder {} does not exist",
+                out.display(),
+                parent.display()
+            );
         }
-        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let staging = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".kiln-partial")
@@ -209,8 +228,10 @@ impl HfOut {
             } else {
                 format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
             };
-            let items: Vec<(&str, DType)> =
-                g.iter().map(|&i| (plan.tensors[i].name.as_str(), plan.tensors[i].dtype)).collect();
+            let items: Vec<(&str, DType)> = g
+                .iter()
+                .map(|&i| (plan.tensors[i].name.as_str(), plan.tensors[i].dtype))
+                .collect();
             let order = merge::safetensors_order(&items);
             let ordered: Vec<(&str, DType, &[usize])> = order
                 .iter()
@@ -221,16 +242,26 @@ impl HfOut {
                 .collect();
             let (header, offsets) = merge::safetensors_header(&ordered)?;
             let path = staging.path().join(&file_name);
-            let mut file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            file.write_all(&header).with_context(|| format!("writing {}", path.display()))?;
+            let mut file =
+                File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            file.write_all(&header)
+                .with_context(|| format!("writing {}", path.display()))?;
             let end = offsets.last().copied().unwrap_or(header.len() as u64)
-                + ordered.last().map(|(_, d, s)| s.iter().product::<usize>() as u64 * d.size() as u64).unwrap_or(0);
-            file.set_len(end).with_context(|| format!("writing {}", path.display()))?;
+                + ordered
+                    .last()
+                    .map(|(_, d, s)| s.iter().product::<usize>() as u64 * d.size() as u64)
+                    .unwrap_or(0);
+            file.set_len(end)
+                .with_context(|| format!("writing {}", path.display()))?;
             for ((name, _, _), off) in ordered.iter().zip(offsets) {
                 loc.insert(name.to_string(), (si, off));
                 weight_map.insert(name.to_string(), file_name.clone());
             }
-            shards.push(Shard { file_name, file, path });
+            shards.push(Shard {
+                file_name,
+                file,
+                path,
+            });
         }
         Ok(HfOut {
             out: out.to_path_buf(),
@@ -244,8 +275,14 @@ impl HfOut {
     }
 
     fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let &(si, off) = self.loc.get(name).ok_or_else(|| anyhow!("tensor {name} has no shard"))?;
-        let sh = self.shards.get_mut(si).ok_or_else(|| anyhow!("shard {si} missing"))?;
+        let &(si, off) = self
+            .loc
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor {name} has no shard"))?;
+        let sh = self
+            .shards
+            .get_mut(si)
+            .ok_or_else(|| anyhow!("shard {si} missing"))?;
         sh.file
             .seek(SeekFrom::Start(off))
             .and_then(|_| sh.file.write_all(bytes))
@@ -259,9 +296,11 @@ impl HfOut {
 
     /// Writes the index, config, generation config, tokenizer files and SHA256SUMS into the
     /// staging folder; returns the file names and their hashes.
-    fn prepare(&self, cfg: &LlamaConfig, base_dir: &Path, tok_dir: &Path) -> Result<(Vec<String>, Vec<(String, String)>)> {
+    fn prepare(&self, cfg: &LlamaConfig, base_dir: &Path, tok_dir: &Path) -> Result<Staged> {
         for sh in &self.shards {
-            sh.file.sync_all().with_context(|| format!("writing {}", sh.path.display()))?;
+            sh.file
+                .sync_all()
+                .with_context(|| format!("writing {}", sh.path.display()))?;
         }
         let mut names: Vec<String> = self.shards.iter().map(|s| s.file_name.clone()).collect();
         if self.shards.len() > 1 {
@@ -278,14 +317,16 @@ impl HfOut {
         names.push("config.json".into());
         let gen = base_dir.join("generation_config.json");
         if gen.is_file() {
-            let bytes = std::fs::read(&gen).with_context(|| format!("reading {}", gen.display()))?;
+            let bytes =
+                std::fs::read(&gen).with_context(|| format!("reading {}", gen.display()))?;
             self.write_file("generation_config.json", &bytes)?;
             names.push("generation_config.json".into());
         }
         for f in TOKENIZER_FILES {
             let p = tok_dir.join(f);
             if p.is_file() {
-                let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
                 self.write_file(f, &bytes)?;
                 names.push(f.to_string());
             }
@@ -303,7 +344,13 @@ impl HfOut {
 
     /// Moves the staged files into place.
     fn commit(self, names: &[String]) -> Result<()> {
-        let HfOut { out, state, staging, shards, .. } = self;
+        let HfOut {
+            out,
+            state,
+            staging,
+            shards,
+            ..
+        } = self;
         drop(shards);
         if state == OutState::Absent {
             std::fs::rename(staging.path(), &out)
@@ -311,13 +358,18 @@ impl HfOut {
             // The TempDir now points at nothing; dropping it is harmless.
         } else {
             // Model files of an earlier save would shadow or confuse the new ones.
-            for e in std::fs::read_dir(&out).with_context(|| format!("reading {}", out.display()))? {
+            for e in
+                std::fs::read_dir(&out).with_context(|| format!("reading {}", out.display()))?
+            {
                 let e = e?;
                 let n = e.file_name().to_string_lossy().into_owned();
-                let stale = (n.starts_with("model") && (n.ends_with(".safetensors") || n.ends_with(".index.json")))
-                    || (n.starts_with("pytorch_model") && (n.ends_with(".bin") || n.ends_with(".index.json")));
-                if stale && !names.iter().any(|x| *x == n) {
-                    std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+                let stale = (n.starts_with("model")
+                    && (n.ends_with(".safetensors") || n.ends_with(".index.json")))
+                    || (n.starts_with("pytorch_model")
+                        && (n.ends_with(".bin") || n.ends_with(".index.json")));
+                if stale && !names.contains(&n) {
+                    std::fs::remove_file(e.path())
+                        .with_context(|| format!("removing {}", e.path().display()))?;
                 }
             }
             for n in names {
@@ -335,7 +387,10 @@ fn update_sums_beside(file: &Path, hash: &str) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let sums_path = dir.join("SHA256SUMS");
     let mut entries: HashMap<String, String> = HashMap::new();
     if let Ok(text) = std::fs::read_to_string(&sums_path) {
@@ -346,10 +401,12 @@ fn update_sums_beside(file: &Path, hash: &str) -> Result<()> {
         }
     }
     entries.insert(name, hash.to_string());
-    let mut f = AtomicFile::create(&sums_path).with_context(|| format!("writing {}", sums_path.display()))?;
+    let mut f = AtomicFile::create(&sums_path)
+        .with_context(|| format!("writing {}", sums_path.display()))?;
     f.write_all(merge::sha256sums(&entries).as_bytes())
         .with_context(|| format!("writing {}", sums_path.display()))?;
-    f.commit().with_context(|| format!("writing {}", sums_path.display()))
+    f.commit()
+        .with_context(|| format!("writing {}", sums_path.display()))
 }
 
 /// The GGUF output being written in the same pass.
@@ -371,23 +428,38 @@ pub fn run(a: Args) -> Result<Outcome> {
         if n == 0 {
             bail!("threads must be at least 1");
         }
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
     if let (Some(out), Some(g)) = (&a.out, &a.gguf) {
         let (o, gp) = (std::path::absolute(out)?, std::path::absolute(g)?);
         if gp.starts_with(&o) {
-            bail!("--gguf {} is inside the --out folder; write it elsewhere", g.display());
+            bail!(
+                "--gguf {} is inside the --out folder; write it elsewhere",
+                g.display()
+            );
         }
     }
 
     // Inputs and every check, before anything is written.
     let cfg_path = a.base.join("config.json");
-    let mut cfg = LlamaConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let mut cfg =
+        LlamaConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     let dims = LlamaDims::from_config(&cfg).with_context(|| cfg_path.display().to_string())?;
     let base = Checkpoint::open(&a.base)
         .with_context(|| format!("opening the base weights in {}", a.base.display()))?;
-    convert::plan_tensors(&dims, &convert::checkpoint_shapes(&base), GgmlType::F16, &a.base.display().to_string())?;
-    let adapters: Vec<Adapter> = a.lora.iter().map(|d| Adapter::open(d)).collect::<Result<_>>()?;
+    convert::plan_tensors(
+        &dims,
+        &convert::checkpoint_shapes(&base),
+        GgmlType::F16,
+        &a.base.display().to_string(),
+    )?;
+    let adapters: Vec<Adapter> = a
+        .lora
+        .iter()
+        .map(|d| Adapter::open(d))
+        .collect::<Result<_>>()?;
     let plan = merge::plan(&a.base, &base, &dims, &adapters, a.vocab_size)?;
     for w in &plan.warnings {
         eprintln!("warning: {w}");
@@ -395,11 +467,21 @@ pub fn run(a: Args) -> Result<Outcome> {
     cfg.set_vocab_size(plan.n_vocab as u64);
     if plan.tied != cfg.tie_word_embeddings {
         cfg.tie_word_embeddings = plan.tied;
-        cfg.raw.insert("tie_word_embeddings".into(), plan.tied.into());
+        cfg.raw
+            .insert("tie_word_embeddings".into(), plan.tied.into());
     }
     let mdims = LlamaDims::from_config(&cfg)?;
-    let shapes: Vec<(String, Vec<usize>)> = plan.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
-    let by_name: HashMap<&str, usize> = plan.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let shapes: Vec<(String, Vec<usize>)> = plan
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
+    let by_name: HashMap<&str, usize> = plan
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
 
     // GGUF plan and metadata (the vocabulary checks of convert run here too).
     let mut gguf_plan = None;
@@ -418,7 +500,11 @@ pub fn run(a: Args) -> Result<Outcome> {
         };
         let jobs = convert::plan_tensors(&mdims, &shapes, conv_ty, "merged model")?;
         let mut meta = convert::model_metadata(&cfg, &mdims, &name, file_type);
-        meta.extend(convert::vocab_metadata(&plan.tokenizer_dir, &cfg, mdims.n_vocab)?);
+        meta.extend(convert::vocab_metadata(
+            &plan.tokenizer_dir,
+            &cfg,
+            mdims.n_vocab,
+        )?);
         let (meta, quant) = match &kind {
             GgufKind::Float(_) => (meta, None),
             GgufKind::Quant(ft) => {
@@ -429,13 +515,19 @@ pub fn run(a: Args) -> Result<Outcome> {
                 };
                 let pin: Vec<PlanTensor> = jobs
                     .iter()
-                    .map(|j| PlanTensor { name: j.gguf_name.clone(), shape: j.ne.clone(), ty: j.ty })
+                    .map(|j| PlanTensor {
+                        name: j.gguf_name.clone(),
+                        shape: j.ne.clone(),
+                        ty: j.ty,
+                    })
                     .collect();
                 let types = Planner::plan(*ft, shape, &Overrides::default(), &pin);
                 // As llama-quantize rewrites the F16 file's keys.
                 let mut m: Vec<(String, GgufValue)> = meta
                     .into_iter()
-                    .filter(|(k, _)| k != "general.quantization_version" && k != "general.file_type")
+                    .filter(|(k, _)| {
+                        k != "general.quantization_version" && k != "general.file_type"
+                    })
                     .collect();
                 m.push(("general.quantization_version".into(), GgufValue::U32(2)));
                 m.push(("general.file_type".into(), GgufValue::U32(ft.id())));
@@ -452,15 +544,23 @@ pub fn run(a: Args) -> Result<Outcome> {
     // Hash the inputs beside the merge.
     let mut inputs: Vec<PathBuf> = vec![cfg_path.clone()];
     inputs.extend(base.files().iter().cloned());
-    inputs.extend(TOKENIZER_FILES.iter().map(|f| a.base.join(f)).filter(|p| p.is_file()));
+    inputs.extend(
+        TOKENIZER_FILES
+            .iter()
+            .map(|f| a.base.join(f))
+            .filter(|p| p.is_file()),
+    );
     for ad in &adapters {
         inputs.extend(ad.files());
     }
     let hasher = std::thread::spawn(move || -> Vec<(PathBuf, Result<String>)> {
-        inputs.into_iter().map(|p| {
-            let h = sha256_of(&p);
-            (p, h)
-        }).collect()
+        inputs
+            .into_iter()
+            .map(|p| {
+                let h = sha256_of(&p);
+                (p, h)
+            })
+            .collect()
     });
 
     // Outputs.
@@ -473,9 +573,16 @@ pub fn run(a: Args) -> Result<Outcome> {
             let infos: Vec<(String, Vec<u64>, GgmlType)> = jobs
                 .iter()
                 .enumerate()
-                .map(|(i, j)| (j.gguf_name.clone(), j.ne.clone(), quant.as_ref().map(|q| q[i]).unwrap_or(j.ty)))
+                .map(|(i, j)| {
+                    (
+                        j.gguf_name.clone(),
+                        j.ne.clone(),
+                        quant.as_ref().map(|q| q[i]).unwrap_or(j.ty),
+                    )
+                })
                 .collect();
-            let w = GgufWriter::create(&path, &meta, &infos).with_context(|| format!("creating {}", path.display()))?;
+            let w = GgufWriter::create(&path, &meta, &infos)
+                .with_context(|| format!("creating {}", path.display()))?;
             Some((path, GgufOut { w, jobs, quant }))
         }
         None => None,
@@ -486,7 +593,12 @@ pub fn run(a: Args) -> Result<Outcome> {
         Some((_, g)) => g
             .jobs
             .iter()
-            .map(|j| by_name.get(j.hf_name.as_str()).copied().ok_or_else(|| anyhow!("no plan for {}", j.hf_name)))
+            .map(|j| {
+                by_name
+                    .get(j.hf_name.as_str())
+                    .copied()
+                    .ok_or_else(|| anyhow!("no plan for {}", j.hf_name))
+            })
             .collect::<Result<_>>()?,
         None => (0..plan.tensors.len()).collect(),
     };
@@ -501,7 +613,11 @@ pub fn run(a: Args) -> Result<Outcome> {
         }
         if let Some((path, g)) = gg.as_mut() {
             let job = &g.jobs[k];
-            let data = TensorData { dtype: t.dtype, shape: &t.shape, bytes: &bytes };
+            let data = TensorData {
+                dtype: t.dtype,
+                shape: &t.shape,
+                bytes: &bytes,
+            };
             let enc = convert::encode_tensor(job, &data)?;
             let enc = match &g.quant {
                 Some(types) => crate::transcode::transcode(
@@ -515,7 +631,8 @@ pub fn run(a: Args) -> Result<Outcome> {
                 )?,
                 None => enc,
             };
-            g.w.write_tensor(&job.gguf_name, &enc).with_context(|| format!("writing {}", path.display()))?;
+            g.w.write_tensor(&job.gguf_name, &enc)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         drop(bytes);
         merge::release(t, &base, &adapters);
@@ -530,7 +647,8 @@ pub fn run(a: Args) -> Result<Outcome> {
         None => None,
     };
     if let Some((path, g)) = gg {
-        g.w.finish().with_context(|| format!("finishing {}", path.display()))?;
+        g.w.finish()
+            .with_context(|| format!("finishing {}", path.display()))?;
         let h = sha256_of(&path)?;
         update_sums_beside(&path, &h)?;
         report.push(format!("wrote {} (sha256 {h})", path.display()));
@@ -538,7 +656,11 @@ pub fn run(a: Args) -> Result<Outcome> {
     if let (Some(h), Some((names, sums))) = (hf, staged) {
         let out = h.out.clone();
         h.commit(&names)?;
-        report.push(format!("wrote {} ({} files, SHA256SUMS inside)", out.display(), sums.len()));
+        report.push(format!(
+            "wrote {} ({} files, SHA256SUMS inside)",
+            out.display(),
+            sums.len()
+        ));
     }
     match hasher.join() {
         Ok(v) => {

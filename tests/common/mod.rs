@@ -151,7 +151,9 @@ pub fn lora_fixtures() -> Option<PathBuf> {
             None
         })?;
         if !python_ok() {
-            eprintln!("skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed");
+            eprintln!(
+                "skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed"
+            );
             return None;
         }
         let out = root().join("target").join("kiln-lora-fixtures");
