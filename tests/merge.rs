@@ -342,6 +342,18 @@ fn hostile_inputs_fail_cleanly_and_write_nothing() {
     ]);
     assert_exit(&o, 0);
     std::fs::remove_dir_all(&out).unwrap();
+    // Only embed_tokens saved on an untied base: lm_head would keep 32,000 rows.
+    let o = merge(&[
+        "--base",
+        s(&base),
+        "--lora",
+        s(&fx.join("lora/zh-embonly")),
+        "--out",
+        s(&out),
+    ]);
+    assert_exit(&o, 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lm_head has 32000"));
+    assert!(leftovers(tmp.path(), "out").is_empty());
     // Padding below the vocabulary, missing inputs, nothing to write.
     for args in [
         vec![

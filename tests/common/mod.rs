@@ -157,7 +157,21 @@ pub fn lora_fixtures() -> Option<PathBuf> {
             return None;
         }
         let out = root().join("target").join("kiln-lora-fixtures");
-        if out.join(".complete").is_file() {
+        // Regenerate when a generator changed since the fixtures were made.
+        let stamp = [
+            "fixtures/gen_lora.py",
+            "fixtures/gen_models.py",
+            "fixtures/torchsave.py",
+        ]
+        .iter()
+        .map(|f| sha256_file(&root().join(f)))
+        .collect::<Vec<_>>()
+        .join("\n");
+        if std::fs::read_to_string(out.join(".complete"))
+            .ok()
+            .as_deref()
+            == Some(stamp.as_str())
+        {
             return Some(out);
         }
         let tmp = root()
@@ -172,7 +186,8 @@ pub fn lora_fixtures() -> Option<PathBuf> {
             .status()
             .expect("python3 runs");
         assert!(st.success(), "fixtures/gen_lora.py failed");
-        std::fs::write(tmp.join(".complete"), b"ok").unwrap();
+        std::fs::write(tmp.join(".complete"), &stamp).unwrap();
+        let _ = std::fs::remove_dir_all(&out);
         if std::fs::rename(&tmp, &out).is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
         }
