@@ -96,7 +96,7 @@ pub fn llamacpp_bin() -> Option<PathBuf> {
         .chain(
             std::env::var("HOME")
                 .ok()
-                .map(|h| PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu/bin")),
+                .map(|h| PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu-noamx/bin")),
         );
     for c in cands {
         if c.join("llama-quantize").is_file() && c.join("llama-perplexity").is_file() {
@@ -104,7 +104,7 @@ pub fn llamacpp_bin() -> Option<PathBuf> {
         }
     }
     eprintln!(
-        "skipping llama.cpp interop: build the tools with `export KILN_LLAMACPP_BIN=$(bash ../shared/tools/llamacpp-oracle.sh)`"
+        "skipping llama.cpp interop: build the tools with `export KILN_LLAMACPP_BIN=$(bash scripts/llamacpp-tools.sh)`"
     );
     None
 }
