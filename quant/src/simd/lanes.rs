@@ -408,14 +408,12 @@ pub(crate) fn quantize_k<S: Simd>(s: S, ty: GgmlType, src: &[f32], dst: &mut [u8
                     db.copy_from_slice(&finish_q2_k(xb, &sc, &mn, &mut l).to_bytes());
                 }
                 GgmlType::Q3K => {
-                    let mut li = l.map(|v| v as i8);
                     let sc = arr(&scales, k * per);
-                    db.copy_from_slice(&finish_q3_k(xb, &sc, &mut li).to_bytes());
+                    db.copy_from_slice(&finish_q3_k(xb, &sc, &mut l).to_bytes());
                 }
                 GgmlType::Q6K => {
-                    let mut li = l.map(|v| v as i8);
                     let sc = arr(&scales, k * per);
-                    db.copy_from_slice(&finish_q6_k(xb, &sc, &mut li).to_bytes());
+                    db.copy_from_slice(&finish_q6_k(xb, &sc, &mut l).to_bytes());
                 }
                 _ => {
                     let (sc, mn) = (arr(&scales, k * per), arr(&mins, k * per));
