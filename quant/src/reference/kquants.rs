@@ -473,10 +473,17 @@ pub(crate) fn prepare_q3_k(scales: &[f32; QK_K / 16]) -> ([u8; 12], f16, Requant
 pub(crate) fn pack_q3_k(sc: [u8; 12], d: f16, big_l: &[u8; QK_K]) -> BlockQ3K {
     let mut hmask = [0u8; QK_K / 8];
     let mut low = [0u8; QK_K];
-    for (e, (&l, lo)) in big_l.iter().zip(low.iter_mut()).enumerate() {
-        let high = u8::from(l > 3);
-        hmask[e % 32] |= high << (e / 32);
-        *lo = l - 4 * high;
+    // element e = 32h + m: bit h of hmask[m]
+    for (h, (ls, lows)) in big_l
+        .chunks_exact(32)
+        .zip(low.chunks_exact_mut(32))
+        .enumerate()
+    {
+        for ((hm, lo), &l) in hmask.iter_mut().zip(lows).zip(ls) {
+            let high = u8::from(l > 3);
+            *hm |= high << h;
+            *lo = l - 4 * high;
+        }
     }
     let mut qs = [0u8; QK_K / 4];
     pack2(&low, &mut qs);

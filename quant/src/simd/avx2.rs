@@ -45,7 +45,7 @@ fn dequantize_avx2(_s: Avx2, _ty: GgmlType, _src: &[u8], _dst: &mut [f32]) -> bo
 macro_rules! v {
     ($e:expr) => {{
         // SAFETY: an `Avx2` token exists only after AVX2/F16C were detected (see `Avx2::new`), and
-        // every pointer used comes from a `&[f32; 16]`/`&[i32; 16]` with room for 8 lanes.
+        // every pointer used comes from a `&[f32; 16]`/`&[i32; 16]` or a slice checked to hold 8.
         unsafe { $e }
     }};
 }
@@ -79,6 +79,23 @@ impl Simd for Avx2 {
     #[inline(always)]
     fn store_i(self, v: __m256i, a: &mut [i32; 16]) {
         v!(_mm256_storeu_si256(a.as_mut_ptr().cast(), v))
+    }
+    #[inline(always)]
+    fn load_slice(self, a: &[f32]) -> __m256 {
+        if a.len() < 8 {
+            return self.splat(0.0);
+        }
+        v!(_mm256_loadu_ps(a.as_ptr()))
+    }
+    #[inline(always)]
+    fn store_u8(self, v: __m256i, out: &mut [u8]) {
+        if out.len() < 8 {
+            return;
+        }
+        v!({
+            let p16 = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            _mm_storel_epi64(out.as_mut_ptr().cast(), _mm_packus_epi16(p16, p16))
+        })
     }
     #[inline(always)]
     fn add(self, a: __m256, b: __m256) -> __m256 {

@@ -55,7 +55,7 @@ fn dequantize_avx512(_s: Avx512, _ty: GgmlType, _src: &[u8], _dst: &mut [f32]) -
 macro_rules! v {
     ($e:expr) => {{
         // SAFETY: an `Avx512` token exists only after AVX-512 F/BW/VL were detected (see
-        // `Avx512::new`), and every pointer used comes from a `&[f32; 16]`/`&[i32; 16]`.
+        // `Avx512::new`), and every pointer used comes from a `&[f32; 16]`/`&[i32; 16]` or a slice checked to hold 16.
         unsafe { $e }
     }};
 }
@@ -89,6 +89,23 @@ impl Simd for Avx512 {
     #[inline(always)]
     fn store_i(self, v: __m512i, a: &mut [i32; 16]) {
         v!(_mm512_storeu_si512(a.as_mut_ptr().cast(), v))
+    }
+    #[inline(always)]
+    fn load_slice(self, a: &[f32]) -> __m512 {
+        if a.len() < 16 {
+            return self.splat(0.0);
+        }
+        v!(_mm512_loadu_ps(a.as_ptr()))
+    }
+    #[inline(always)]
+    fn store_u8(self, v: __m512i, out: &mut [u8]) {
+        if out.len() < 16 {
+            return;
+        }
+        v!(_mm_storeu_si128(
+            out.as_mut_ptr().cast(),
+            _mm512_cvtepi32_epi8(v)
+        ))
     }
     #[inline(always)]
     fn add(self, a: __m512, b: __m512) -> __m512 {

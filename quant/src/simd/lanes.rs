@@ -1,13 +1,14 @@
 //! Generic lane-parallel kernels: one lane per K-quant sub-block, each lane running the reference
 //! search (`make_qkx2_quants`, `make_qx_quants`, `make_q3_quants`) in its exact operation order.
-//! The per-super-block finishing (scale quantization, requantization, packing) is the reference's
-//! own code, so only the search is re-expressed here.
+//! Per super-block, the scale quantization and packing are the reference's own code; the
+//! element-wise requantization pass is vectorized along the elements.
 
 use super::Simd;
 use crate::blocks::QK_K;
 use crate::reference::kquants::{
-    finish_k4_k5, finish_q2_k, finish_q3_k, finish_q6_k, pack_q4_k, pack_q5_k, Qkx2, GROUP_MAX_EPS,
-    Q2K_PARAMS, Q4K_PARAMS, Q5K_PARAMS,
+    pack_q2_k, pack_q3_k, pack_q4_k, pack_q5_k, pack_q6_k, prepare_k4_k5, prepare_q2_k,
+    prepare_q3_k, prepare_q6_k, Qkx2, Requant, GROUP_MAX_EPS, Q2K_PARAMS, Q4K_PARAMS, Q5K_PARAMS,
+    Q6K_ZERO,
 };
 use crate::GgmlType;
 
@@ -311,6 +312,37 @@ fn q3<S: Simd>(s: S, nmax: i32, n: usize, x: &Cols, lout: &mut ICols) -> S::F {
     s.sel(small, zero, scale)
 }
 
+/// The requantization pass (see [`Requant`]), `N` contiguous elements at a time (element-wise, so
+/// the order does not matter).
+#[inline(always)]
+fn requant<S: Simd>(s: S, r: &Requant, x: &[f32; QK_K], l: &mut [u8; QK_K]) {
+    let (lo, hi, off) = (s.splat_i(r.lo), s.splat_i(r.hi), s.splat_i(r.off));
+    for (j, (xs, ls)) in x
+        .chunks_exact(r.sub)
+        .zip(l.chunks_exact_mut(r.sub))
+        .enumerate()
+    {
+        let dj = r.dj.get(j).copied().unwrap_or(0.0);
+        if dj == 0.0 {
+            continue;
+        }
+        let djv = s.splat(dj);
+        let dm = match r.dm {
+            Some(dm) => Some(s.splat(dm.get(j).copied().unwrap_or(0.0))),
+            None => None,
+        };
+        for (xc, lc) in xs.chunks_exact(S::N).zip(ls.chunks_exact_mut(S::N)) {
+            let v = s.load_slice(xc);
+            let num = match dm {
+                Some(m) => s.add(v, m),
+                None => v,
+            };
+            let q = s.min_i(s.max_i(s.nearest_int(s.div(num, djv)), lo), hi);
+            s.store_u8(s.add_i(q, off), lc);
+        }
+    }
+}
+
 /// Which search a K-quant type runs per sub-block.
 #[derive(Clone, Copy, PartialEq)]
 enum Search {
@@ -405,19 +437,26 @@ pub(crate) fn quantize_k<S: Simd>(s: S, ty: GgmlType, src: &[f32], dst: &mut [u8
             match ty {
                 GgmlType::Q2K => {
                     let (sc, mn) = (arr(&scales, k * per), arr(&mins, k * per));
-                    db.copy_from_slice(&finish_q2_k(xb, &sc, &mn, &mut l).to_bytes());
+                    let (sc, d, dmin, r) = prepare_q2_k(&sc, &mn);
+                    requant(s, &r, xb, &mut l);
+                    db.copy_from_slice(&pack_q2_k(sc, d, dmin, &l).to_bytes());
                 }
                 GgmlType::Q3K => {
-                    let sc = arr(&scales, k * per);
-                    db.copy_from_slice(&finish_q3_k(xb, &sc, &mut l).to_bytes());
+                    let (sc, d, r) = prepare_q3_k(&arr(&scales, k * per));
+                    requant(s, &r, xb, &mut l);
+                    db.copy_from_slice(&pack_q3_k(sc, d, &l).to_bytes());
                 }
-                GgmlType::Q6K => {
-                    let sc = arr(&scales, k * per);
-                    db.copy_from_slice(&finish_q6_k(xb, &sc, &mut l).to_bytes());
-                }
+                GgmlType::Q6K => match prepare_q6_k(&arr(&scales, k * per)) {
+                    None => db.copy_from_slice(&Q6K_ZERO.to_bytes()),
+                    Some((sc, d, r)) => {
+                        requant(s, &r, xb, &mut l);
+                        db.copy_from_slice(&pack_q6_k(sc, d, &l).to_bytes());
+                    }
+                },
                 _ => {
                     let (sc, mn) = (arr(&scales, k * per), arr(&mins, k * per));
-                    let (d, dmin, sc, l) = finish_k4_k5(xb, &sc, &mn, l, p.nmax);
+                    let (sc, d, dmin, r) = prepare_k4_k5(&sc, &mn, p.nmax);
+                    requant(s, &r, xb, &mut l);
                     if ty == GgmlType::Q4K {
                         db.copy_from_slice(&pack_q4_k(d, dmin, sc, &l).to_bytes());
                     } else {

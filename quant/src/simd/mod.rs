@@ -165,6 +165,11 @@ pub(crate) trait Simd: Copy {
     fn store(self, v: Self::F, a: &mut [f32; 16]);
     fn load_i(self, a: &[i32; 16]) -> Self::I;
     fn store_i(self, v: Self::I, a: &mut [i32; 16]);
+    /// The first `N` values of `a`, or zeros if `a` is shorter.
+    fn load_slice(self, a: &[f32]) -> Self::F;
+    /// Stores the low byte of each lane (callers guarantee lanes hold 0..=255) to `out[..N]`;
+    /// nothing if `out` is shorter.
+    fn store_u8(self, v: Self::I, out: &mut [u8]);
 
     fn add(self, a: Self::F, b: Self::F) -> Self::F;
     fn sub(self, a: Self::F, b: Self::F) -> Self::F;
