@@ -24,38 +24,35 @@ impl Avx512 {
         .then_some(Avx512(()))
     }
 
-    /// Quantizes a validated row (`dst` exactly sized); false if `ty` has no kernel here or the
-    /// row holds NaN/infinity (the caller then runs the reference).
+    /// Quantizes a validated row (`dst` exactly sized) of a K-quant type; false for other types
+    /// or if the row holds NaN/infinity (the caller then runs another kernel or the reference).
     pub(crate) fn quantize(self, ty: GgmlType, src: &[f32], dst: &mut [u8]) -> bool {
         // SAFETY: `self` exists only if `Avx512::new` found every enabled feature on this CPU.
         unsafe { quantize_avx512(self, ty, src, dst) }
-    }
-
-    /// Dequantizes a validated row; false if `ty` has no kernel here.
-    pub(crate) fn dequantize(self, ty: GgmlType, src: &[u8], dst: &mut [f32]) -> bool {
-        // SAFETY: `self` exists only if `Avx512::new` found every enabled feature on this CPU.
-        unsafe { dequantize_avx512(self, ty, src, dst) }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 fn quantize_avx512(s: Avx512, ty: GgmlType, src: &[f32], dst: &mut [u8]) -> bool {
-    if !super::all_finite(src) {
+    let k = [
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+    if !k.contains(&ty) || !super::all_finite(src) {
         return false;
     }
     lanes::quantize_k(s, ty, src, dst)
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-fn dequantize_avx512(_s: Avx512, _ty: GgmlType, _src: &[u8], _dst: &mut [f32]) -> bool {
-    false
 }
 
 /// Runs `$e` (AVX-512 intrinsics on registers and on pointers into 16-element arrays).
 macro_rules! v {
     ($e:expr) => {{
         // SAFETY: an `Avx512` token exists only after AVX-512 F/BW/VL were detected (see
-        // `Avx512::new`), and every pointer used comes from a `&[f32; 16]`/`&[i32; 16]` or a slice checked to hold 16.
+        // `Avx512::new`), and every pointer used comes from a `&[f32; 16]`/`&[i32; 16]` or a
+        // slice checked to hold 16 elements.
         unsafe { $e }
     }};
 }

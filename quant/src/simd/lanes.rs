@@ -327,10 +327,7 @@ fn requant<S: Simd>(s: S, r: &Requant, x: &[f32; QK_K], l: &mut [u8; QK_K]) {
             continue;
         }
         let djv = s.splat(dj);
-        let dm = match r.dm {
-            Some(dm) => Some(s.splat(dm.get(j).copied().unwrap_or(0.0))),
-            None => None,
-        };
+        let dm = r.dm.map(|dm| s.splat(dm.get(j).copied().unwrap_or(0.0)));
         for (xc, lc) in xs.chunks_exact(S::N).zip(ls.chunks_exact_mut(S::N)) {
             let v = s.load_slice(xc);
             let num = match dm {

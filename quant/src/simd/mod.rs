@@ -108,7 +108,11 @@ pub fn quantize_row_with(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::Avx2::new().is_some_and(|s| s.quantize(ty, src, dst)),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::Avx512::new().is_some_and(|s| s.quantize(ty, src, dst)),
+        Isa::Avx512 => {
+            // AVX-512 kernels exist for the K-quants; the other types use the AVX2 ones
+            avx512::Avx512::new().is_some_and(|s| s.quantize(ty, src, dst))
+                || avx2::Avx2::new().is_some_and(|s| s.quantize(ty, src, dst))
+        }
         #[cfg(not(target_arch = "x86_64"))]
         _ => false,
     };
@@ -135,7 +139,7 @@ pub fn dequantize_row_with(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::Avx2::new().is_some_and(|s| s.dequantize(ty, src, dst)),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::Avx512::new().is_some_and(|s| s.dequantize(ty, src, dst)),
+        Isa::Avx512 => avx2::Avx2::new().is_some_and(|s| s.dequantize(ty, src, dst)),
         #[cfg(not(target_arch = "x86_64"))]
         _ => false,
     };

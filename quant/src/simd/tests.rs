@@ -187,20 +187,73 @@ fn current_isa_is_available() {
 #[test]
 fn kernels_are_used() {
     let x: Vec<f32> = (0..24).flat_map(|j| block(1, j, 0)).collect();
-    for ty in [
+    let k = [
         GgmlType::Q2K,
         GgmlType::Q3K,
         GgmlType::Q4K,
         GgmlType::Q5K,
         GgmlType::Q6K,
-    ] {
+    ];
+    for ty in GgmlType::ALL {
+        if matches!(ty, GgmlType::F32 | GgmlType::Q8K) {
+            continue;
+        }
         let mut out = vec![0u8; bytes_for(ty, x.len()).unwrap()];
         if let Some(s) = avx2::Avx2::new() {
             assert!(s.quantize(ty, &x, &mut out), "{ty} avx2");
         }
         if let Some(s) = avx512::Avx512::new() {
-            assert!(s.quantize(ty, &x, &mut out), "{ty} avx512");
+            assert_eq!(s.quantize(ty, &x, &mut out), k.contains(&ty), "{ty} avx512");
         }
         assert_eq!(out, reference(ty, &x));
+    }
+}
+
+#[test]
+fn f16_widening_all_values() {
+    let src: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+    let mut want = vec![0f32; 65536];
+    reference::dequantize_row(GgmlType::F16, &src, &mut want).unwrap();
+    for isa in isas() {
+        let mut got = vec![0f32; 65536];
+        dequantize_row_with(isa, GgmlType::F16, &src, &mut got).unwrap();
+        for (h, (g, w)) in got.iter().zip(&want).enumerate() {
+            if w.is_nan() {
+                assert!(g.is_nan(), "{h:#x} {isa:?}");
+            } else {
+                assert_eq!(g.to_bits(), w.to_bits(), "{h:#x} {isa:?}");
+            }
+        }
+        // odd lengths take the scalar tail
+        let mut tail = vec![0f32; 13];
+        dequantize_row_with(isa, GgmlType::F16, &src[2000..2026], &mut tail).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&tail), bits(&want[1000..1013]));
+    }
+}
+
+#[test]
+fn f16_bf16_narrowing_specials_and_tails() {
+    let mut x: Vec<f32> = (0..4099u32)
+        .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+        .collect();
+    x.extend([
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7fa0_0000),
+        f32::from_bits(0xff80_0001),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        65504.0,
+        65519.996,
+        65520.0,
+        -0.0,
+        2f32.powi(-25),
+        2f32.powi(-24),
+        f32::MAX,
+        f32::from_bits(0x7f7f_8000),
+    ]);
+    for n in [x.len(), 7, 8, 15, 16, 17, 1] {
+        check_all(&x[..n]).unwrap();
     }
 }
