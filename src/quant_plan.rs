@@ -166,11 +166,7 @@ pub struct ModelShape {
 
 impl ModelShape {
     fn gqa(&self) -> u32 {
-        if self.n_head_kv == 0 {
-            1
-        } else {
-            self.n_head / self.n_head_kv
-        }
+        self.n_head.checked_div(self.n_head_kv).unwrap_or(1)
     }
     /// llama.cpp's LLM_TYPE_70B test for arch llama.
     fn is_70b(&self) -> bool {
@@ -250,7 +246,7 @@ pub fn allows_quantization(t: &PlanTensor, leave_output_tensor: bool) -> bool {
     n_dims >= 2
         && t.name.ends_with("weight")
         && !t.name.contains("_norm.weight")
-        && !(leave_output_tensor && t.name == "output.weight")
+        && (!leave_output_tensor || t.name != "output.weight")
         && !t.name.contains("ffn_gate_inp.weight")
         && !t.name.contains("ssm_conv1d")
         && t.name != "position_embd.weight"

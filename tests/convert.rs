@@ -17,6 +17,8 @@ fn convert(src: &Path, out: &Path, outtype: &str) {
         out.to_str().unwrap(),
         "--outtype",
         outtype,
+        "--name",
+        "fixture",
         "--quiet",
     ]);
     assert_exit(&o, 0);

@@ -73,7 +73,6 @@ pub fn run(a: Args) -> Result<Outcome> {
         pb.set_message(job.gguf_name.clone());
         let data = ckpt.data(&job.hf_name)?;
         let bytes = convert::encode_tensor(job, &data)?;
-        drop(data);
         ckpt.release(&job.hf_name);
         w.write_tensor(&job.gguf_name, &bytes)
             .with_context(|| format!("writing {}", a.out.display()))?;

@@ -202,7 +202,8 @@ pub fn run(a: Args) -> Result<Outcome> {
             );
         }
         println!(
-            "{ftype}: model size {:.2} MiB ({:.2} BPW) -> quant size {:.2} MiB ({:.2} BPW)",
+            "{ftype} ({}): model size {:.2} MiB ({:.2} BPW) -> quant size {:.2} MiB ({:.2} BPW)",
+            ftype.description(),
             total_in as f64 / (1 << 20) as f64,
             bpw(total_in),
             total_out as f64 / (1 << 20) as f64,

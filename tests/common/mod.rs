@@ -140,3 +140,52 @@ pub fn sha256_file(p: &Path) -> String {
     let bytes = std::fs::read(p).unwrap();
     format!("{:x}", Sha256::digest(bytes))
 }
+
+/// Compares two GGUF files: equal metadata values (order-insensitive), the same tensor names,
+/// types and shapes, and byte-identical tensor data. Panics naming the first difference.
+pub fn assert_same_gguf(a: &Path, b: &Path) {
+    use kiln_formats::gguf::GgufFile;
+    let fa = GgufFile::open(a).unwrap();
+    let fb = GgufFile::open(b).unwrap();
+    let mut ka: Vec<_> = fa.metadata.iter().collect();
+    let mut kb: Vec<_> = fb.metadata.iter().collect();
+    ka.sort_by(|x, y| x.0.cmp(&y.0));
+    kb.sort_by(|x, y| x.0.cmp(&y.0));
+    let names_a: Vec<_> = ka.iter().map(|x| &x.0).collect();
+    let names_b: Vec<_> = kb.iter().map(|x| &x.0).collect();
+    assert_eq!(
+        names_a,
+        names_b,
+        "metadata keys differ: {} vs {}",
+        a.display(),
+        b.display()
+    );
+    for ((k, va), (_, vb)) in ka.iter().zip(&kb) {
+        assert!(va == vb, "metadata {k} differs: {va:?} vs {vb:?}");
+    }
+    assert_eq!(fa.tensors.len(), fb.tensors.len(), "tensor count differs");
+    for ta in &fa.tensors {
+        let tb = fb
+            .tensor(&ta.name)
+            .unwrap_or_else(|| panic!("{} has no tensor {}", b.display(), ta.name));
+        assert_eq!(
+            (ta.ty, &ta.shape),
+            (tb.ty, &tb.shape),
+            "tensor {} type/shape",
+            ta.name
+        );
+        let (da, db) = (fa.tensor_data(ta), fb.tensor_data(tb));
+        if da != db {
+            let bs = ta.ty.type_size();
+            let first = da
+                .chunks(bs)
+                .zip(db.chunks(bs))
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            panic!(
+                "tensor {} ({}) differs, first at block {first}",
+                ta.name, ta.ty
+            );
+        }
+    }
+}
