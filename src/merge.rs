@@ -859,7 +859,7 @@ fn factors(ad: &Adapter, m: &LoraModule, d: &Delta, rows: usize, cols: usize) ->
     let a = widen(&ad.ckpt.data(&m.a)?);
     let b = widen(&ad.ckpt.data(&m.b)?);
     let r = ad.ckpt.get(&m.a).map(|t| t.shape[0]).unwrap_or(0);
-    if r == 0 || a.len() != r * (a.len() / r) || b.len() % r != 0 {
+    if r == 0 || a.len() != r * (a.len() / r) || !b.len().is_multiple_of(r) {
         bail!(
             "{}: bad LoRA factor sizes for {}",
             ad.dir.display(),

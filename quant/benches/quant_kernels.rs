@@ -104,7 +104,7 @@ fn main() {
     // F16 -> F32 widening (every F16 input row goes through it), MB/s of f32 output
     if filter
         .as_ref()
-        .map_or(true, |f| "f16_to_f32".contains(f.as_str()))
+        .is_none_or(|f| "f16_to_f32".contains(f.as_str()))
     {
         let rb = N_PER_ROW * 2;
         let mut h = vec![0u8; rb * ROWS];

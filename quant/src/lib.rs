@@ -47,7 +47,7 @@ pub fn quantize_rows(
     n_per_row: usize,
     dst: &mut [u8],
 ) -> Result<(), QuantError> {
-    if n_per_row == 0 || src.len() % n_per_row != 0 {
+    if n_per_row == 0 || !src.len().is_multiple_of(n_per_row) {
         return Err(QuantError::BadRowLength {
             ty,
             n_per_row,

@@ -89,15 +89,14 @@ pub fn fixtures() -> Option<PathBuf> {
 
 /// The folder of llama.cpp's tools: `$KILN_LLAMACPP_BIN`, else the oracle script's cache.
 pub fn llamacpp_bin() -> Option<PathBuf> {
-    let cands = std::env::var("KILN_LLAMACPP_BIN")
-        .ok()
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            std::env::var("HOME")
-                .ok()
-                .map(|h| PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu-noamx/bin")),
-        );
+    let cands =
+        std::env::var("KILN_LLAMACPP_BIN")
+            .ok()
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(std::env::var("HOME").ok().map(|h| {
+                PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu-noamx/bin")
+            }));
     for c in cands {
         if c.join("llama-quantize").is_file() && c.join("llama-perplexity").is_file() {
             return Some(c);

@@ -3,7 +3,6 @@
 //!
 //! The AVX-512 intrinsics are stable since Rust 1.89, above the workspace's declared MSRV; building
 //! kiln-quant therefore needs Rust >= 1.89 until the workspace `rust-version` is raised.
-#![allow(clippy::incompatible_msrv)]
 
 use std::arch::x86_64::*;
 

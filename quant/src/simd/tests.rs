@@ -27,7 +27,7 @@ fn reference(ty: GgmlType, x: &[f32]) -> Vec<u8> {
 /// the first difference.
 fn check_all(x: &[f32]) -> Result<(), String> {
     for ty in GgmlType::ALL {
-        if x.len() % ty.block_size() != 0 {
+        if !x.len().is_multiple_of(ty.block_size()) {
             continue;
         }
         let want = reference(ty, x);
@@ -92,7 +92,7 @@ fn block(kind: u8, seed: u64, exp: i32) -> Vec<f32> {
                 }
             }
             _ => {
-                if r.next() % 4 == 0 {
+                if r.next().is_multiple_of(4) {
                     -0.0
                 } else {
                     r.unit() * 1e-30
