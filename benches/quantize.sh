@@ -5,12 +5,12 @@
 #
 #   benches/quantize.sh [THREADS] [TYPES...]
 # Needs: python3 with numpy + gguf, /usr/bin/time, and llama.cpp's tools
-# (KILN_LLAMACPP_BIN, or built by ../shared/tools/llamacpp-oracle.sh).
+# (KILN_LLAMACPP_BIN, or built by scripts/llamacpp-tools.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-$(nproc)}; shift || true
 TYPES=("$@"); [ ${#TYPES[@]} -gt 0 ] || TYPES=(Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K F16 BF16)
-BIN=${KILN_LLAMACPP_BIN:-$(bash ../shared/tools/llamacpp-oracle.sh)}
+BIN=${KILN_LLAMACPP_BIN:-$(bash scripts/llamacpp-tools.sh)}
 OUT=${BENCH_OUT:-bench-out}; mkdir -p "$OUT"
 cargo build --release -q
 KILN=target/release/kiln

@@ -3,6 +3,7 @@
 mod cmd;
 mod convert;
 mod eval;
+mod merge;
 mod model;
 mod progress;
 mod quant_plan;
@@ -25,6 +26,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Convert a Hugging Face Llama checkpoint folder to GGUF.
     Convert(cmd::convert::Args),
+    /// Merge PEFT LoRA adapters into a Llama base (vocabulary resize included), to HF safetensors and/or GGUF.
+    Merge(cmd::merge::Args),
     /// Quantize a GGUF file to any llama.cpp level (Q4_0 ... Q6_K and the _S/_M/_L mixes).
     Quantize(cmd::quantize::Args),
     /// Perplexity of a GGUF model on a text, computed as llama-perplexity does.
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
     };
     match result {

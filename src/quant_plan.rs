@@ -260,7 +260,7 @@ fn use_more_bits(i: i64, n: i64) -> bool {
 /// llama.cpp's `tensor_type_fallback`: a type whose block does not divide the row length is replaced.
 pub fn shape_fallback(ne0: u64, ty: GgmlType) -> GgmlType {
     let bs = ty.block_size() as u64;
-    if ne0 % bs == 0 {
+    if ne0.is_multiple_of(bs) {
         return ty;
     }
     let fb = match ty {
@@ -270,7 +270,7 @@ pub fn shape_fallback(ne0: u64, ty: GgmlType) -> GgmlType {
         GgmlType::Q6K => GgmlType::Q8_0,
         other => other,
     };
-    if ne0 % fb.block_size() as u64 != 0 {
+    if !ne0.is_multiple_of(fb.block_size() as u64) {
         GgmlType::F16
     } else {
         fb

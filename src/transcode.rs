@@ -51,7 +51,9 @@ pub fn transcode(
                 let s = src_row_of(r);
                 kiln_quant::dequantize_row(src_ty, &src[s * in_row..(s + 1) * in_row], buf)?;
                 if dst_ty.is_quantized() {
-                    if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
+                    // A branch-free fold vectorizes; the position is looked up only on failure.
+                    let finite = buf.iter().fold(true, |ok, v| ok & v.is_finite());
+                    if let Some(i) = (!finite).then(|| buf.iter().position(|v| !v.is_finite())).flatten() {
                         bail!(
                             "tensor {tensor}: row {s}, column {i} holds {}; llama.cpp refuses to quantize \
                              non-finite values, and so does kiln",

@@ -43,9 +43,10 @@ impl AtomicFile {
         &self.path
     }
 
-    /// Flushes to disk and renames the file to its final path.
+    /// Renames the file to its final path. The rename is atomic, so a killed process never leaves
+    /// a partial file there; like llama.cpp's tools (and `cp`), kiln leaves flushing to disk to the
+    /// kernel rather than paying an fsync of many gigabytes.
     pub fn commit(self) -> io::Result<()> {
-        self.tmp.as_file().sync_all()?;
         self.tmp.persist(&self.path).map_err(|e| e.error)?;
         Ok(())
     }

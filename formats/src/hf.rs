@@ -290,7 +290,7 @@ impl LlamaConfig {
                 return Err(field_err(p, name, "must be nonzero"));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(field_err(
                 p,
                 "num_attention_heads",
@@ -300,7 +300,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(field_err(
                 p,
                 "num_key_value_heads",
@@ -312,7 +312,7 @@ impl LlamaConfig {
             ));
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return Err(field_err(
                 p,
                 "head_dim",

@@ -357,7 +357,7 @@ impl Machine {
         }
     }
     fn set_items(&mut self, r: &Reader, dict: ObjId, items: Vec<ObjId>) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(PickleError::StackUnderflow {
                 offset: r.op_pos,
                 op: r.op,

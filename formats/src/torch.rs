@@ -160,12 +160,12 @@ pub fn read_tensors(path: &Path, bytes: &[u8]) -> Result<Vec<TorchTensor>, Check
             let start = usize::try_from(entry.data_start()).map_err(|_| oob())?;
             let len = usize::try_from(entry.size()).map_err(|_| oob())?;
             if entry.compressed_size() != entry.size()
-                || start.checked_add(len).map_or(true, |e| e > bytes.len())
+                || start.checked_add(len).is_none_or(|e| e > bytes.len())
             {
                 return Err(oob());
             }
             let declared = t.storage.numel.checked_mul(esize);
-            if declared.map_or(true, |d| d > len as u64) {
+            if declared.is_none_or(|d| d > len as u64) {
                 return Err(CheckpointError::StorageTooSmall {
                     path: path.to_path_buf(),
                     tensor: name,

@@ -4,6 +4,7 @@ pub mod blocks;
 pub mod dot;
 pub mod error;
 pub mod reference;
+pub mod simd;
 pub mod types;
 
 use rayon::prelude::*;
@@ -13,15 +14,27 @@ pub use reference::float::{
     bf16_bits_to_f32, bf16_to_f32_slice, f16_bits_to_f32, f16_to_f32_slice, f32_to_bf16_bits,
     f32_to_f16_bits,
 };
-pub use reference::{dequantize_row, quantize_row_ref};
+pub use reference::quantize_row_ref;
+pub use simd::Isa;
 pub use types::GgmlType;
 
 /// Quantizes one row (any whole number of blocks) of `src` into `dst`.
 ///
-/// This is the fast-path entry point; its output is always byte-identical to
-/// [`quantize_row_ref`]. For now it simply calls the reference; SIMD kernels slot in here.
+/// This is the fast-path entry point: it runs the SIMD kernels of [`Isa::current`] (AVX-512 or
+/// AVX2 when the CPU has them, the reference with `KILN_FORCE_SCALAR=1`), and its output is always
+/// byte-identical to [`quantize_row_ref`].
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
-    quantize_row_ref(ty, src, dst)
+    simd::quantize_row_with(Isa::current(), ty, src, dst)
+}
+
+/// Dequantizes `src` (whole blocks of `ty`) into `dst`, as ggml's `dequantize_row_*` /
+/// `ggml_fp16_to_fp32_row` / `ggml_bf16_to_fp32_row` (F16 widening uses F16C when available;
+/// the values are identical to [`reference::dequantize_row`]'s).
+///
+/// `dst.len()` must be a multiple of `ty.block_size()` and `src.len()` exactly its byte size.
+/// Any byte pattern is accepted.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    simd::dequantize_row_with(Isa::current(), ty, src, dst)
 }
 
 /// Quantizes `src`, a row-major matrix with `n_per_row` columns, into `dst`, rows in parallel
@@ -35,7 +48,7 @@ pub fn quantize_rows(
     n_per_row: usize,
     dst: &mut [u8],
 ) -> Result<(), QuantError> {
-    if n_per_row == 0 || src.len() % n_per_row != 0 {
+    if n_per_row == 0 || !src.len().is_multiple_of(n_per_row) {
         return Err(QuantError::BadRowLength {
             ty,
             n_per_row,

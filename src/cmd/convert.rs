@@ -72,11 +72,19 @@ pub fn run(a: Args) -> Result<Outcome> {
     for job in &jobs {
         pb.set_message(job.gguf_name.clone());
         let data = ckpt.data(&job.hf_name)?;
-        let bytes = convert::encode_tensor(job, &data)?;
-        ckpt.release(&job.hf_name);
-        w.write_tensor(&job.gguf_name, &bytes)
+        let unchanged = job.permute_heads.is_none() && convert::ggml_of(data.dtype) == job.ty;
+        // Unchanged tensors go from the input map straight to the file; the rest are re-encoded.
+        let encoded;
+        let bytes = if unchanged {
+            data.bytes
+        } else {
+            encoded = convert::encode_tensor(job, &data)?;
+            &encoded[..]
+        };
+        w.write_tensor(&job.gguf_name, bytes)
             .with_context(|| format!("writing {}", a.out.display()))?;
         pb.inc(bytes.len() as u64);
+        ckpt.release(&job.hf_name);
     }
     w.finish()
         .with_context(|| format!("finishing {}", a.out.display()))?;

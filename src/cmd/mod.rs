@@ -2,5 +2,6 @@
 
 pub mod convert;
 pub mod inspect;
+pub mod merge;
 pub mod perplexity;
 pub mod quantize;

@@ -243,18 +243,25 @@ pub fn run(a: Args) -> Result<Outcome> {
         pb.set_message(format!("{} {} -> {}", t.name, t.ty, ty));
         let src = input.tensor_data(t);
         let rows = (t.n_elements() / t.row_len().max(1)) as usize;
-        let bytes = crate::transcode::transcode(
-            &t.name,
-            t.ty,
-            src,
-            *ty,
-            rows,
-            t.row_len() as usize,
-            &crate::transcode::same_row,
-        )?;
-        input.release(t);
-        w.write_tensor(&t.name, &bytes)
+        // A tensor that keeps its type goes from the input map straight to the file.
+        let encoded;
+        let bytes = if t.ty == *ty {
+            src
+        } else {
+            encoded = crate::transcode::transcode(
+                &t.name,
+                t.ty,
+                src,
+                *ty,
+                rows,
+                t.row_len() as usize,
+                &crate::transcode::same_row,
+            )?;
+            &encoded[..]
+        };
+        w.write_tensor(&t.name, bytes)
             .with_context(|| format!("writing {}", out_path.display()))?;
+        input.release(t);
         pb.inc(t.n_bytes());
     }
     w.finish()

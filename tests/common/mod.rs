@@ -89,22 +89,21 @@ pub fn fixtures() -> Option<PathBuf> {
 
 /// The folder of llama.cpp's tools: `$KILN_LLAMACPP_BIN`, else the oracle script's cache.
 pub fn llamacpp_bin() -> Option<PathBuf> {
-    let cands = std::env::var("KILN_LLAMACPP_BIN")
-        .ok()
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            std::env::var("HOME")
-                .ok()
-                .map(|h| PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu/bin")),
-        );
+    let cands =
+        std::env::var("KILN_LLAMACPP_BIN")
+            .ok()
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(std::env::var("HOME").ok().map(|h| {
+                PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu-noamx/bin")
+            }));
     for c in cands {
         if c.join("llama-quantize").is_file() && c.join("llama-perplexity").is_file() {
             return Some(c);
         }
     }
     eprintln!(
-        "skipping llama.cpp interop: build the tools with `export KILN_LLAMACPP_BIN=$(bash ../shared/tools/llamacpp-oracle.sh)`"
+        "skipping llama.cpp interop: build the tools with `export KILN_LLAMACPP_BIN=$(bash scripts/llamacpp-tools.sh)`"
     );
     None
 }
@@ -139,6 +138,62 @@ pub fn sha256_file(p: &Path) -> String {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(p).unwrap();
     format!("{:x}", Sha256::digest(bytes))
+}
+
+/// The generated LoRA fixtures (`fixtures/gen_lora.py`: a GQA base and PEFT adapters), made once per
+/// target folder. None (with a printed reason) when Python or ../shared is missing.
+pub fn lora_fixtures() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let shared = shared_dir().or_else(|| {
+            eprintln!("skipping: ../shared not found (set KILN_SHARED)");
+            None
+        })?;
+        if !python_ok() {
+            eprintln!(
+                "skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed"
+            );
+            return None;
+        }
+        let out = root().join("target").join("kiln-lora-fixtures");
+        // Regenerate when a generator changed since the fixtures were made.
+        let stamp = [
+            "fixtures/gen_lora.py",
+            "fixtures/gen_models.py",
+            "fixtures/torchsave.py",
+        ]
+        .iter()
+        .map(|f| sha256_file(&root().join(f)))
+        .collect::<Vec<_>>()
+        .join("\n");
+        if std::fs::read_to_string(out.join(".complete"))
+            .ok()
+            .as_deref()
+            == Some(stamp.as_str())
+        {
+            return Some(out);
+        }
+        let tmp = root()
+            .join("target")
+            .join(format!("kiln-lora-fixtures.tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let st = Command::new("python3")
+            .arg(root().join("fixtures/gen_lora.py"))
+            .arg(&tmp)
+            .arg("--shared")
+            .arg(&shared)
+            .status()
+            .expect("python3 runs");
+        assert!(st.success(), "fixtures/gen_lora.py failed");
+        std::fs::write(tmp.join(".complete"), &stamp).unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        if std::fs::rename(&tmp, &out).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        assert!(out.join(".complete").is_file());
+        Some(out)
+    })
+    .clone()
 }
 
 /// Compares two GGUF files: equal metadata values (order-insensitive), the same tensor names,

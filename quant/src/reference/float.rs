@@ -34,7 +34,7 @@ pub fn bf16_bits_to_f32(h: u16) -> f32 {
 const CHUNK: usize = 256;
 
 fn check_pairs(what: &'static str, src_bytes: usize, dst_len: usize) -> Result<(), QuantError> {
-    if src_bytes % 2 != 0 || src_bytes / 2 != dst_len {
+    if !src_bytes.is_multiple_of(2) || src_bytes / 2 != dst_len {
         return Err(QuantError::ElementCount {
             what,
             expected: dst_len,

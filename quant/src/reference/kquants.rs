@@ -12,7 +12,7 @@ use super::nearest_int;
 use crate::blocks::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
 
 /// ggml's GROUP_MAX_EPS.
-const GROUP_MAX_EPS: f32 = 1e-15;
+pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
 
 fn to_f16(v: f32) -> f16 {
     f16::from_bits(f32_to_f16_bits(v))
@@ -131,12 +131,12 @@ fn make_q3_quants(nmax: i32, x: &[f32], big_l: &mut [i8]) -> f32 {
 }
 
 /// Parameters of one `make_qkx2_quants` call.
-struct Qkx2 {
-    nmax: i32,
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-    use_mad: bool,
+pub(crate) struct Qkx2 {
+    pub(crate) nmax: i32,
+    pub(crate) rmin: f32,
+    pub(crate) rdelta: f32,
+    pub(crate) nstep: i32,
+    pub(crate) use_mad: bool,
 }
 
 /// `make_qkx2_quants`: asymmetric grid search; returns `(scale, the_min)` with `the_min = -min >= 0`.
@@ -235,18 +235,9 @@ fn unpack2(qs: &[u8; QK_K / 4], e: usize) -> u8 {
 
 /// Q2_K reference quantizer (`quantize_row_q2_K_ref`).
 pub fn quantize_q2_k(x: &[f32; QK_K]) -> BlockQ2K {
-    const P: Qkx2 = Qkx2 {
-        nmax: 3,
-        rmin: -0.5,
-        rdelta: 0.1,
-        nstep: 15,
-        use_mad: true,
-    };
     let mut big_l = [0u8; QK_K];
     let mut scales = [0f32; QK_K / 16];
     let mut mins = [0f32; QK_K / 16];
-    let mut max_scale = 0f32;
-    let mut max_min = 0f32;
     for (j, (xs, ls)) in x
         .chunks_exact(16)
         .zip(big_l.chunks_exact_mut(16))
@@ -256,9 +247,82 @@ pub fn quantize_q2_k(x: &[f32; QK_K]) -> BlockQ2K {
         for (wi, &v) in w.iter_mut().zip(xs) {
             *wi = v.abs();
         }
-        let (s, m) = make_qkx2_quants(&P, xs, &w, ls);
+        let (s, m) = make_qkx2_quants(&Q2K_PARAMS, xs, &w, ls);
         scales[j] = s;
         mins[j] = m;
+    }
+    finish_q2_k(x, &scales, &mins, &mut big_l)
+}
+
+/// `make_qkx2_quants` parameters of Q2_K (weights `|x|`, 16 elements).
+pub(crate) const Q2K_PARAMS: Qkx2 = Qkx2 {
+    nmax: 3,
+    rmin: -0.5,
+    rdelta: 0.1,
+    nstep: 15,
+    use_mad: true,
+};
+
+/// What the requantization pass of a K-quant super-block needs: for every sub-block `j` (of `sub`
+/// elements) with `dj[j] != 0`, `L = clamp(nearest_int((x + dm[j]) / dj[j]), lo, hi) + off`
+/// (`x / dj[j]` when there are no mins); other sub-blocks keep the search's L.
+pub(crate) struct Requant {
+    pub(crate) sub: usize,
+    pub(crate) dj: [f32; 16],
+    pub(crate) dm: Option<[f32; 16]>,
+    pub(crate) lo: i32,
+    pub(crate) hi: i32,
+    pub(crate) off: i32,
+}
+
+/// The scalar requantization pass (see [`Requant`]).
+pub(crate) fn requant_ref(r: &Requant, x: &[f32; QK_K], big_l: &mut [u8; QK_K]) {
+    for (j, (xs, ls)) in x
+        .chunks_exact(r.sub)
+        .zip(big_l.chunks_exact_mut(r.sub))
+        .enumerate()
+    {
+        let dj = r.dj[j];
+        if dj == 0.0 {
+            continue;
+        }
+        match r.dm {
+            Some(dm) => {
+                let m = dm[j];
+                for (q, &v) in ls.iter_mut().zip(xs) {
+                    *q = (nearest_int((v + m) / dj).clamp(r.lo, r.hi) + r.off) as u8;
+                }
+            }
+            None => {
+                for (q, &v) in ls.iter_mut().zip(xs) {
+                    *q = (nearest_int(v / dj).clamp(r.lo, r.hi) + r.off) as u8;
+                }
+            }
+        }
+    }
+}
+
+/// Second half of `quantize_row_q2_K_ref`, after the per-sub-block search: scale quantization,
+/// requantization and packing. `big_l` holds the search's L (kept where a scale rounds to 0).
+pub(crate) fn finish_q2_k(
+    x: &[f32; QK_K],
+    scales: &[f32; QK_K / 16],
+    mins: &[f32; QK_K / 16],
+    big_l: &mut [u8; QK_K],
+) -> BlockQ2K {
+    let (sc, d, dmin, r) = prepare_q2_k(scales, mins);
+    requant_ref(&r, x, big_l);
+    pack_q2_k(sc, d, dmin, big_l)
+}
+
+/// Q2_K scale quantization: `(scales, d, dmin, requant)`.
+pub(crate) fn prepare_q2_k(
+    scales: &[f32; QK_K / 16],
+    mins: &[f32; QK_K / 16],
+) -> ([u8; QK_K / 16], f16, f16, Requant) {
+    let mut max_scale = 0f32;
+    let mut max_min = 0f32;
+    for (&s, &m) in scales.iter().zip(mins) {
         if s > max_scale {
             max_scale = s;
         }
@@ -269,7 +333,7 @@ pub fn quantize_q2_k(x: &[f32; QK_K]) -> BlockQ2K {
     let mut sc = [0u8; QK_K / 16];
     let d = if max_scale > 0.0 {
         let iscale = 15.0 / max_scale;
-        for (b, &s) in sc.iter_mut().zip(&scales) {
+        for (b, &s) in sc.iter_mut().zip(scales) {
             *b = nearest_int(iscale * s) as u8;
         }
         to_f16(max_scale / 15.0)
@@ -278,25 +342,34 @@ pub fn quantize_q2_k(x: &[f32; QK_K]) -> BlockQ2K {
     };
     let dmin = if max_min > 0.0 {
         let iscale = 15.0 / max_min;
-        for (b, &m) in sc.iter_mut().zip(&mins) {
+        for (b, &m) in sc.iter_mut().zip(mins) {
             *b |= (nearest_int(iscale * m) << 4) as u8;
         }
         to_f16(max_min / 15.0)
     } else {
         to_f16(0.0)
     };
-    for ((xs, ls), &s) in x.chunks_exact(16).zip(big_l.chunks_exact_mut(16)).zip(&sc) {
-        let dj = d.to_f32() * (s & 0xF) as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        let mj = dmin.to_f32() * (s >> 4) as f32;
-        for (q, &v) in ls.iter_mut().zip(xs) {
-            *q = nearest_int((v + mj) / dj).clamp(0, 3) as u8;
-        }
+    let mut dj = [0f32; 16];
+    let mut dm = [0f32; 16];
+    for ((a, b), &s) in dj.iter_mut().zip(dm.iter_mut()).zip(&sc) {
+        *a = d.to_f32() * (s & 0xF) as f32;
+        *b = dmin.to_f32() * (s >> 4) as f32;
     }
+    let r = Requant {
+        sub: 16,
+        dj,
+        dm: Some(dm),
+        lo: 0,
+        hi: 3,
+        off: 0,
+    };
+    (sc, d, dmin, r)
+}
+
+/// Packs a finished Q2_K super-block (L in 0..=3).
+pub(crate) fn pack_q2_k(sc: [u8; QK_K / 16], d: f16, dmin: f16, big_l: &[u8; QK_K]) -> BlockQ2K {
     let mut qs = [0u8; QK_K / 4];
-    pack2(&big_l, &mut qs);
+    pack2(big_l, &mut qs);
     BlockQ2K {
         scales: sc,
         qs,
@@ -332,15 +405,32 @@ fn q3k_scale(scales: &[u8; 12], j: usize) -> i32 {
 pub fn quantize_q3_k(x: &[f32; QK_K]) -> BlockQ3K {
     let mut big_l = [0i8; QK_K];
     let mut scales = [0f32; QK_K / 16];
-    let mut max_scale = 0f32;
-    let mut amax = 0f32;
     for (j, (xs, ls)) in x
         .chunks_exact(16)
         .zip(big_l.chunks_exact_mut(16))
         .enumerate()
     {
-        let s = make_q3_quants(4, xs, ls);
-        scales[j] = s;
+        scales[j] = make_q3_quants(4, xs, ls);
+    }
+    finish_q3_k(x, &scales, &mut big_l.map(|v| v as u8))
+}
+
+/// Second half of `quantize_row_q3_K_ref` after the `make_q3_quants` search (L in 0..=7).
+pub(crate) fn finish_q3_k(
+    x: &[f32; QK_K],
+    scales: &[f32; QK_K / 16],
+    big_l: &mut [u8; QK_K],
+) -> BlockQ3K {
+    let (sc, d, r) = prepare_q3_k(scales);
+    requant_ref(&r, x, big_l);
+    pack_q3_k(sc, d, big_l)
+}
+
+/// Q3_K scale quantization: `(scales, d, requant)`.
+pub(crate) fn prepare_q3_k(scales: &[f32; QK_K / 16]) -> ([u8; 12], f16, Requant) {
+    let mut max_scale = 0f32;
+    let mut amax = 0f32;
+    for &s in scales {
         if s.abs() > amax {
             amax = s.abs();
             max_scale = s;
@@ -363,29 +453,37 @@ pub fn quantize_q3_k(x: &[f32; QK_K]) -> BlockQ3K {
     } else {
         to_f16(0.0)
     };
-    for (j, (xs, ls)) in x
-        .chunks_exact(16)
-        .zip(big_l.chunks_exact_mut(16))
-        .enumerate()
-    {
+    let mut dj = [0f32; 16];
+    for (j, a) in dj.iter_mut().enumerate() {
         let sj = q3k_scale(&sc, j) - 32;
-        let dj = d.to_f32() * sj as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        for (q, &v) in ls.iter_mut().zip(xs) {
-            *q = (nearest_int(v / dj).clamp(-4, 3) + 4) as i8;
-        }
+        *a = d.to_f32() * sj as f32;
     }
+    let r = Requant {
+        sub: 16,
+        dj,
+        dm: None,
+        lo: -4,
+        hi: 3,
+        off: 4,
+    };
+    (sc, d, r)
+}
+
+/// Packs a finished Q3_K super-block (L in 0..=7): bit 2 into `hmask`, bits 0..2 into `qs`.
+pub(crate) fn pack_q3_k(sc: [u8; 12], d: f16, big_l: &[u8; QK_K]) -> BlockQ3K {
     let mut hmask = [0u8; QK_K / 8];
     let mut low = [0u8; QK_K];
-    for (e, (&l, lo)) in big_l.iter().zip(low.iter_mut()).enumerate() {
-        let mut l = l;
-        if l > 3 {
-            hmask[e % 32] |= 1 << (e / 32);
-            l -= 4;
+    // element e = 32h + m: bit h of hmask[m]
+    for (h, (ls, lows)) in big_l
+        .chunks_exact(32)
+        .zip(low.chunks_exact_mut(32))
+        .enumerate()
+    {
+        for ((hm, lo), &l) in hmask.iter_mut().zip(lows).zip(ls) {
+            let high = u8::from(l > 3);
+            *hm |= high << h;
+            *lo = l - 4 * high;
         }
-        *lo = l as u8;
     }
     let mut qs = [0u8; QK_K / 4];
     pack2(&low, &mut qs);
@@ -441,8 +539,6 @@ fn quantize_k4_k5(x: &[f32; QK_K], p: &Qkx2) -> (f16, f16, [u8; 12], [u8; QK_K])
     let mut big_l = [0u8; QK_K];
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
-    let mut max_scale = 0f32;
-    let mut max_min = 0f32;
     for (j, (xs, ls)) in x
         .chunks_exact(32)
         .zip(big_l.chunks_exact_mut(32))
@@ -460,6 +556,32 @@ fn quantize_k4_k5(x: &[f32; QK_K], p: &Qkx2) -> (f16, f16, [u8; 12], [u8; QK_K])
         let (s, m) = make_qkx2_quants(p, xs, &w, ls);
         scales[j] = s;
         mins[j] = m;
+    }
+    finish_k4_k5(x, &scales, &mins, big_l, p.nmax)
+}
+
+/// Second half of the Q4_K / Q5_K quantizers after the per-sub-block search.
+pub(crate) fn finish_k4_k5(
+    x: &[f32; QK_K],
+    scales: &[f32; 8],
+    mins: &[f32; 8],
+    mut big_l: [u8; QK_K],
+    nmax: i32,
+) -> (f16, f16, [u8; 12], [u8; QK_K]) {
+    let (sc, d, dmin, r) = prepare_k4_k5(scales, mins, nmax);
+    requant_ref(&r, x, &mut big_l);
+    (d, dmin, sc, big_l)
+}
+
+/// Q4_K / Q5_K scale quantization: `(scales, d, dmin, requant)`.
+pub(crate) fn prepare_k4_k5(
+    scales: &[f32; 8],
+    mins: &[f32; 8],
+    nmax: i32,
+) -> ([u8; 12], f16, f16, Requant) {
+    let mut max_scale = 0f32;
+    let mut max_min = 0f32;
+    for (&s, &m) in scales.iter().zip(mins) {
         if s > max_scale {
             max_scale = s;
         }
@@ -482,34 +604,50 @@ fn quantize_k4_k5(x: &[f32; QK_K], p: &Qkx2) -> (f16, f16, [u8; 12], [u8; QK_K])
     let sc = pack_scale_min_k4(&ls, &lm);
     let d = to_f16(max_scale / 63.0);
     let dmin = to_f16(max_min / 63.0);
-    for (j, (xs, lq)) in x
-        .chunks_exact(32)
-        .zip(big_l.chunks_exact_mut(32))
-        .enumerate()
-    {
+    let mut dj = [0f32; 16];
+    let mut dm = [0f32; 16];
+    for (j, (a, b)) in dj.iter_mut().zip(dm.iter_mut()).take(8).enumerate() {
         let (s, m) = get_scale_min_k4(j, &sc);
-        let dj = d.to_f32() * s as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        let dm = dmin.to_f32() * m as f32;
-        for (q, &v) in lq.iter_mut().zip(xs) {
-            *q = nearest_int((v + dm) / dj).clamp(0, p.nmax) as u8;
-        }
+        *a = d.to_f32() * s as f32;
+        *b = dmin.to_f32() * m as f32;
     }
-    (d, dmin, sc, big_l)
+    let r = Requant {
+        sub: 32,
+        dj,
+        dm: Some(dm),
+        lo: 0,
+        hi: nmax,
+        off: 0,
+    };
+    (sc, d, dmin, r)
 }
 
 /// Q4_K reference quantizer (`quantize_row_q4_K_ref`).
 pub fn quantize_q4_k(x: &[f32; QK_K]) -> BlockQ4K {
-    const P: Qkx2 = Qkx2 {
-        nmax: 15,
-        rmin: -1.0,
-        rdelta: 0.1,
-        nstep: 20,
-        use_mad: false,
-    };
-    let (d, dmin, scales, big_l) = quantize_k4_k5(x, &P);
+    let (d, dmin, scales, big_l) = quantize_k4_k5(x, &Q4K_PARAMS);
+    pack_q4_k(d, dmin, scales, &big_l)
+}
+
+/// `make_qkx2_quants` parameters of Q4_K.
+pub(crate) const Q4K_PARAMS: Qkx2 = Qkx2 {
+    nmax: 15,
+    rmin: -1.0,
+    rdelta: 0.1,
+    nstep: 20,
+    use_mad: false,
+};
+
+/// `make_qkx2_quants` parameters of Q5_K.
+pub(crate) const Q5K_PARAMS: Qkx2 = Qkx2 {
+    nmax: 31,
+    rmin: -0.5,
+    rdelta: 0.1,
+    nstep: 15,
+    use_mad: false,
+};
+
+/// Packs a finished Q4_K super-block (L in 0..=15).
+pub(crate) fn pack_q4_k(d: f16, dmin: f16, scales: [u8; 12], big_l: &[u8; QK_K]) -> BlockQ4K {
     let mut qs = [0u8; QK_K / 2];
     for (lq, out) in big_l.chunks_exact(64).zip(qs.chunks_exact_mut(32)) {
         for (l, o) in out.iter_mut().enumerate() {
@@ -547,14 +685,12 @@ pub fn dequantize_q4_k(b: &BlockQ4K, y: &mut [f32; QK_K]) {
 
 /// Q5_K reference quantizer (`quantize_row_q5_K_ref`).
 pub fn quantize_q5_k(x: &[f32; QK_K]) -> BlockQ5K {
-    const P: Qkx2 = Qkx2 {
-        nmax: 31,
-        rmin: -0.5,
-        rdelta: 0.1,
-        nstep: 15,
-        use_mad: false,
-    };
-    let (d, dmin, scales, big_l) = quantize_k4_k5(x, &P);
+    let (d, dmin, scales, big_l) = quantize_k4_k5(x, &Q5K_PARAMS);
+    pack_q5_k(d, dmin, scales, &big_l)
+}
+
+/// Packs a finished Q5_K super-block (L in 0..=31).
+pub(crate) fn pack_q5_k(d: f16, dmin: f16, scales: [u8; 12], big_l: &[u8; QK_K]) -> BlockQ5K {
     let mut qs = [0u8; QK_K / 2];
     let mut qh = [0u8; QK_K / 8];
     for (c, (lq, out)) in big_l
@@ -616,43 +752,75 @@ pub fn dequantize_q5_k(b: &BlockQ5K, y: &mut [f32; QK_K]) {
 pub fn quantize_q6_k(x: &[f32; QK_K]) -> BlockQ6K {
     let mut big_l = [0i8; QK_K];
     let mut scales = [0f32; QK_K / 16];
-    let mut max_scale = 0f32;
-    let mut max_abs_scale = 0f32;
     for (j, (xs, ls)) in x
         .chunks_exact(16)
         .zip(big_l.chunks_exact_mut(16))
         .enumerate()
     {
-        let s = make_qx_quants(32, xs, ls);
-        scales[j] = s;
+        scales[j] = make_qx_quants(32, xs, ls);
+    }
+    finish_q6_k(x, &scales, &mut big_l.map(|v| v as u8))
+}
+
+/// Second half of `quantize_row_q6_K_ref` after the `make_qx_quants` search (L in 0..=63).
+pub(crate) fn finish_q6_k(
+    x: &[f32; QK_K],
+    scales: &[f32; QK_K / 16],
+    big_l: &mut [u8; QK_K],
+) -> BlockQ6K {
+    match prepare_q6_k(scales) {
+        None => Q6K_ZERO,
+        Some((sc, d, r)) => {
+            requant_ref(&r, x, big_l);
+            pack_q6_k(sc, d, big_l)
+        }
+    }
+}
+
+/// The Q6_K block of a super-block whose scales are all below `GROUP_MAX_EPS`.
+pub(crate) const Q6K_ZERO: BlockQ6K = BlockQ6K {
+    ql: [0; QK_K / 2],
+    qh: [0; QK_K / 4],
+    scales: [0; QK_K / 16],
+    d: f16::ZERO,
+};
+
+/// Q6_K scale quantization: `(scales, d, requant)`, or `None` for an all-zero block.
+pub(crate) fn prepare_q6_k(scales: &[f32; QK_K / 16]) -> Option<([i8; QK_K / 16], f16, Requant)> {
+    let mut max_scale = 0f32;
+    let mut max_abs_scale = 0f32;
+    for &s in scales {
         if s.abs() > max_abs_scale {
             max_abs_scale = s.abs();
             max_scale = s;
         }
     }
     if max_abs_scale < GROUP_MAX_EPS {
-        return BlockQ6K {
-            ql: [0; QK_K / 2],
-            qh: [0; QK_K / 4],
-            scales: [0; QK_K / 16],
-            d: to_f16(0.0),
-        };
+        return None;
     }
     let iscale = -128.0 / max_scale;
     let d = to_f16(1.0 / iscale);
     let mut sc = [0i8; QK_K / 16];
-    for (o, &s) in sc.iter_mut().zip(&scales) {
+    for (o, &s) in sc.iter_mut().zip(scales) {
         *o = nearest_int(iscale * s).min(127) as i8;
     }
-    for ((xs, ls), &s) in x.chunks_exact(16).zip(big_l.chunks_exact_mut(16)).zip(&sc) {
-        let dj = d.to_f32() * s as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        for (q, &v) in ls.iter_mut().zip(xs) {
-            *q = (nearest_int(v / dj).clamp(-32, 31) + 32) as i8;
-        }
+    let mut dj = [0f32; 16];
+    for (a, &s) in dj.iter_mut().zip(&sc) {
+        *a = d.to_f32() * s as f32;
     }
+    let r = Requant {
+        sub: 16,
+        dj,
+        dm: None,
+        lo: -32,
+        hi: 31,
+        off: 32,
+    };
+    Some((sc, d, r))
+}
+
+/// Packs a finished Q6_K super-block (L in 0..=63).
+pub(crate) fn pack_q6_k(sc: [i8; QK_K / 16], d: f16, big_l: &[u8; QK_K]) -> BlockQ6K {
     let mut ql = [0u8; QK_K / 2];
     let mut qh = [0u8; QK_K / 4];
     for ((lq, qlo), qho) in big_l
@@ -661,7 +829,7 @@ pub fn quantize_q6_k(x: &[f32; QK_K]) -> BlockQ6K {
         .zip(qh.chunks_exact_mut(32))
     {
         for l in 0..32 {
-            let [a, b, c, e] = [lq[l], lq[l + 32], lq[l + 64], lq[l + 96]].map(|v| v as u8);
+            let [a, b, c, e] = [lq[l], lq[l + 32], lq[l + 64], lq[l + 96]];
             qlo[l] = (a & 0xF) | ((c & 0xF) << 4);
             qlo[l + 32] = (b & 0xF) | ((e & 0xF) << 4);
             qho[l] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);

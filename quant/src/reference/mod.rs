@@ -49,7 +49,7 @@ pub fn c_trunc_i32(f: f32) -> i32 {
 /// Byte size of `n` elements of `ty`, checking that `n` is a whole number of blocks.
 pub(crate) fn bytes_for(ty: GgmlType, n: usize) -> Result<usize, QuantError> {
     let bs = ty.block_size();
-    if n % bs != 0 {
+    if !n.is_multiple_of(bs) {
         return Err(QuantError::NotBlockMultiple {
             ty,
             block_size: bs,
