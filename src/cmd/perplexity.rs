@@ -154,10 +154,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         perplexity(&model, &tokens, add_bos.then_some(bos), &params, |k, r| {
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
             pb.set_position(k as u64);
-            pb.set_message(format!(
-                "[{k}]{r:.4} {:.1} tok/s",
-                (k * ctx) as f64 / secs
-            ));
+            pb.set_message(format!("[{k}]{r:.4} {:.1} tok/s", (k * ctx) as f64 / secs));
         })
     })?;
     pb.finish_and_clear();

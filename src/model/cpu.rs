@@ -85,8 +85,8 @@ impl Backend for CpuBackend {
     fn load_weight(&self, file: &Arc<GgufFile>, t: &TensorInfo) -> Result<CpuWeight> {
         let cols = usize::try_from(t.row_len()).context("row too long")?;
         let rows = usize::try_from(t.n_rows()).context("too many rows")?;
-        let row_bytes = usize::try_from(t.ty.row_size(t.row_len()).unwrap_or(0))
-            .context("row too large")?;
+        let row_bytes =
+            usize::try_from(t.ty.row_size(t.row_len()).unwrap_or(0)).context("row too large")?;
         let data = file.tensor_data(t);
         if row_bytes == 0 || rows.checked_mul(row_bytes) != Some(data.len()) {
             bail!(
@@ -201,7 +201,9 @@ impl Backend for CpuBackend {
                     let r0 = ci * ROW_TILE;
                     let nr = o.len() / t.max(1);
                     let mut wf = vec![0f32; nr * k];
-                    let src = wb.get(r0 * w.row_bytes..(r0 + nr) * w.row_bytes).unwrap_or(&[]);
+                    let src = wb
+                        .get(r0 * w.row_bytes..(r0 + nr) * w.row_bytes)
+                        .unwrap_or(&[]);
                     let _ = kiln_quant::f16_to_f32_slice(src, &mut wf);
                     for ti in 0..t {
                         let a = x.row(ti);
@@ -247,7 +249,15 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn rope(&self, x: &mut CpuAct, n_head: usize, head_dim: usize, n_rot: usize, pos0: usize, rope: Rope) {
+    fn rope(
+        &self,
+        x: &mut CpuAct,
+        n_head: usize,
+        head_dim: usize,
+        n_rot: usize,
+        pos0: usize,
+        rope: Rope,
+    ) {
         let theta_scale = rope.freq_base.powf(-2.0 / n_rot as f32);
         let cols = x.cols;
         x.data
@@ -292,7 +302,10 @@ impl Backend for CpuBackend {
                 cache.n_ctx
             );
         }
-        if k.cols != kvd || v.cols != kvd || k.rows != t || v.rows != t
+        if k.cols != kvd
+            || v.cols != kvd
+            || k.rows != t
+            || v.rows != t
             || q.cols != s.n_head * s.head_dim
             || kvd != s.n_head_kv * s.head_dim
         {

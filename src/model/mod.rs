@@ -61,10 +61,11 @@ fn meta_usize(h: &GgufHeader, key: &str) -> Result<Option<usize>> {
 fn meta_f32(h: &GgufHeader, key: &str) -> Result<Option<f32>> {
     match h.get(key) {
         None => Ok(None),
-        Some(v) => Ok(Some(
-            v.as_f32()
-                .with_context(|| format!("metadata {key} is not a float"))?,
-        )),
+        Some(v) => {
+            Ok(Some(v.as_f32().with_context(|| {
+                format!("metadata {key} is not a float")
+            })?))
+        }
     }
 }
 
@@ -171,7 +172,15 @@ pub trait Backend: Send + Sync {
     /// `x · wᵀ`: one output row per input row, `w.rows` columns.
     fn matmul(&self, w: &Self::Weight, x: &Self::Act) -> Result<Self::Act>;
     /// Normal-mode RoPE in place; row `i` is at position `pos0 + i`.
-    fn rope(&self, x: &mut Self::Act, n_head: usize, head_dim: usize, n_rot: usize, pos0: usize, rope: Rope);
+    fn rope(
+        &self,
+        x: &mut Self::Act,
+        n_head: usize,
+        head_dim: usize,
+        n_rot: usize,
+        pos0: usize,
+        rope: Rope,
+    );
     /// Stores `k`, `v` at positions `n_past..` of layer `layer` and attends causally.
     #[allow(clippy::too_many_arguments)]
     fn attention(
@@ -223,11 +232,7 @@ fn tensor<'a>(h: &'a GgufHeader, name: &str, shape: &[usize]) -> Result<&'a Tens
         .with_context(|| format!("tensor {name} is missing"))?;
     let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
     if t.shape != want {
-        bail!(
-            "tensor {name} has shape {:?}, expected {:?}",
-            t.shape,
-            want
-        );
+        bail!("tensor {name} has shape {:?}, expected {:?}", t.shape, want);
     }
     Ok(t)
 }
@@ -317,8 +322,22 @@ impl<B: Backend> Model<B> {
             let mut q = be.matmul(&l.wq, &cur)?;
             let mut k = be.matmul(&l.wk, &cur)?;
             let v = be.matmul(&l.wv, &cur)?;
-            be.rope(&mut q, cfg.n_head, cfg.head_dim, cfg.n_rot, n_past, cfg.rope);
-            be.rope(&mut k, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, n_past, cfg.rope);
+            be.rope(
+                &mut q,
+                cfg.n_head,
+                cfg.head_dim,
+                cfg.n_rot,
+                n_past,
+                cfg.rope,
+            );
+            be.rope(
+                &mut k,
+                cfg.n_head_kv,
+                cfg.head_dim,
+                cfg.n_rot,
+                n_past,
+                cfg.rope,
+            );
             let att = be.attention(cache, il, &q, &k, &v, n_past, shape)?;
             let mut cur = be.matmul(&l.wo, &att)?;
             if il == last && logits_from > 0 {

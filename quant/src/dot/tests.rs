@@ -53,7 +53,11 @@ fn check(ty: GgmlType, w: &[f32], x: &[f32]) {
     dequantize_row(ty, &wb, &mut wd).unwrap();
     let ad = deq_act(f, &ab, n);
     let exact: f64 = wd.iter().zip(&ad).map(|(&a, &b)| a as f64 * b as f64).sum();
-    let mag: f64 = wd.iter().zip(&ad).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+    let mag: f64 = wd
+        .iter()
+        .zip(&ad)
+        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+        .sum();
     let got = vec_dot(ty, &wb, &ab) as f64;
     // Q8_1 keeps s = d*Σq in f16, so Q4_1/Q5_1 agree only to f16 precision on the min term.
     let tol = if f == ActFormat::Q8_1 { 2e-3 } else { 2e-6 } * mag.max(1e-30);
