@@ -11,6 +11,9 @@
 //! [`act_row_bytes`]); on mismatched lengths they never panic, they only use the common prefix of
 //! whole blocks.
 
+// The kernels index block bytes the way ggml's layouts are documented (element j, j+16, ...).
+#![allow(clippy::needless_range_loop)]
+
 use half::f16;
 
 use crate::{GgmlType, QuantError};
@@ -75,7 +78,7 @@ pub fn act_format(w: GgmlType) -> Option<ActFormat> {
 
 /// Bytes of one activation row of `n` values in format `f`; `n` must be a whole number of blocks.
 pub fn act_row_bytes(f: ActFormat, n: usize) -> Option<usize> {
-    if n % f.block_size() != 0 {
+    if !n.is_multiple_of(f.block_size()) {
         return None;
     }
     (n / f.block_size()).checked_mul(f.block_bytes())
@@ -83,7 +86,7 @@ pub fn act_row_bytes(f: ActFormat, n: usize) -> Option<usize> {
 
 /// Checks that `bytes` is exactly one row of `n` values of weight type `ty` usable in a dot product.
 pub fn check_row(ty: GgmlType, n: usize, bytes: usize) -> Result<(), QuantError> {
-    if act_format(ty).is_none() || n % ty.block_size() != 0 {
+    if act_format(ty).is_none() || !n.is_multiple_of(ty.block_size()) {
         return Err(QuantError::NotBlockMultiple {
             ty,
             block_size: ty.block_size(),
