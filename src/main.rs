@@ -5,6 +5,7 @@ mod convert;
 mod merge;
 mod progress;
 mod quant_plan;
+mod tokenizer;
 mod transcode;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Command {
     Merge(cmd::merge::Args),
     /// Quantize a GGUF file to any llama.cpp level (Q4_0 ... Q6_K and the _S/_M/_L mixes).
     Quantize(cmd::quantize::Args),
+    /// Tokenize text with a GGUF model's vocabulary, as llama.cpp's llama-tokenize does.
+    Tokenize(cmd::tokenize::Args),
 }
 
 /// What a subcommand reports back: success, or a check that failed (exit 1).
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Merge(a) => cmd::merge::run(a),
+        Command::Tokenize(a) => cmd::tokenize::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

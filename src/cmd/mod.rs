@@ -4,3 +4,4 @@ pub mod convert;
 pub mod inspect;
 pub mod merge;
 pub mod quantize;
+pub mod tokenize;
