@@ -96,10 +96,7 @@ fn vocab_gguf(spm: &Path, out: &Path) {
     ] {
         md.push((format!("tokenizer.ggml.{k}"), GgufValue::U32(v)));
     }
-    md.push((
-        "tokenizer.ggml.add_bos_token".into(),
-        GgufValue::Bool(true),
-    ));
+    md.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(true)));
     md.push((
         "tokenizer.ggml.add_eos_token".into(),
         GgufValue::Bool(false),

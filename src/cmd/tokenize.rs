@@ -23,7 +23,12 @@ pub struct Args {
     #[arg(short, long)]
     pub model: PathBuf,
     /// A file with the text (read as bytes, all of it, trailing newline included).
-    #[arg(short, long, conflicts_with = "prompt", required_unless_present = "prompt")]
+    #[arg(
+        short,
+        long,
+        conflicts_with = "prompt",
+        required_unless_present = "prompt"
+    )]
     pub file: Option<PathBuf>,
     /// The text.
     #[arg(short, long)]
