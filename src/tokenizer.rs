@@ -8,8 +8,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::gguf::{GgufArray, GgufHeader, GgufValue};
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 // llama_token_attr bits (include/llama.h).
 const ATTR_UNKNOWN: u32 = 1 << 0;
@@ -92,6 +91,9 @@ pub struct Tokenizer {
     /// Token text per id, as stored in the GGUF (empty texts become `[EMPTY_i]`, as in llama.cpp).
     texts: Vec<String>,
     scores: Vec<f32>,
+    /// Per token, the rank of its score among the distinct scores (higher score, higher rank;
+    /// NaN ranks with -inf).
+    ranks: Vec<u32>,
     attrs: Vec<u32>,
     /// Token text -> id.
     index: HashMap<Box<[u8]>, u32>,
@@ -99,6 +101,10 @@ pub struct Tokenizer {
     specials: Vec<u32>,
     /// Byte -> `<0xXX>` token (or the one-byte text token), for byte fallback.
     byte_ids: [Option<u32>; 256],
+    /// Adjacent character pairs found in vocabulary pieces: ASCII pairs as a bit set, others as
+    /// `a << 32 | b`.
+    ascii_pairs: [u64; 256],
+    pairs: HashSet<u64>,
     bos: Option<u32>,
     eos: Option<u32>,
     unk: Option<u32>,
@@ -114,45 +120,36 @@ enum Fragment {
     Token(u32),
 }
 
-/// A symbol of the merge loop (`llm_symbol`): bytes `start..start+n` of the escaped text.
+/// A symbol of the merge loop (`llm_symbol`): bytes `start..start+n` of the run; `prev` and
+/// `next` link the live symbols, [`NONE`] ending the chain.
 #[derive(Clone, Copy, Debug)]
 struct Symbol {
-    start: usize,
-    n: usize,
-    prev: isize,
-    next: isize,
+    start: u32,
+    n: u32,
+    prev: u32,
+    next: u32,
 }
 
-/// A candidate merge (`llm_bigram_spm`), ordered as llama.cpp's priority queue pops them: the
-/// highest score first, then the smallest left index.
-#[derive(Clone, Copy, Debug)]
+/// No symbol.
+const NONE: u32 = u32::MAX;
+
+/// The longest run the merge loop takes at once: llama.cpp's API limit (an int32 text length).
+const MAX_RUN: usize = 1 << 31;
+
+/// A candidate merge (`llm_bigram_spm`). `key` orders the queue as llama.cpp's priority queue pops
+/// it: the rank of the merged piece's score in the high half (equal scores share a rank), the
+/// complement of the left index in the low half, so the greatest key is the highest score, then
+/// the leftmost pair. Entries with equal keys differ only in stale data, so their order is moot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Bigram {
-    left: usize,
-    right: usize,
-    score: f32,
-    size: usize,
+    key: u64,
+    right: u32,
+    size: u32,
 }
 
-impl PartialEq for Bigram {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for Bigram {}
-impl PartialOrd for Bigram {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Bigram {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // C++ comparator "l < r" is (l.score < r.score) || (l.score == r.score && l.left > r.left);
-        // a max-heap pops the greatest. NaN scores compare equal, like C++'s false/false.
-        match self.score.partial_cmp(&other.score) {
-            Some(Ordering::Less) => Ordering::Less,
-            Some(Ordering::Greater) => Ordering::Greater,
-            _ => other.left.cmp(&self.left),
-        }
+impl Bigram {
+    fn left(&self) -> u32 {
+        u32::MAX - self.key as u32
     }
 }
 
@@ -378,7 +375,39 @@ impl Tokenizer {
                 .copied();
         }
 
+        let mut ascii_pairs = [0u64; 256];
+        let mut pairs = HashSet::new();
+        for t in &texts {
+            let mut it = t.chars().map(|c| c as u32);
+            let Some(mut a) = it.next() else { continue };
+            for b in it {
+                if a < 128 && b < 128 {
+                    let k = (a << 7 | b) as usize;
+                    ascii_pairs[k / 64] |= 1 << (k % 64);
+                } else {
+                    pairs.insert(u64::from(a) << 32 | u64::from(b));
+                }
+                a = b;
+            }
+        }
+
+        let key = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by(|&a, &b| key(scores[a as usize]).total_cmp(&key(scores[b as usize])));
+        let mut ranks = vec![0u32; n];
+        let mut rank = 0u32;
+        for (k, &id) in order.iter().enumerate() {
+            // -0.0 == 0.0 share a rank, as they compare equal in llama.cpp's queue.
+            if k > 0 && key(scores[order[k - 1] as usize]) != key(scores[id as usize]) {
+                rank += 1;
+            }
+            ranks[id as usize] = rank;
+        }
+
         Ok(Tokenizer {
+            ranks,
+            ascii_pairs,
+            pairs,
             texts,
             scores,
             attrs,
@@ -519,71 +548,134 @@ impl Tokenizer {
     }
 
     /// `llm_tokenizer_spm_session::tokenize` on one escaped fragment.
+    ///
+    /// For speed, valid UTF-8 text is cut between two characters that follow each other in no
+    /// vocabulary piece (in Llama vocabularies, before every U+2581 that follows another
+    /// character, and around '\n'). Every merged symbol is a vocabulary piece, so no merge
+    /// crosses such a cut and merges on either side never interact: each run gives the tokens the
+    /// whole fragment would, in the same order. (For invalid UTF-8, llama.cpp's symbols are not
+    /// characters, so the text stays whole.)
     fn spm(&self, text: &[u8], w: &mut Work, out: &mut Vec<u32>) {
+        let Ok(s) = std::str::from_utf8(text) else {
+            return self.spm_run(text, w, out);
+        };
+        let mut start = 0;
+        let mut prev: Option<char> = None;
+        for (i, c) in s.char_indices() {
+            if let Some(p) = prev {
+                if !self.pair_in_vocab(p, c) {
+                    self.spm_run(&text[start..i], w, out);
+                    start = i;
+                }
+            }
+            prev = Some(c);
+        }
+        if start < text.len() {
+            self.spm_run(&text[start..], w, out);
+        }
+    }
+
+    /// Whether some vocabulary piece contains character `a` directly followed by `b`.
+    fn pair_in_vocab(&self, a: char, b: char) -> bool {
+        let (a, b) = (a as u32, b as u32);
+        if a < 128 && b < 128 {
+            let k = (a << 7 | b) as usize;
+            self.ascii_pairs[k / 64] >> (k % 64) & 1 != 0
+        } else {
+            self.pairs.contains(&(u64::from(a) << 32 | u64::from(b)))
+        }
+    }
+
+    /// A symbol's tokens: its vocabulary id, else byte tokens (llama.cpp's `resegment`; merged
+    /// symbols are always vocabulary pieces, so its rev_merge lookup never succeeds).
+    fn emit_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
+        match self.index.get(piece) {
+            Some(&id) => out.push(id),
+            None => {
+                for &byte in piece {
+                    out.extend(self.byte_ids[byte as usize].or(self.unk));
+                }
+            }
+        }
+    }
+
+    /// The merge loop on one run of text.
+    fn spm_run(&self, text: &[u8], w: &mut Work, out: &mut Vec<u32>) {
+        if text.len() > MAX_RUN {
+            // Beyond what llama.cpp accepts: cut at a character boundary.
+            let mut cut = MAX_RUN;
+            while cut > MAX_RUN - 4 && text[cut] & 0xc0 == 0x80 {
+                cut -= 1;
+            }
+            self.spm_run(&text[..cut], w, out);
+            return self.spm_run(&text[cut..], w, out);
+        }
         w.symbols.clear();
         w.queue.clear();
-        let mut offs = 0;
-        while offs < text.len() {
-            let n = utf8_len(text[offs]).min(text.len() - offs);
-            let index = w.symbols.len() as isize;
+        let len = text.len() as u32;
+        let mut offs = 0u32;
+        while offs < len {
+            let n = (utf8_len(text[offs as usize]) as u32).min(len - offs);
+            let index = w.symbols.len() as u32;
             offs += n;
             w.symbols.push(Symbol {
                 start: offs - n,
                 n,
-                prev: index - 1,
-                next: if offs == text.len() { -1 } else { index + 1 },
+                prev: index.wrapping_sub(1),
+                next: if offs == len { NONE } else { index + 1 },
             });
         }
-        for i in 1..w.symbols.len() {
-            self.try_add_bigram(text, w, i as isize - 1, i as isize);
+        // Seed with every adjacent pair, heapified at once (the pop order is the same).
+        let mut seed = std::mem::take(&mut w.queue).into_vec();
+        for i in 1..w.symbols.len() as u32 {
+            if let Some(b) = self.bigram(text, &w.symbols, i - 1, i) {
+                seed.push(b);
+            }
         }
+        w.queue = BinaryHeap::from(seed);
         while let Some(b) = w.queue.pop() {
-            let (l, r) = (w.symbols[b.left], w.symbols[b.right]);
+            let left = b.left();
+            let (l, r) = (w.symbols[left as usize], w.symbols[b.right as usize]);
             if l.n == 0 || r.n == 0 || l.n + r.n != b.size {
                 continue;
             }
-            w.symbols[b.left].n += r.n;
-            w.symbols[b.right].n = 0;
-            w.symbols[b.left].next = r.next;
-            if r.next >= 0 {
-                w.symbols[r.next as usize].prev = b.left as isize;
+            w.symbols[left as usize].n += r.n;
+            w.symbols[b.right as usize].n = 0;
+            w.symbols[left as usize].next = r.next;
+            if r.next != NONE {
+                w.symbols[r.next as usize].prev = left;
             }
-            self.try_add_bigram(text, w, l.prev, b.left as isize);
-            self.try_add_bigram(text, w, b.left as isize, r.next);
+            self.try_add_bigram(text, w, l.prev, left);
+            self.try_add_bigram(text, w, left, r.next);
         }
-        let mut i: isize = if w.symbols.is_empty() { -1 } else { 0 };
-        while i >= 0 {
+        let mut i = if w.symbols.is_empty() { NONE } else { 0 };
+        while i != NONE {
             let s = w.symbols[i as usize];
-            let piece = &text[s.start..s.start + s.n];
-            match self.index.get(piece) {
-                Some(&id) => out.push(id),
-                // Merged symbols are always vocabulary pieces, so only single characters get here
-                // (llama.cpp's rev_merge lookup never succeeds for them).
-                None => {
-                    for &byte in piece {
-                        out.extend(self.byte_ids[byte as usize].or(self.unk));
-                    }
-                }
-            }
+            self.emit_piece(&text[s.start as usize..(s.start + s.n) as usize], out);
             i = s.next;
         }
     }
 
-    fn try_add_bigram(&self, text: &[u8], w: &mut Work, left: isize, right: isize) {
-        if left < 0 || right < 0 {
-            return;
+    fn try_add_bigram(&self, text: &[u8], w: &mut Work, left: u32, right: u32) {
+        if let Some(b) = self.bigram(text, &w.symbols, left, right) {
+            w.queue.push(b);
         }
-        let (l, r) = (w.symbols[left as usize], w.symbols[right as usize]);
+    }
+
+    /// The merge of symbols `left` and `right` if their concatenation is a vocabulary piece.
+    fn bigram(&self, text: &[u8], symbols: &[Symbol], left: u32, right: u32) -> Option<Bigram> {
+        if left == NONE || right == NONE {
+            return None;
+        }
+        let (l, r) = (symbols[left as usize], symbols[right as usize]);
         let size = l.n + r.n;
-        let Some(&id) = self.index.get(&text[l.start..l.start + size]) else {
-            return;
-        };
-        w.queue.push(Bigram {
-            left: left as usize,
-            right: right as usize,
-            score: self.scores[id as usize],
+        let start = l.start as usize;
+        let &id = self.index.get(&text[start..start + size as usize])?;
+        Some(Bigram {
+            key: (u64::from(self.ranks[id as usize]) << 32) | u64::from(u32::MAX - left),
+            right,
             size,
-        });
+        })
     }
 
     /// The token's text as bytes, as llama.cpp's `token_to_piece(id, special = true)`: U+2581 ->
@@ -989,6 +1081,39 @@ mod tests {
                 format!(" {s}").replace('\u{2581}', " ")
             };
             assert_eq!(bytes, want.as_bytes(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn cutting_at_unseen_pairs_changes_nothing() {
+        // The merge loop on whole fragments vs. cut between characters no piece joins.
+        let t = build(&[
+            ("▁", -1.0),
+            ("a", -1.0),
+            ("b", -1.0),
+            ("▁a", -0.5),
+            ("ab", -0.7),
+            ("ba", -0.6),
+            ("▁ab", -0.2),
+            ("aba", -0.3),
+            ("▁▁", -0.4),
+            ("中文", -0.1),
+            ("b中", -0.9),
+        ]);
+        let pool = ["a", "b", "▁", "中", "文", "\n", "c"];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for len in 0..400 {
+            let mut s = String::new();
+            for _ in 0..len % 60 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                s.push_str(pool[(x % pool.len() as u64) as usize]);
+            }
+            let (mut w, mut cut, mut whole) = (Work::default(), Vec::new(), Vec::new());
+            t.spm(s.as_bytes(), &mut w, &mut cut);
+            t.spm_run(s.as_bytes(), &mut w, &mut whole);
+            assert_eq!(cut, whole, "{s:?}");
         }
     }
 }
