@@ -7,6 +7,7 @@ mod merge;
 mod model;
 mod progress;
 mod quant_plan;
+mod tokenizer;
 mod transcode;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Command {
     Quantize(cmd::quantize::Args),
     /// Perplexity of a GGUF model on a text, computed as llama-perplexity does.
     Perplexity(cmd::perplexity::Args),
+    /// Tokenize text with a GGUF model's vocabulary, as llama.cpp's llama-tokenize does.
+    Tokenize(cmd::tokenize::Args),
 }
 
 /// What a subcommand reports back: success, or a check that failed (exit 1).
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Merge(a) => cmd::merge::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
+        Command::Tokenize(a) => cmd::tokenize::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

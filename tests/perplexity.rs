@@ -54,27 +54,6 @@ fn final_ppl(s: &str) -> Option<f64> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-/// Token ids of `text` as llama.cpp tokenizes it for llama-perplexity (one trailing newline
-/// dropped, BOS added), written for `kiln perplexity --token-ids`.
-fn llama_ids(bin: &Path, model: &Path, text: &Path, dir: &Path) -> PathBuf {
-    let mut t = std::fs::read(text).unwrap();
-    if t.last() == Some(&b'\n') {
-        t.pop();
-    }
-    let stripped = dir.join("text.txt");
-    std::fs::write(&stripped, &t).unwrap();
-    let o = Command::new(bin.join("llama-tokenize"))
-        .args(["-m", model.to_str().unwrap(), "-f"])
-        .arg(&stripped)
-        .args(["--ids", "--log-disable"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "llama-tokenize failed");
-    let ids = dir.join("ids.txt");
-    std::fs::write(&ids, &o.stdout).unwrap();
-    ids
-}
-
 #[test]
 fn same_ppl_as_llama_perplexity() {
     let Some(fx) = fixtures() else { return };
@@ -85,7 +64,6 @@ fn same_ppl_as_llama_perplexity() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let f16 = f16_model(&fx, tmp.path());
-    let ids = llama_ids(&bin, &f16, &text, tmp.path());
     let mut report = Vec::new();
     for (ty, tol) in TYPES {
         let model = if ty == "F16" {
@@ -120,8 +98,8 @@ fn same_ppl_as_llama_perplexity() {
             "perplexity",
             "-m",
             model.to_str().unwrap(),
-            "--token-ids",
-            ids.to_str().unwrap(),
+            "-f",
+            text.to_str().unwrap(),
             "-c",
             CTX,
             "--chunks",

@@ -5,3 +5,4 @@ pub mod inspect;
 pub mod merge;
 pub mod perplexity;
 pub mod quantize;
+pub mod tokenize;

@@ -4,10 +4,11 @@
 use crate::eval::perplexity::{n_chunks, perplexity, PplParams};
 use crate::model::cpu::CpuBackend;
 use crate::model::{Backend, Model};
+use crate::tokenizer::Tokenizer;
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_formats::gguf::{GgufFile, GgufHeader};
+use kiln_formats::gguf::GgufFile;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,24 +62,9 @@ fn read_ids(path: &Path) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// BOS id and whether the vocabulary adds it (llama.cpp's defaults for an SPM vocabulary).
-fn bos_of(h: &GgufHeader) -> (u32, bool) {
-    let bos = h
-        .get("tokenizer.ggml.bos_token_id")
-        .and_then(|v| v.as_u32())
-        .unwrap_or(1);
-    let add = h
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(true);
-    (bos, add)
-}
-
-/// Tokenizes the text with the model's own vocabulary.
-fn tokenize(h: &GgufHeader, text: &str) -> Result<Vec<u32>> {
-    let _ = text;
-    let _ = h;
-    bail!("the built-in tokenizer is not available in this build; pass --token-ids")
+/// BOS id and whether it is added, from the model's vocabulary.
+fn bos_of(tok: &Tokenizer) -> (u32, bool) {
+    (tok.bos().unwrap_or(1), tok.add_bos() && tok.bos().is_some())
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
@@ -91,7 +77,12 @@ pub fn run(a: Args) -> Result<Outcome> {
             a.model.display()
         );
     }
-    let (bos, add_bos) = bos_of(&file);
+    let tok = Tokenizer::from_gguf(&file)
+        .with_context(|| format!("reading the vocabulary of {}", a.model.display()))?;
+    if tok.add_eos() {
+        bail!("the vocabulary adds EOS; llama-perplexity refuses such models too");
+    }
+    let (bos, add_bos) = bos_of(&tok);
     let tokens = match (&a.token_ids, &a.file) {
         (Some(ids), _) => read_ids(ids)?,
         (None, Some(f)) => {
@@ -108,7 +99,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             if text.is_empty() {
                 bail!("{} is empty", f.display());
             }
-            tokenize(&file, &text)?
+            tok.encode(&text, true, false)
         }
         (None, None) => bail!("give the text with -f"),
     };
