@@ -238,28 +238,31 @@ pub fn run(a: Args) -> Result<Outcome> {
         .collect();
     let mut w = GgufWriter::create(out_path, &meta, &infos)
         .with_context(|| format!("creating {}", out_path.display()))?;
+    let in_file =
+        std::fs::File::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let pb = progress::bytes_bar(total_in, a.quiet);
     for (t, ty) in order.iter().zip(&types) {
         pb.set_message(format!("{} {} -> {}", t.name, t.ty, ty));
         let src = input.tensor_data(t);
         let rows = (t.n_elements() / t.row_len().max(1)) as usize;
-        // A tensor that keeps its type goes from the input map straight to the file.
-        let encoded;
-        let bytes = if t.ty == *ty {
-            src
-        } else {
-            encoded = crate::transcode::transcode(
-                &t.name,
-                t.ty,
-                src,
-                *ty,
-                rows,
-                t.row_len() as usize,
-                &crate::transcode::same_row,
-            )?;
-            &encoded[..]
-        };
-        w.write_tensor(&t.name, bytes)
+        if t.ty == *ty {
+            // A tensor that keeps its type is copied file to file by the kernel.
+            w.write_tensor_from_file(&t.name, &in_file, input.data_offset + t.offset, t.n_bytes())
+                .with_context(|| format!("writing {}", out_path.display()))?;
+            input.release(t);
+            pb.inc(t.n_bytes());
+            continue;
+        }
+        let bytes = crate::transcode::transcode(
+            &t.name,
+            t.ty,
+            src,
+            *ty,
+            rows,
+            t.row_len() as usize,
+            &crate::transcode::same_row,
+        )?;
+        w.write_tensor(&t.name, &bytes)
             .with_context(|| format!("writing {}", out_path.display()))?;
         input.release(t);
         pb.inc(t.n_bytes());

@@ -200,6 +200,40 @@ impl GgufWriter {
     /// Next tensor's bytes; must be the next in order and exactly n_bytes long; pads to alignment.
     /// A rejected call (wrong name or size) writes nothing, so the right tensor may follow.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), GgufError> {
+        self.write_tensor_with(name, data.len() as u64, |out| out.write_all(data))
+    }
+
+    /// Next tensor's bytes copied from `src` at `offset` (`n_bytes` of them) by the kernel
+    /// (`copy_file_range` where the file system allows), for tensors that pass through unchanged.
+    pub fn write_tensor_from_file(
+        &mut self,
+        name: &str,
+        src: &std::fs::File,
+        offset: u64,
+        n_bytes: u64,
+    ) -> Result<(), GgufError> {
+        self.write_tensor_with(name, n_bytes, |out| {
+            use std::io::{Read, Seek, SeekFrom};
+            out.flush()?;
+            let mut from = src;
+            from.seek(SeekFrom::Start(offset))?;
+            let copied = std::io::copy(&mut from.take(n_bytes), out.get_mut().file())?;
+            if copied != n_bytes {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("source ended after {copied} of {n_bytes} bytes"),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    fn write_tensor_with(
+        &mut self,
+        name: &str,
+        len: u64,
+        write: impl FnOnce(&mut BufWriter<AtomicFile>) -> std::io::Result<()>,
+    ) -> Result<(), GgufError> {
         if self.poisoned {
             return Err(GgufError::Poisoned.in_file(&self.path));
         }
@@ -220,16 +254,16 @@ impl GgufWriter {
             .in_file(&self.path));
         }
         let n_bytes = info.n_bytes();
-        if data.len() as u64 != n_bytes {
+        if len != n_bytes {
             return Err(GgufError::TensorSize {
                 tensor: name.to_owned(),
                 expected: n_bytes,
-                found: data.len() as u64,
+                found: len,
             }
             .in_file(&self.path));
         }
         let mut pad = pad_to(n_bytes, self.alignment).unwrap_or(n_bytes) - n_bytes;
-        let mut result = self.out.write_all(data);
+        let mut result = write(&mut self.out);
         while result.is_ok() && pad > 0 {
             let n = pad.min(ZEROS.len() as u64) as usize;
             result = self.out.write_all(&ZEROS[..n]);
@@ -450,6 +484,33 @@ mod tests {
             assert!(serialize_header(&md, &ts).is_err());
             assert!(empty_dir(dir.path()));
         }
+    }
+
+    #[test]
+    fn tensor_copied_from_a_file_equals_written_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.bin");
+        std::fs::write(&src, (0u8..=255).cycle().take(1000).collect::<Vec<u8>>()).unwrap();
+        let meta = vec![];
+        let infos = vec![("t".to_string(), vec![10u64], GgmlType::F32)];
+        let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+        let mut w = GgufWriter::create(&a, &meta, &infos).unwrap();
+        w.write_tensor_from_file("t", &std::fs::File::open(&src).unwrap(), 100, 40)
+            .unwrap();
+        w.finish().unwrap();
+        let mut w = GgufWriter::create(&b, &meta, &infos).unwrap();
+        w.write_tensor("t", &std::fs::read(&src).unwrap()[100..140])
+            .unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        // A source too short is an error and leaves nothing behind.
+        let c = dir.path().join("c.gguf");
+        let mut w = GgufWriter::create(&c, &meta, &infos).unwrap();
+        assert!(w
+            .write_tensor_from_file("t", &std::fs::File::open(&src).unwrap(), 990, 40)
+            .is_err());
+        drop(w);
+        assert!(!c.exists());
     }
 
     #[test]
