@@ -18,6 +18,26 @@ pub fn transcode(
     cols: usize,
     src_row_of: &(dyn Fn(usize) -> usize + Sync),
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    transcode_into(
+        tensor, src_ty, src, dst_ty, rows, cols, src_row_of, &mut out,
+    )?;
+    Ok(out)
+}
+
+/// [`transcode`] into a caller's buffer, so a loop over tensors reuses one allocation (its pages stay
+/// mapped instead of being faulted in again for every tensor).
+#[allow(clippy::too_many_arguments)]
+pub fn transcode_into(
+    tensor: &str,
+    src_ty: GgmlType,
+    src: &[u8],
+    dst_ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    src_row_of: &(dyn Fn(usize) -> usize + Sync),
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let in_row = src_ty
         .row_size(cols as u64)
         .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {src_ty}"))?
@@ -33,7 +53,8 @@ pub fn transcode(
             rows * in_row
         );
     }
-    let mut out = vec![0u8; rows * out_row];
+    out.clear();
+    out.resize(rows * out_row, 0);
     if src_ty == dst_ty {
         out.par_chunks_mut(out_row)
             .enumerate()
@@ -41,7 +62,7 @@ pub fn transcode(
                 let s = src_row_of(r);
                 dst.copy_from_slice(&src[s * in_row..(s + 1) * in_row]);
             });
-        return Ok(out);
+        return Ok(());
     }
     out.par_chunks_mut(out_row)
         .enumerate()
@@ -65,7 +86,7 @@ pub fn transcode(
                 Ok(())
             },
         )?;
-    Ok(out)
+    Ok(())
 }
 
 /// The identity row map.

@@ -241,6 +241,7 @@ pub fn run(a: Args) -> Result<Outcome> {
     let in_file =
         std::fs::File::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let pb = progress::bytes_bar(total_in, a.quiet);
+    let mut bytes = Vec::new();
     for (t, ty) in order.iter().zip(&types) {
         pb.set_message(format!("{} {} -> {}", t.name, t.ty, ty));
         let src = input.tensor_data(t);
@@ -253,7 +254,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             pb.inc(t.n_bytes());
             continue;
         }
-        let bytes = crate::transcode::transcode(
+        crate::transcode::transcode_into(
             &t.name,
             t.ty,
             src,
@@ -261,6 +262,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             rows,
             t.row_len() as usize,
             &crate::transcode::same_row,
+            &mut bytes,
         )?;
         w.write_tensor(&t.name, &bytes)
             .with_context(|| format!("writing {}", out_path.display()))?;
