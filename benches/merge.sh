@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 OUT=${BENCH_OUT:-bench-out}
 mkdir -p "$OUT"
 free_gb=$(df -BG --output=avail "$OUT" | tail -1 | tr -dc 0-9)
-PRESET=${1:-$([ "$free_gb" -ge 40 ] && echo 7b || echo 3b)}
+# 7b when its inputs are already generated (the runs need ~15 GB more) or 40 GB are free
+PRESET=${1:-$([ -f "$OUT/base-7b/.complete" ] || [ "$free_gb" -ge 40 ] && echo 7b || echo 3b)}
 case $PRESET in 7b | 3b) ;; *) echo "usage: $0 [7b|3b]" >&2; exit 2 ;; esac
 cargo build --release -q
 KILN=target/release/kiln
