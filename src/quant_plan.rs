@@ -414,6 +414,26 @@ impl<'a> Planner<'a> {
     }
 }
 
+/// The metadata llama-quantize writes: every input key in order, without `split.*`, with
+/// `general.quantization_version` and `general.file_type` removed and re-appended as the last two keys.
+pub fn quantized_metadata(
+    input: impl IntoIterator<Item = (String, kiln_formats::gguf::GgufValue)>,
+    ftype: Ftype,
+) -> Vec<(String, kiln_formats::gguf::GgufValue)> {
+    use kiln_formats::gguf::GgufValue;
+    let mut meta: Vec<(String, GgufValue)> = input
+        .into_iter()
+        .filter(|(k, _)| {
+            k != "general.quantization_version"
+                && k != "general.file_type"
+                && !k.starts_with("split.")
+        })
+        .collect();
+    meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
+    meta.push(("general.file_type".into(), GgufValue::U32(ftype.id())));
+    meta
+}
+
 /// The sort key of llama.cpp's model loader: tensors without a `blk.N.` prefix first (layer -1),
 /// then by layer number, then by name (byte order).
 pub fn loader_order_key(name: &str) -> (i64, &str) {

@@ -9,7 +9,7 @@ use crate::Outcome;
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::atomic::AtomicFile;
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
-use kiln_formats::gguf::{GgufValue, GgufWriter};
+use kiln_formats::gguf::GgufWriter;
 use kiln_formats::hf::LlamaConfig;
 use kiln_quant::GgmlType;
 use sha2::{Digest, Sha256};
@@ -523,14 +523,7 @@ pub fn run(a: Args) -> Result<Outcome> {
                     .collect();
                 let types = Planner::plan(*ft, shape, &Overrides::default(), &pin);
                 // As llama-quantize rewrites the F16 file's keys.
-                let mut m: Vec<(String, GgufValue)> = meta
-                    .into_iter()
-                    .filter(|(k, _)| {
-                        k != "general.quantization_version" && k != "general.file_type"
-                    })
-                    .collect();
-                m.push(("general.quantization_version".into(), GgufValue::U32(2)));
-                m.push(("general.file_type".into(), GgufValue::U32(ft.id())));
+                let m = crate::quant_plan::quantized_metadata(meta, *ft);
                 (m, Some(types))
             }
         };

@@ -4,7 +4,7 @@ use crate::progress;
 use crate::quant_plan::{self, Ftype, ModelShape, Overrides, PlanTensor, Planner};
 use crate::Outcome;
 use anyhow::{anyhow, bail, Context, Result};
-use kiln_formats::gguf::{GgufFile, GgufValue, GgufWriter, TensorInfo};
+use kiln_formats::gguf::{GgufFile, GgufWriter, TensorInfo};
 use kiln_quant::GgmlType;
 use regex::Regex;
 use std::path::PathBuf;
@@ -219,18 +219,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         bail!("missing TYPE: one of {TYPES_HELP}");
     }
 
-    let mut meta: Vec<(String, GgufValue)> = input
-        .metadata
-        .iter()
-        .filter(|(k, _)| {
-            k != "general.quantization_version"
-                && k != "general.file_type"
-                && !k.starts_with("split.")
-        })
-        .cloned()
-        .collect();
-    meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
-    meta.push(("general.file_type".into(), GgufValue::U32(ftype.id())));
+    let meta = quant_plan::quantized_metadata(input.metadata.iter().cloned(), ftype);
     let infos: Vec<(String, Vec<u64>, GgmlType)> = order
         .iter()
         .zip(&types)
