@@ -44,45 +44,62 @@ fn python_ok() -> bool {
         .unwrap_or(false)
 }
 
+/// Runs a fixture generator (`python3 SCRIPT OUT --shared SHARED`) once into `target/NAME`, again
+/// whenever one of the generator scripts changed. None (with a printed reason) when Python or
+/// ../shared is missing.
+fn generated(name: &str, script: &str, generators: &[&str]) -> Option<PathBuf> {
+    let shared = shared_dir().or_else(|| {
+        eprintln!("skipping: ../shared not found (set KILN_SHARED)");
+        None
+    })?;
+    if !python_ok() {
+        eprintln!("skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed");
+        return None;
+    }
+    let out = root().join("target").join(name);
+    let stamp = generators
+        .iter()
+        .map(|f| sha256_file(&root().join(f)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if std::fs::read_to_string(out.join(".complete"))
+        .ok()
+        .as_deref()
+        == Some(stamp.as_str())
+    {
+        return Some(out);
+    }
+    let tmp = root()
+        .join("target")
+        .join(format!("{name}.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let st = Command::new("python3")
+        .arg(root().join(script))
+        .arg(&tmp)
+        .arg("--shared")
+        .arg(&shared)
+        .status()
+        .expect("python3 runs");
+    assert!(st.success(), "{script} failed");
+    std::fs::write(tmp.join(".complete"), &stamp).unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+    // Another test binary may have won the race; either copy is complete.
+    if std::fs::rename(&tmp, &out).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    assert!(out.join(".complete").is_file());
+    Some(out)
+}
+
 /// The generated fixture models (`fixtures/gen_models.py`), made once per target folder.
-/// None (with a printed reason) when Python or ../shared is missing.
 pub fn fixtures() -> Option<PathBuf> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     DIR.get_or_init(|| {
-        let shared = shared_dir().or_else(|| {
-            eprintln!("skipping: ../shared not found (set KILN_SHARED)");
-            None
-        })?;
-        if !python_ok() {
-            eprintln!(
-                "skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed"
-            );
-            return None;
-        }
-        let out = root().join("target").join("kiln-fixtures");
-        let stamp = out.join(".complete");
-        if stamp.is_file() {
-            return Some(out);
-        }
-        let tmp = root()
-            .join("target")
-            .join(format!("kiln-fixtures.tmp{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let st = Command::new("python3")
-            .arg(root().join("fixtures/gen_models.py"))
-            .arg(&tmp)
-            .arg("--shared")
-            .arg(&shared)
-            .status()
-            .expect("python3 runs");
-        assert!(st.success(), "fixtures/gen_models.py failed");
-        std::fs::write(tmp.join(".complete"), b"ok").unwrap();
-        // Another test binary may have won the race; either copy is complete.
-        if std::fs::rename(&tmp, &out).is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        assert!(stamp.is_file());
-        Some(out)
+        generated(
+            "kiln-fixtures",
+            "fixtures/gen_models.py",
+            &["fixtures/gen_models.py", "fixtures/torchsave.py"],
+        )
     })
     .clone()
 }
@@ -141,57 +158,19 @@ pub fn sha256_file(p: &Path) -> String {
 }
 
 /// The generated LoRA fixtures (`fixtures/gen_lora.py`: a GQA base and PEFT adapters), made once per
-/// target folder. None (with a printed reason) when Python or ../shared is missing.
+/// target folder.
 pub fn lora_fixtures() -> Option<PathBuf> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     DIR.get_or_init(|| {
-        let shared = shared_dir().or_else(|| {
-            eprintln!("skipping: ../shared not found (set KILN_SHARED)");
-            None
-        })?;
-        if !python_ok() {
-            eprintln!(
-                "skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed"
-            );
-            return None;
-        }
-        let out = root().join("target").join("kiln-lora-fixtures");
-        // Regenerate when a generator changed since the fixtures were made.
-        let stamp = [
+        generated(
+            "kiln-lora-fixtures",
             "fixtures/gen_lora.py",
-            "fixtures/gen_models.py",
-            "fixtures/torchsave.py",
-        ]
-        .iter()
-        .map(|f| sha256_file(&root().join(f)))
-        .collect::<Vec<_>>()
-        .join("\n");
-        if std::fs::read_to_string(out.join(".complete"))
-            .ok()
-            .as_deref()
-            == Some(stamp.as_str())
-        {
-            return Some(out);
-        }
-        let tmp = root()
-            .join("target")
-            .join(format!("kiln-lora-fixtures.tmp{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let st = Command::new("python3")
-            .arg(root().join("fixtures/gen_lora.py"))
-            .arg(&tmp)
-            .arg("--shared")
-            .arg(&shared)
-            .status()
-            .expect("python3 runs");
-        assert!(st.success(), "fixtures/gen_lora.py failed");
-        std::fs::write(tmp.join(".complete"), &stamp).unwrap();
-        let _ = std::fs::remove_dir_all(&out);
-        if std::fs::rename(&tmp, &out).is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        assert!(out.join(".complete").is_file());
-        Some(out)
+            &[
+                "fixtures/gen_lora.py",
+                "fixtures/gen_models.py",
+                "fixtures/torchsave.py",
+            ],
+        )
     })
     .clone()
 }
