@@ -1,5 +1,6 @@
-//! SentencePiece `tokenizer.model` reader: a small protobuf wire reader for `ModelProto` (pieces,
-//! trainer spec, normalizer spec) that honours proto2 defaults and rejects malformed input.
+//! SentencePiece `tokenizer.model` reader and writer: a small protobuf wire reader for `ModelProto`
+//! (pieces, trainer spec, normalizer spec) that honours proto2 defaults and rejects malformed input,
+//! and [`SpModel::to_bytes`], which serializes the same fields back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -300,6 +301,106 @@ impl SpModel {
             .position(|p| p.piece == s)
             .and_then(|i| u32::try_from(i).ok())
     }
+}
+
+impl SpModel {
+    /// A model of `pieces` with the proto2 defaults for every setting (callers set the public
+    /// fields they need before [`SpModel::to_bytes`]).
+    pub fn with_pieces(pieces: Vec<Piece>) -> SpModel {
+        let index = pieces
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((p.piece.clone(), u32::try_from(i).ok()?)))
+            .collect();
+        SpModel {
+            pieces,
+            index,
+            ..SpModel::default()
+        }
+    }
+
+    /// Serializes the model as a `ModelProto` (pieces, then the trainer spec, the normalizer spec
+    /// and, when [`SpModel::has_denormalizer`], an identity denormalizer spec): the fields
+    /// [`SpModel::parse`] reads, every one written explicitly so no reader depends on defaults.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in &self.pieces {
+            let mut m = Vec::new();
+            w_bytes(&mut m, 1, p.piece.as_bytes());
+            w_float(&mut m, 2, p.score);
+            if p.kind != PieceType::Normal {
+                w_int(&mut m, 3, i64::from(p.kind.proto_value()));
+            }
+            w_bytes(&mut out, 1, &m);
+        }
+        let mut t = Vec::new();
+        w_int(&mut t, 3, i64::from(self.model_type));
+        w_int(&mut t, 4, i64::from(self.vocab_size));
+        w_int(&mut t, 20, i64::from(self.max_piece_length));
+        w_int(&mut t, 21, i64::from(self.split_by_unicode_script));
+        w_int(&mut t, 22, i64::from(self.split_by_whitespace));
+        w_int(&mut t, 23, i64::from(self.split_by_number));
+        w_int(&mut t, 24, i64::from(self.treat_whitespace_as_suffix));
+        w_int(&mut t, 25, i64::from(self.split_digits));
+        w_int(&mut t, 26, i64::from(self.allow_whitespace_only_pieces));
+        w_int(&mut t, 35, i64::from(self.byte_fallback));
+        w_int(&mut t, 40, i64::from(self.unk_id));
+        w_int(&mut t, 41, i64::from(self.bos_id));
+        w_int(&mut t, 42, i64::from(self.eos_id));
+        w_int(&mut t, 43, i64::from(self.pad_id));
+        w_bytes(&mut t, 44, self.unk_surface.as_bytes());
+        w_bytes(&mut t, 45, self.unk_piece.as_bytes());
+        w_bytes(&mut t, 46, self.bos_piece.as_bytes());
+        w_bytes(&mut t, 47, self.eos_piece.as_bytes());
+        w_bytes(&mut t, 48, self.pad_piece.as_bytes());
+        w_bytes(&mut out, 2, &t);
+        let mut n = Vec::new();
+        w_bytes(&mut n, 1, self.normalizer_name.as_bytes());
+        w_bytes(&mut n, 2, &self.precompiled_charsmap);
+        w_int(&mut n, 3, i64::from(self.add_dummy_prefix));
+        w_int(&mut n, 4, i64::from(self.remove_extra_whitespaces));
+        w_int(&mut n, 5, i64::from(self.escape_whitespaces));
+        w_bytes(&mut out, 3, &n);
+        if self.has_denormalizer {
+            let mut d = Vec::new();
+            w_bytes(&mut d, 1, b"identity");
+            w_bytes(&mut out, 5, &d);
+        }
+        out
+    }
+}
+
+fn w_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn w_key(out: &mut Vec<u8>, field: u32, wt: u8) {
+    w_varint(out, (u64::from(field) << 3) | u64::from(wt));
+}
+
+fn w_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
+    w_key(out, field, WT_LEN);
+    w_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+/// An int32/enum/bool field: negative values sign-extended to ten bytes, as protobuf writes them.
+fn w_int(out: &mut Vec<u8>, field: u32, v: i64) {
+    w_key(out, field, WT_VARINT);
+    w_varint(out, v as u64);
+}
+
+fn w_float(out: &mut Vec<u8>, field: u32, v: f32) {
+    w_key(out, field, WT_I32);
+    out.extend_from_slice(&v.to_le_bytes());
 }
 
 fn parse_piece(buf: &[u8], base: usize, index: usize) -> Result<Piece, SpError> {
@@ -723,6 +824,181 @@ mod tests {
         assert_eq!(m.max_piece_length, 16);
         assert_eq!(m.piece_to_id("▁a"), Some(2));
         assert_eq!(m.piece_to_id("zz"), None);
+    }
+
+    fn same_settings(a: &SpModel, b: &SpModel) {
+        assert_eq!(a.pieces.len(), b.pieces.len());
+        for (x, y) in a.pieces.iter().zip(&b.pieces) {
+            assert_eq!(
+                (&x.piece, x.score.to_bits(), x.kind),
+                (&y.piece, y.score.to_bits(), y.kind)
+            );
+        }
+        assert_eq!(
+            (
+                a.model_type,
+                a.vocab_size,
+                a.unk_id,
+                a.bos_id,
+                a.eos_id,
+                a.pad_id
+            ),
+            (
+                b.model_type,
+                b.vocab_size,
+                b.unk_id,
+                b.bos_id,
+                b.eos_id,
+                b.pad_id
+            )
+        );
+        assert_eq!(
+            (
+                &a.unk_piece,
+                &a.bos_piece,
+                &a.eos_piece,
+                &a.pad_piece,
+                &a.unk_surface
+            ),
+            (
+                &b.unk_piece,
+                &b.bos_piece,
+                &b.eos_piece,
+                &b.pad_piece,
+                &b.unk_surface
+            )
+        );
+        assert_eq!(
+            (
+                a.byte_fallback,
+                a.split_digits,
+                a.split_by_unicode_script,
+                a.split_by_number
+            ),
+            (
+                b.byte_fallback,
+                b.split_digits,
+                b.split_by_unicode_script,
+                b.split_by_number
+            )
+        );
+        assert_eq!(
+            (
+                a.split_by_whitespace,
+                a.treat_whitespace_as_suffix,
+                a.allow_whitespace_only_pieces
+            ),
+            (
+                b.split_by_whitespace,
+                b.treat_whitespace_as_suffix,
+                b.allow_whitespace_only_pieces
+            )
+        );
+        assert_eq!(a.max_piece_length, b.max_piece_length);
+        assert_eq!(
+            (
+                &a.normalizer_name,
+                &a.precompiled_charsmap,
+                a.has_denormalizer
+            ),
+            (
+                &b.normalizer_name,
+                &b.precompiled_charsmap,
+                b.has_denormalizer
+            )
+        );
+        assert_eq!(
+            (
+                a.add_dummy_prefix,
+                a.remove_extra_whitespaces,
+                a.escape_whitespaces
+            ),
+            (
+                b.add_dummy_prefix,
+                b.remove_extra_whitespaces,
+                b.escape_whitespaces
+            )
+        );
+    }
+
+    #[test]
+    fn writer_round_trips_the_synthetic_model() {
+        let m = SpModel::parse(&synthetic()).unwrap();
+        let again = SpModel::parse(&m.to_bytes()).unwrap();
+        same_settings(&m, &again);
+        assert_eq!(again.to_bytes(), m.to_bytes());
+    }
+
+    #[test]
+    fn writer_round_trips_the_llama_tokenizers() {
+        for rel in [
+            "fixtures/llama-2-tokenizer/tokenizer.model",
+            "fixtures/chinese-llama-2-tokenizer/tokenizer.model",
+        ] {
+            let Some(p) = fixture(rel) else { return };
+            let m = SpModel::open(&p).unwrap();
+            let again = SpModel::parse(&m.to_bytes()).unwrap();
+            same_settings(&m, &again);
+        }
+    }
+
+    #[test]
+    fn with_pieces_indexes_its_pieces() {
+        let mut m = SpModel::with_pieces(vec![
+            Piece {
+                piece: "<unk>".into(),
+                score: 0.0,
+                kind: PieceType::Unknown,
+            },
+            Piece {
+                piece: "▁x".into(),
+                score: -2.0,
+                kind: PieceType::Normal,
+            },
+        ]);
+        m.byte_fallback = true;
+        m.pad_id = -1;
+        assert_eq!(m.piece_to_id("▁x"), Some(1));
+        let again = SpModel::parse(&m.to_bytes()).unwrap();
+        same_settings(&m, &again);
+        assert_eq!(again.pad_id, -1);
+    }
+
+    proptest! {
+        #[test]
+        fn writer_round_trips_any_model(
+            pieces in proptest::collection::btree_set("[a-z\u{4e00}-\u{4e10}▁]{1,6}", 1..40),
+            scores in proptest::collection::vec(-100.0f32..0.0, 40),
+            kinds in proptest::collection::vec(1i64..=6, 40),
+            ids in proptest::collection::vec(-1i32..100, 4),
+            flags in proptest::collection::vec(any::<bool>(), 12),
+            name in "[a-z_]{0,12}",
+        ) {
+            let list: Vec<Piece> = pieces.into_iter().enumerate().map(|(i, p)| Piece {
+                piece: p,
+                score: scores[i % scores.len()],
+                kind: PieceType::from_proto(kinds[i % kinds.len()]).unwrap(),
+            }).collect();
+            let mut m = SpModel::with_pieces(list);
+            m.unk_id = ids[0];
+            m.bos_id = ids[1];
+            m.eos_id = ids[2];
+            m.pad_id = ids[3];
+            m.byte_fallback = flags[0];
+            m.split_digits = flags[1];
+            m.split_by_unicode_script = flags[2];
+            m.split_by_number = flags[3];
+            m.split_by_whitespace = flags[4];
+            m.treat_whitespace_as_suffix = flags[5];
+            m.allow_whitespace_only_pieces = flags[6];
+            m.add_dummy_prefix = flags[7];
+            m.remove_extra_whitespaces = flags[8];
+            m.escape_whitespaces = flags[9];
+            m.has_denormalizer = flags[10];
+            m.normalizer_name = name;
+            let again = SpModel::parse(&m.to_bytes()).unwrap();
+            same_settings(&m, &again);
+        }
     }
 
     #[test]
