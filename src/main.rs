@@ -5,6 +5,7 @@ mod convert;
 mod eval;
 mod merge;
 mod model;
+mod pipeline;
 mod progress;
 mod quant_plan;
 mod tokenizer;
@@ -35,6 +36,10 @@ enum Command {
     Perplexity(cmd::perplexity::Args),
     /// Tokenize text with a GGUF model's vocabulary, as llama.cpp's llama-tokenize does.
     Tokenize(cmd::tokenize::Args),
+    /// Base + LoRA(s) → F16 and quantized GGUFs, perplexity per level, report; resumable.
+    Pipeline(cmd::pipeline::Args),
+    /// Re-hash every file listed in a folder's SHA256SUMS.
+    Verify(cmd::verify::Args),
 }
 
 /// What a subcommand reports back: success, or a check that failed (exit 1).
@@ -59,6 +64,8 @@ fn main() -> ExitCode {
         Command::Merge(a) => cmd::merge::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Pipeline(a) => cmd::pipeline::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

@@ -4,5 +4,7 @@ pub mod convert;
 pub mod inspect;
 pub mod merge;
 pub mod perplexity;
+pub mod pipeline;
 pub mod quantize;
 pub mod tokenize;
+pub mod verify;

@@ -1,0 +1,153 @@
+//! The pipeline's evaluation steps: tokenizing the eval texts (with a GGUF's vocabulary, or with an
+//! HF/PEFT folder's tokenizer files before any GGUF exists) and perplexity exactly as
+//! `kiln perplexity` computes it, written as one small JSON result per model and text.
+
+use crate::eval::perplexity::{n_chunks, perplexity, PplParams};
+use crate::model::cpu::CpuBackend;
+use crate::model::{Backend, Model};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use kiln_formats::gguf::{serialize_header, GgufFile, GgufHeader};
+use kiln_formats::hf::LlamaConfig;
+use kiln_formats::sentencepiece::SpModel;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest eval text read (bytes), as `kiln perplexity`.
+const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// Reads an eval text as `kiln perplexity -f` does: UTF-8, one trailing newline dropped.
+pub fn read_text(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a file", path.display());
+    }
+    if meta.len() > MAX_TEXT_BYTES {
+        bail!("{} is larger than {MAX_TEXT_BYTES} bytes", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut text = String::from_utf8(bytes)
+        .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    if text.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(text)
+}
+
+/// The tokenizer kiln would write into a GGUF made from the tokenizer files in `dir`
+/// (tokenizer.model, tokenizer_config.json, added_tokens.json) and `config.json`'s special ids.
+pub fn tokenizer_of_dir(dir: &Path, cfg: &LlamaConfig) -> Result<Tokenizer> {
+    let sp_path = dir.join("tokenizer.model");
+    let sp = SpModel::open(&sp_path).with_context(|| format!("reading {}", sp_path.display()))?;
+    let mut n_vocab = sp.len();
+    let added = dir.join("added_tokens.json");
+    if added.is_file() {
+        let text = std::fs::read_to_string(&added)
+            .with_context(|| format!("reading {}", added.display()))?;
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a JSON object", added.display()))?;
+        for id in map.values().filter_map(|v| v.as_u64()) {
+            let id = usize::try_from(id).unwrap_or(usize::MAX);
+            n_vocab = n_vocab.max(id.saturating_add(1));
+        }
+    }
+    let meta = crate::convert::vocab_metadata(dir, cfg, n_vocab)?;
+    let bytes = serialize_header(&meta, &[]).context("building the vocabulary")?;
+    let header = GgufHeader::parse(&bytes).context("reading back the vocabulary")?;
+    Tokenizer::from_gguf(&header)
+}
+
+/// Tokens of `text` with BOS as llama-perplexity adds it, and the BOS to substitute per chunk.
+pub fn tokenize(tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, Option<u32>)> {
+    if tok.add_eos() {
+        bail!("the vocabulary adds EOS; llama-perplexity refuses such models too");
+    }
+    let bos = tok.bos().unwrap_or(1);
+    let add_bos = tok.add_bos() && tok.bos().is_some();
+    Ok((tok.encode(text, true, false), add_bos.then_some(bos)))
+}
+
+/// Fails with a clear message naming the text when it is too short for the context.
+pub fn check_length(name: &Path, n_tokens: usize, p: &PplParams) -> Result<usize> {
+    n_chunks(n_tokens, p).with_context(|| {
+        format!(
+            "eval text {}: too short for -c {} (lower -c or give a longer text)",
+            name.display(),
+            p.n_ctx
+        )
+    })
+}
+
+/// A perplexity result as the pipeline stores it (`eval/ppl-<level>-<text>.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PplRecord {
+    pub ppl: f64,
+    pub ppl_err: Option<f64>,
+    pub running: Vec<f64>,
+    pub n_ctx: usize,
+    pub n_batch: usize,
+    pub n_chunk: usize,
+    pub n_tokens: usize,
+    pub n_scored: usize,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub threads: usize,
+    pub backend: String,
+}
+
+/// A loaded model with its vocabulary.
+pub struct Loaded {
+    pub model: Model<CpuBackend>,
+    pub tok: Tokenizer,
+}
+
+/// Loads a GGUF for evaluation on the CPU.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let file =
+        Arc::new(GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?);
+    if file.get("tokenizer.ggml.tokens").is_none() {
+        bail!(
+            "{} has no vocabulary (tokenizer.ggml.tokens is missing)",
+            path.display()
+        );
+    }
+    let tok = Tokenizer::from_gguf(&file)
+        .with_context(|| format!("reading the vocabulary of {}", path.display()))?;
+    let model = Model::load(Arc::clone(&file), CpuBackend)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok(Loaded { model, tok })
+}
+
+/// Perplexity of `m` on `text`; `on_tokens(done)` after every chunk.
+pub fn ppl(
+    m: &Loaded,
+    text: &str,
+    p: &PplParams,
+    mut on_tokens: impl FnMut(u64),
+) -> Result<PplRecord> {
+    let (tokens, bos) = tokenize(&m.tok, text)?;
+    let t0 = Instant::now();
+    let r = perplexity(&m.model, &tokens, bos, p, |k, _| {
+        on_tokens((k * p.n_ctx) as u64)
+    })?;
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(PplRecord {
+        ppl: r.ppl,
+        ppl_err: r.ppl_err,
+        running: r.running,
+        n_ctx: p.n_ctx,
+        n_batch: p.n_batch,
+        n_chunk: r.n_chunk,
+        n_tokens: tokens.len(),
+        n_scored: r.n_scored,
+        seconds,
+        tokens_per_second: r.n_eval as f64 / seconds.max(1e-9),
+        threads: rayon::current_num_threads(),
+        backend: m.model.backend.name(),
+    })
+}

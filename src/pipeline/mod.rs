@@ -1,0 +1,915 @@
+//! `kiln pipeline`: base + LoRA(s) → F16 GGUF (one streaming merge pass) → every requested
+//! quantization level → perplexity per eval text and level → report (md, json, svg) and
+//! SHA256SUMS, resumable step by step through a manifest in the output folder.
+//!
+//! Every step writes into `--out/.kiln-staging` and renames into place when complete, then records
+//! its settings, input hashes and outputs in `kiln-manifest.json`; a rerun skips a step whose record
+//! matches and whose outputs are still there unchanged.
+
+pub mod eval;
+pub mod manifest;
+pub mod report;
+pub mod space;
+pub mod sums;
+pub mod svg;
+
+use crate::convert::LlamaDims;
+use crate::eval::perplexity::PplParams;
+use crate::merge::{self, Adapter, TOKENIZER_FILES};
+use crate::quant_plan::Ftype;
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln_formats::checkpoint::Checkpoint;
+use kiln_formats::gguf::GgufFile;
+use kiln_formats::hf::LlamaConfig;
+use kiln_quant::GgmlType;
+use manifest::{record_output, rel_string, write_if_changed, Manifest, StepRecord};
+use report::{InputInfo, LevelRow, PplCell, Provenance, Report, TextInfo};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Staging folder inside --out (removed at the start of every run).
+pub const STAGING: &str = ".kiln-staging";
+/// Folder of the per-step evaluation results inside --out.
+pub const EVAL_DIR: &str = "eval";
+/// The F16 GGUF's file name inside --out.
+pub const F16_FILE: &str = "model-f16.gguf";
+
+/// Where the F16 model comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Merge these PEFT LoRAs (in order) into this HF base.
+    Merge { base: PathBuf, loras: Vec<PathBuf> },
+    /// An existing F16 GGUF.
+    Model(PathBuf),
+}
+
+/// Everything a run needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub source: Source,
+    pub out: PathBuf,
+    pub quants: Vec<Ftype>,
+    pub texts: Vec<PathBuf>,
+    pub n_ctx: usize,
+    pub n_batch: usize,
+    pub chunks: Option<usize>,
+    pub kld: bool,
+    pub bench: bool,
+    pub keep_hf: bool,
+    pub force: bool,
+    pub quiet: bool,
+    pub expect_sha256: Option<PathBuf>,
+    /// general.name of the merged GGUF (default: the --out folder's name).
+    pub name: Option<String>,
+    /// The exact command line, for the report.
+    pub command: String,
+    /// "cpu" (the only backend of this build).
+    pub device: String,
+}
+
+/// How a run ended.
+pub enum RunEnd {
+    Done(Box<Report>),
+    /// --expect-sha256 found a mismatch; nothing was written.
+    ExpectMismatch,
+}
+
+/// Quant level name used in step ids and file names ("q4_k_m", "f16").
+pub fn level_file_name(level: &str) -> String {
+    level.to_ascii_lowercase()
+}
+
+/// The CPU model from /proc/cpuinfo, else the architecture.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// Shell-quotes one argument for the recorded command line.
+pub fn shell_quote(a: &str) -> String {
+    if !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@%".contains(c))
+    {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', r"'\''"))
+    }
+}
+
+/// Step status lines and progress bars on stderr.
+struct Log {
+    quiet: bool,
+    n_steps: usize,
+    k: usize,
+}
+
+impl Log {
+    fn step(&mut self, what: &str) {
+        self.k += 1;
+        eprintln!("[{}/{}] {what}", self.k, self.n_steps);
+    }
+    fn skip(&mut self, id: &str) {
+        self.k += 1;
+        eprintln!("[{}/{}] skip {id} (up to date)", self.k, self.n_steps);
+    }
+    fn bar(&self, total: u64, unit: &str) -> ProgressBar {
+        if self.quiet {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let tmpl = if unit == "bytes" {
+            "  {spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}"
+                .to_string()
+        } else {
+            format!(
+                "  {{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}} {{msg}}"
+            )
+        };
+        if let Ok(st) = ProgressStyle::with_template(&tmpl) {
+            pb.set_style(st);
+        }
+        pb
+    }
+}
+
+/// One eval text.
+struct Text {
+    name: String,
+    path: PathBuf,
+    text: String,
+    sha256: String,
+    size: u64,
+    n_tokens: usize,
+    n_chunk: usize,
+}
+
+/// Short, unique, file-name-safe names for the texts (their stems).
+fn text_names(texts: &[PathBuf]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for t in texts {
+        let stem: String = t
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "text".into())
+            .chars()
+            .map(|c| {
+                if c.is_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let stem = if stem.is_empty() { "text".into() } else { stem };
+        let mut name = stem.clone();
+        let mut k = 2;
+        while names.contains(&name) {
+            name = format!("{stem}-{k}");
+            k += 1;
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// Removes what an interrupted run left: the staging folder and temporary files of atomic writes.
+fn clean_leftovers(out: &Path) -> Result<()> {
+    let staging = out.join(STAGING);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing {}", staging.display()))?;
+    }
+    for dir in [out.to_path_buf(), out.join(EVAL_DIR)] {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('.') && n.ends_with(".kiln-partial") {
+                let p = e.path();
+                let r = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                r.with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves `staging/rel` to `out/rel` (replacing a file or folder there).
+fn publish(out: &Path, rel: &str) -> Result<()> {
+    let from = out.join(STAGING).join(rel);
+    let to = out.join(rel);
+    if let Some(p) = to.parent() {
+        std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
+    if to.is_dir() && from.is_dir() {
+        std::fs::remove_dir_all(&to).with_context(|| format!("replacing {}", to.display()))?;
+    }
+    std::fs::rename(&from, &to).with_context(|| format!("moving {} into place", to.display()))?;
+    // Staged files are created private (0600) by the temporary-file writer; outputs are ordinary
+    // readable files.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let files = if to.is_dir() {
+            files_under(out, &to)?
+        } else {
+            vec![rel.to_string()]
+        };
+        for f in files {
+            let p = out.join(f);
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))
+                .with_context(|| format!("setting the permissions of {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// All files under `dir`, relative to `base`, sorted.
+fn files_under(base: &Path, dir: &Path) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                v.push(rel_string(base, &p));
+            }
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Size estimate of a quantized GGUF made from `f16`: each matrix at the level's default type
+/// (+10% for the mixes' larger types), output.weight at up to Q8_0, other tensors as they are.
+fn estimate_quant_size(f16: &GgufFile, ft: Ftype) -> u64 {
+    let base = ft.default_type();
+    let mut total = f16.data_offset;
+    for t in &f16.tensors {
+        let rows = t.n_rows();
+        let row = t.row_len();
+        let keep = t.n_bytes();
+        let bytes = if t.shape.len() < 2 || row % base.block_size() as u64 != 0 {
+            keep
+        } else {
+            let ty = if t.name == "output.weight" {
+                GgmlType::Q8_0
+            } else {
+                base
+            };
+            ty.row_size(row)
+                .map(|r| r.saturating_mul(rows).saturating_mul(11) / 10)
+                .unwrap_or(keep)
+                .min(keep)
+        };
+        total = total.saturating_add(bytes + 32);
+    }
+    total
+}
+
+/// Parameters and tensor bytes of a GGUF (for bits per weight).
+fn gguf_stats(path: &Path) -> Result<(u64, u64, u64)> {
+    let f = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let n: u64 = f.tensors.iter().map(|t| t.n_elements()).sum();
+    let b: u64 = f.tensors.iter().map(|t| t.n_bytes()).sum();
+    Ok((n, b, f.file_size()))
+}
+
+#[cfg(debug_assertions)]
+fn test_stall(point: &str) {
+    // Test hook (debug builds only): `KILN_TEST_STALL=quantize:MS` sleeps after each quantized
+    // file is complete in the staging folder and before it is moved into place, so the tests can
+    // interrupt the step at a known point.
+    if let Ok(v) = std::env::var("KILN_TEST_STALL") {
+        if let Some((p, ms)) = v.split_once(':') {
+            if p == point {
+                eprintln!("stall {point}");
+                std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
+            }
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_stall(_point: &str) {}
+
+/// The input files of a merge (base config, weights, tokenizer files; each adapter's files).
+fn merge_inputs(
+    base: &Path,
+    loras: &[PathBuf],
+) -> Result<(Vec<PathBuf>, Checkpoint, Vec<Adapter>)> {
+    let cfg_path = base.join("config.json");
+    if !cfg_path.is_file() {
+        bail!(
+            "--base {}: no config.json (expected a Hugging Face Llama folder)",
+            base.display()
+        );
+    }
+    let ckpt = Checkpoint::open(base)
+        .with_context(|| format!("opening the base weights in {}", base.display()))?;
+    let adapters: Vec<Adapter> = loras
+        .iter()
+        .map(|d| Adapter::open(d))
+        .collect::<Result<_>>()?;
+    let mut files = vec![cfg_path];
+    files.extend(ckpt.files().iter().cloned());
+    for f in ["generation_config.json"]
+        .iter()
+        .chain(TOKENIZER_FILES.iter())
+    {
+        let p = base.join(f);
+        if p.is_file() {
+            files.push(p);
+        }
+    }
+    for a in &adapters {
+        files.extend(a.files());
+    }
+    files.dedup();
+    Ok((files, ckpt, adapters))
+}
+
+/// The folder whose tokenizer a merge uses: the last adapter with a tokenizer.model, else the base.
+fn merge_tokenizer_dir(base: &Path, loras: &[PathBuf]) -> PathBuf {
+    loras
+        .iter()
+        .rev()
+        .find(|d| d.join("tokenizer.model").is_file())
+        .cloned()
+        .unwrap_or_else(|| base.to_path_buf())
+}
+
+/// Runs the pipeline.
+pub fn run(s: &Settings) -> Result<RunEnd> {
+    let t_start = Instant::now();
+    let out = s.out.clone();
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: exists and is not a folder", out.display());
+    }
+    if s.quants.is_empty() && s.texts.is_empty() {
+        eprintln!("note: no --quants and no --eval-text: only the F16 GGUF will be made");
+    }
+    for (i, q) in s.quants.iter().enumerate() {
+        if s.quants[..i].contains(q) {
+            bail!("--quants names {q} twice");
+        }
+        if matches!(q, Ftype::F16 | Ftype::F32 | Ftype::BF16) {
+            bail!("--quants {q}: the F16 model is always made; list quantization levels only (Q4_0, Q4_K_M, ...)");
+        }
+    }
+    if s.kld {
+        bail!("--kld: the KL-divergence evaluator is not in this build yet");
+    }
+    if s.bench {
+        bail!("--bench: the speed benchmark is not in this build yet");
+    }
+    let params = PplParams {
+        n_ctx: s.n_ctx,
+        n_batch: s.n_batch.min(s.n_ctx).max(1),
+        max_chunks: s.chunks,
+    };
+    if s.n_ctx < 2 {
+        bail!("-c must be at least 2");
+    }
+
+    // 1. Inputs, opened and checked before anything is written.
+    let (input_files, merge_parts) = match &s.source {
+        Source::Merge { base, loras } => {
+            let (files, ckpt, adapters) = merge_inputs(base, loras)?;
+            (files, Some((ckpt, adapters)))
+        }
+        Source::Model(m) => {
+            if !m.is_file() {
+                bail!("--model {}: no such file", m.display());
+            }
+            (vec![m.clone()], None)
+        }
+    };
+    let tok = match &s.source {
+        Source::Merge { base, loras } => {
+            let cfg = LlamaConfig::load(&base.join("config.json"))
+                .with_context(|| format!("reading {}", base.join("config.json").display()))?;
+            let dir = merge_tokenizer_dir(base, loras);
+            eval::tokenizer_of_dir(&dir, &cfg)
+                .with_context(|| format!("reading the tokenizer in {}", dir.display()))?
+        }
+        Source::Model(m) => {
+            let f = GgufFile::open(m).with_context(|| format!("opening {}", m.display()))?;
+            crate::tokenizer::Tokenizer::from_gguf(&f)
+                .with_context(|| format!("reading the vocabulary of {}", m.display()))?
+        }
+    };
+    let names = text_names(&s.texts);
+    let mut texts = Vec::new();
+    for (path, name) in s.texts.iter().zip(names) {
+        let text = eval::read_text(path)?;
+        let (tokens, _) = eval::tokenize(&tok, &text)?;
+        let n_chunk = eval::check_length(path, tokens.len(), &params)?;
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        texts.push(Text {
+            name,
+            path: path.clone(),
+            text,
+            sha256: String::new(),
+            size,
+            n_tokens: tokens.len(),
+            n_chunk,
+        });
+    }
+    drop(tok);
+
+    // 2. Hashes of every input and text (cached in the manifest by size and mtime).
+    let mut man = if out.is_dir() {
+        Manifest::load(&out)?
+    } else {
+        Manifest::empty()
+    };
+    let mut log = Log {
+        quiet: s.quiet,
+        n_steps: 0,
+        k: 0,
+    };
+    let to_hash: Vec<PathBuf> = input_files
+        .iter()
+        .cloned()
+        .chain(texts.iter().map(|t| t.path.clone()))
+        .collect();
+    let total: u64 = to_hash
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    eprintln!(
+        "hashing {} input files ({})",
+        to_hash.len(),
+        space::human(total)
+    );
+    let pb = log.bar(total, "bytes");
+    let mut hashes: Vec<(PathBuf, String)> = Vec::new();
+    for p in &to_hash {
+        pb.set_message(
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        let h = man.hash_input(p, &mut |n| pb.inc(n))?;
+        hashes.push((p.clone(), h));
+    }
+    pb.finish_and_clear();
+    for (t, (_, h)) in texts.iter_mut().zip(hashes[input_files.len()..].iter()) {
+        t.sha256 = h.clone();
+    }
+
+    // 3. --expect-sha256: a published list, checked before anything is written.
+    if let Some(list_path) = &s.expect_sha256 {
+        let list = sums::read(list_path)?;
+        let res = sums::check_expected(&list, &hashes, list_path)?;
+        let mut bad = 0;
+        let mut unlisted = 0;
+        for ((p, actual), r) in hashes.iter().zip(&res) {
+            match r {
+                Some(sums::Expect::Ok) => eprintln!("OK        {}", p.display()),
+                Some(sums::Expect::Mismatch { expected }) => {
+                    bad += 1;
+                    eprintln!(
+                        "MISMATCH  {}: sha256 {actual}, {} expects {expected}",
+                        p.display(),
+                        list_path.display()
+                    );
+                }
+                None => unlisted += 1,
+            }
+        }
+        if bad > 0 {
+            eprintln!(
+                "error: {bad} input file(s) differ from {}; nothing was written",
+                list_path.display()
+            );
+            return Ok(RunEnd::ExpectMismatch);
+        }
+        eprintln!(
+            "--expect-sha256: {} input(s) match {}{}",
+            res.iter().filter(|r| r.is_some()).count(),
+            list_path.display(),
+            if unlisted > 0 {
+                format!(" ({unlisted} not listed there)")
+            } else {
+                String::new()
+            }
+        );
+    }
+
+    // 4. The output folder.
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    clean_leftovers(&out)?;
+    let staging = out.join(STAGING);
+    std::fs::create_dir_all(staging.join(EVAL_DIR)).with_context(|| {
+        format!(
+            "--out {}: cannot write in this folder ({})",
+            out.display(),
+            staging.display()
+        )
+    })?;
+    man.save(&out)
+        .with_context(|| format!("--out {}: cannot write in this folder", out.display()))?;
+    if s.force {
+        man.steps.clear();
+    }
+
+    let has_merge = matches!(s.source, Source::Merge { .. });
+    let levels: Vec<String> = std::iter::once("F16".to_string())
+        .chain(s.quants.iter().map(|q| q.name().to_string()))
+        .collect();
+    log.n_steps = usize::from(has_merge) + s.quants.len() + levels.len() * texts.len() + 1;
+
+    // 5. Merge → F16 GGUF.
+    let input_map: BTreeMap<String, String> = hashes[..input_files.len()]
+        .iter()
+        .map(|(p, h)| (p.display().to_string(), h.clone()))
+        .collect();
+    let (f16_path, f16_rel, f16_sha) = match &s.source {
+        Source::Merge { base, loras } => {
+            let id = "merge";
+            let name = s.name.clone().unwrap_or_else(|| {
+                std::path::absolute(&out)
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "model".into())
+            });
+            let settings = json!({
+                "loras": loras.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                "outtype": "f16",
+                "keep_hf": s.keep_hf,
+                "name": name,
+            });
+            if man.up_to_date(&out, id, &settings, &input_map) {
+                log.skip(id);
+            } else {
+                log.step(&format!("merge {} LoRA(s) → {F16_FILE}", loras.len()));
+                let (ckpt, adapters) = merge_parts
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("merge inputs were not opened"))?;
+                let cfg = LlamaConfig::load(&base.join("config.json"))?;
+                let dims = LlamaDims::from_config(&cfg)?;
+                let plan = merge::plan(base, ckpt, &dims, adapters, None)?;
+                let elems: u64 = plan
+                    .tensors
+                    .iter()
+                    .map(|t| t.shape.iter().product::<usize>() as u64)
+                    .sum();
+                let mut need = elems * 2 + (8 << 20);
+                if s.keep_hf {
+                    need += plan.tensors.iter().map(|t| t.n_bytes()).sum::<u64>();
+                }
+                space::check_dir(&out, "the merged model", need)?;
+                let t0 = Instant::now();
+                crate::cmd::merge::run(crate::cmd::merge::Args {
+                    base: base.clone(),
+                    lora: loras.clone(),
+                    out: s.keep_hf.then(|| staging.join("hf")),
+                    gguf: Some(staging.join(F16_FILE)),
+                    outtype: "f16".into(),
+                    vocab_size: None,
+                    max_shard_size: "5GB".into(),
+                    name: Some(name),
+                    force: false,
+                    threads: None,
+                    quiet: s.quiet,
+                })?;
+                // merge writes a SHA256SUMS beside its GGUF; the pipeline writes its own.
+                let _ = std::fs::remove_file(staging.join(sums::SUMS));
+                publish(&out, F16_FILE)?;
+                let mut outputs = vec![record_output(&out, F16_FILE)?];
+                if s.keep_hf {
+                    publish(&out, "hf")?;
+                    for rel in files_under(&out, &out.join("hf"))? {
+                        outputs.push(record_output(&out, &rel)?);
+                    }
+                }
+                man.steps.insert(
+                    id.into(),
+                    StepRecord {
+                        settings,
+                        inputs: input_map.clone(),
+                        outputs,
+                    },
+                );
+                man.save(&out)?;
+                eprintln!("  done in {:.1}s", t0.elapsed().as_secs_f64());
+            }
+            let sha = man
+                .output(id, F16_FILE)
+                .map(|o| o.file.sha256.clone())
+                .ok_or_else(|| anyhow!("the manifest lost the merge's output"))?;
+            (out.join(F16_FILE), F16_FILE.to_string(), sha)
+        }
+        Source::Model(m) => {
+            let sha = input_map
+                .values()
+                .next()
+                .cloned()
+                .ok_or_else(|| anyhow!("--model was not hashed"))?;
+            (m.clone(), m.display().to_string(), sha)
+        }
+    };
+
+    // 6. Quantize each level from the F16 GGUF.
+    let mut level_files: Vec<(String, PathBuf, String, String)> =
+        vec![("F16".into(), f16_path.clone(), f16_rel, f16_sha.clone())];
+    for q in &s.quants {
+        let lname = level_file_name(q.name());
+        let id = format!("quantize {lname}");
+        let rel = format!("model-{lname}.gguf");
+        let settings = json!({"ftype": q.name()});
+        let inputs: BTreeMap<String, String> =
+            [(f16_path.display().to_string(), f16_sha.clone())].into();
+        if man.up_to_date(&out, &id, &settings, &inputs) {
+            log.skip(&id);
+        } else {
+            log.step(&format!("quantize {} → {rel}", q.name()));
+            let need = {
+                let f = GgufFile::open(&f16_path)
+                    .with_context(|| format!("reading {}", f16_path.display()))?;
+                estimate_quant_size(&f, *q)
+            };
+            space::check_dir(&out, &rel, need)?;
+            let t0 = Instant::now();
+            crate::cmd::quantize::run(crate::cmd::quantize::Args {
+                input: f16_path.clone(),
+                output: Some(staging.join(&rel)),
+                ftype: Some(q.name().to_string()),
+                nthreads: None,
+                threads: None,
+                pure: false,
+                output_tensor_type: None,
+                token_embedding_type: None,
+                tensor_type: Vec::new(),
+                leave_output_tensor: false,
+                allow_requantize: false,
+                dry_run: false,
+                quiet: s.quiet,
+            })?;
+            test_stall("quantize");
+            publish(&out, &rel)?;
+            man.steps.insert(
+                id.clone(),
+                StepRecord {
+                    settings,
+                    inputs,
+                    outputs: vec![record_output(&out, &rel)?],
+                },
+            );
+            man.save(&out)?;
+            eprintln!("  done in {:.1}s", t0.elapsed().as_secs_f64());
+        }
+        let sha = man
+            .output(&id, &rel)
+            .map(|o| o.file.sha256.clone())
+            .ok_or_else(|| anyhow!("the manifest lost {rel}"))?;
+        level_files.push((q.name().to_string(), out.join(&rel), rel, sha));
+    }
+
+    // 7. Perplexity of every level on every text.
+    let eval_settings = json!({
+        "n_ctx": params.n_ctx,
+        "n_batch": params.n_batch,
+        "max_chunks": params.max_chunks,
+        "device": s.device,
+    });
+    let mut ppl: BTreeMap<(String, String), eval::PplRecord> = BTreeMap::new();
+    for (level, path, _, sha) in &level_files {
+        let mut loaded: Option<eval::Loaded> = None;
+        for t in &texts {
+            let lname = level_file_name(level);
+            let id = format!("ppl {lname} {}", t.name);
+            let rel = format!("{EVAL_DIR}/ppl-{lname}-{}.json", t.name);
+            let inputs: BTreeMap<String, String> = [
+                (path.display().to_string(), sha.clone()),
+                (t.path.display().to_string(), t.sha256.clone()),
+            ]
+            .into();
+            let cached = if man.up_to_date(&out, &id, &eval_settings, &inputs) {
+                std::fs::read_to_string(out.join(&rel))
+                    .ok()
+                    .and_then(|j| serde_json::from_str::<eval::PplRecord>(&j).ok())
+            } else {
+                None
+            };
+            let rec = match cached {
+                Some(r) => {
+                    log.skip(&id);
+                    r
+                }
+                None => {
+                    log.step(&format!("perplexity {level} on {}", t.name));
+                    if loaded.is_none() {
+                        loaded = Some(eval::load(path)?);
+                    }
+                    let m = loaded.as_ref().ok_or_else(|| anyhow!("model not loaded"))?;
+                    let pb = log.bar((t.n_chunk * params.n_ctx) as u64, "tokens");
+                    let r = eval::ppl(m, &t.text, &params, |n| pb.set_position(n))?;
+                    pb.finish_and_clear();
+                    let err = r.ppl_err.map(|e| format!(" ± {e:.4}")).unwrap_or_default();
+                    eprintln!(
+                        "  PPL {:.4}{err} ({} chunks, {:.1} tok/s)",
+                        r.ppl, r.n_chunk, r.tokens_per_second
+                    );
+                    let mut bytes = serde_json::to_vec_pretty(&r)?;
+                    bytes.push(b'\n');
+                    manifest::write_atomic(&staging.join(&rel), &bytes)?;
+                    publish(&out, &rel)?;
+                    man.steps.insert(
+                        id.clone(),
+                        StepRecord {
+                            settings: eval_settings.clone(),
+                            inputs,
+                            outputs: vec![record_output(&out, &rel)?],
+                        },
+                    );
+                    man.save(&out)?;
+                    r
+                }
+            };
+            ppl.insert((level.clone(), t.name.clone()), rec);
+        }
+    }
+
+    // 8. The report.
+    let mut rows = Vec::new();
+    for (level, path, rel, sha) in &level_files {
+        let (n_params, tensor_bytes, file_size) = gguf_stats(path)?;
+        let cells = texts
+            .iter()
+            .map(|t| {
+                let r = ppl.get(&(level.clone(), t.name.clone()))?;
+                let base = ppl.get(&("F16".to_string(), t.name.clone()));
+                Some(PplCell {
+                    ppl: r.ppl,
+                    ppl_err: r.ppl_err,
+                    delta_ppl: base.map(|b| r.ppl - b.ppl),
+                })
+            })
+            .collect();
+        rows.push(LevelRow {
+            level: level.clone(),
+            file: rel.clone(),
+            file_size,
+            bits_per_weight: tensor_bytes as f64 * 8.0 / n_params.max(1) as f64,
+            n_params,
+            sha256: sha.clone(),
+            ppl: cells,
+            kld: None,
+            bench: None,
+        });
+    }
+    let threads = ppl
+        .values()
+        .next()
+        .map(|r| r.threads)
+        .unwrap_or_else(rayon::current_num_threads);
+    let report = Report {
+        provenance: Provenance {
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+            command: s.command.clone(),
+            device: s.device.clone(),
+            cpu: cpu_model(),
+            threads,
+            n_ctx: params.n_ctx,
+            n_batch: params.n_batch,
+            max_chunks: params.max_chunks,
+        },
+        inputs: hashes[..input_files.len()]
+            .iter()
+            .map(|(p, h)| InputInfo {
+                path: p.display().to_string(),
+                size: std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+                sha256: h.clone(),
+            })
+            .collect(),
+        texts: texts
+            .iter()
+            .map(|t| TextInfo {
+                name: t.name.clone(),
+                path: t.path.display().to_string(),
+                size: t.size,
+                sha256: t.sha256.clone(),
+                n_tokens: t.n_tokens,
+                n_chunk: t.n_chunk,
+            })
+            .collect(),
+        levels: rows,
+    };
+    let files = [
+        ("report.json", report.json()),
+        ("report.md", report.markdown()),
+        ("report.svg", svg::render(&report)),
+    ];
+    let unchanged = files
+        .iter()
+        .all(|(n, c)| std::fs::read(out.join(n)).ok().as_deref() == Some(c.as_bytes()));
+    if unchanged {
+        log.skip("report");
+    } else {
+        log.step("report → report.md, report.json, report.svg");
+        for (n, c) in &files {
+            write_if_changed(&out.join(n), c.as_bytes())?;
+        }
+    }
+
+    // 9. SHA256SUMS of every output of this run (and the manifest).
+    man.save(&out)?;
+    let mut entries = Vec::new();
+    let mut step_ids: Vec<String> = Vec::new();
+    if has_merge {
+        step_ids.push("merge".into());
+    }
+    for q in &s.quants {
+        step_ids.push(format!("quantize {}", level_file_name(q.name())));
+    }
+    for l in &levels {
+        for t in &texts {
+            step_ids.push(format!("ppl {} {}", level_file_name(l), t.name));
+        }
+    }
+    for id in &step_ids {
+        if let Some(r) = man.steps.get(id) {
+            for o in &r.outputs {
+                entries.push(sums::Entry {
+                    sha256: o.file.sha256.clone(),
+                    name: o.path.clone(),
+                });
+            }
+        }
+    }
+    for n in ["report.json", "report.md", "report.svg", manifest::MANIFEST] {
+        entries.push(sums::Entry {
+            sha256: manifest::sha256_file(&out.join(n), &mut |_| {})?,
+            name: n.into(),
+        });
+    }
+    write_if_changed(&out.join(sums::SUMS), sums::format(&entries).as_bytes())?;
+    let _ = std::fs::remove_dir_all(&staging);
+    eprintln!(
+        "pipeline finished in {:.1}s: {} (kiln verify {} re-checks every file)",
+        t_start.elapsed().as_secs_f64(),
+        out.display(),
+        out.display()
+    );
+    Ok(RunEnd::Done(Box::new(report)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_names_are_unique_and_safe() {
+        let v = text_names(&[
+            PathBuf::from("/a/wiki.test.raw"),
+            PathBuf::from("/b/wiki.test.raw"),
+            PathBuf::from("/c/中文 text.txt"),
+        ]);
+        assert_eq!(v, ["wiki.test", "wiki.test-2", "中文_text"]);
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("--out"), "--out");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn leftovers_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join(STAGING).join("x")).unwrap();
+        std::fs::write(d.path().join(".model-q4_0.gguf.abc.kiln-partial"), b"x").unwrap();
+        std::fs::write(d.path().join("model-q4_0.gguf"), b"keep").unwrap();
+        clean_leftovers(d.path()).unwrap();
+        let left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["model-q4_0.gguf"]);
+    }
+}
