@@ -2,6 +2,7 @@
 
 mod cmd;
 mod convert;
+mod demo;
 mod eval;
 mod merge;
 mod model;
@@ -40,6 +41,8 @@ enum Command {
     Pipeline(cmd::pipeline::Args),
     /// Re-hash every file listed in a folder's SHA256SUMS.
     Verify(cmd::verify::Args),
+    /// Build a small base model + vocabulary-extending LoRA (no downloads) and run the pipeline on it.
+    Demo(cmd::demo::Args),
 }
 
 /// What a subcommand reports back: success, or a check that failed (exit 1).
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Pipeline(a) => cmd::pipeline::run(a),
         Command::Verify(a) => cmd::verify::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
