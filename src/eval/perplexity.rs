@@ -231,11 +231,16 @@ fn run<B: Backend>(
 /// attention, the kept logits of half a chunk, and the activations of one batch.
 pub fn memory_needed(cfg: &LlamaConfig, n_ctx: usize, n_batch: usize) -> u128 {
     let (c, b) = (n_ctx as u128, n_batch.min(n_ctx) as u128);
-    let kv = 2 * cfg.n_layer as u128 * c * cfg.kv_dim() as u128 * 2;
-    let kv_f32 = 2 * c * cfg.kv_dim() as u128 * 4;
-    let logits = (c - c / 2 + b) * cfg.n_vocab as u128 * 4;
-    let acts = b * (8 * cfg.n_embd as u128 + 4 * cfg.n_ff as u128 + c) * 4;
-    kv + kv_f32 + logits + acts
+    let m = |xs: &[u128]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x));
+    let kvd = cfg.kv_dim() as u128;
+    let kv = m(&[4, cfg.n_layer as u128, c, kvd]);
+    let kv_f32 = m(&[8, c, kvd]);
+    let logits = m(&[(c - c / 2).saturating_add(b), cfg.n_vocab as u128, 4]);
+    let width = (8 * cfg.n_embd as u128 + 4 * cfg.n_ff as u128).saturating_add(c);
+    let acts = m(&[b, width, 4]);
+    kv.saturating_add(kv_f32)
+        .saturating_add(logits)
+        .saturating_add(acts)
 }
 
 /// `MemAvailable` of /proc/meminfo in bytes, when the system says.
@@ -258,7 +263,7 @@ pub fn check_memory(cfg: &LlamaConfig, n_ctx: usize, n_batch: usize) -> Result<(
     let avail = mem_available().unwrap_or(1 << 40);
     if need > avail {
         bail!(
-            "a context of {n_ctx} tokens needs about {:.2} GiB for the KV cache, logits and activations, but only {:.2} GiB of memory is available; lower -c",
+            "a context of {n_ctx} tokens needs about {:.2} GiB for the KV cache, logits and activations, but only {:.2} GiB of memory is available; use a smaller context",
             gib(need),
             gib(avail)
         );
@@ -298,6 +303,43 @@ mod tests {
         l2[1] = 100.0;
         assert!(nll(&l2, 1) < 1e-6);
         assert!(nll(&l2, 9).is_infinite());
+    }
+
+    fn cfg() -> LlamaConfig {
+        LlamaConfig {
+            n_vocab: 32000,
+            n_embd: 4096,
+            n_layer: 32,
+            n_ff: 11008,
+            n_head: 32,
+            n_head_kv: 32,
+            head_dim: 128,
+            n_rot: 128,
+            rms_eps: 1e-5,
+            rope: crate::model::Rope {
+                freq_base: 10000.0,
+                freq_scale: 1.0,
+            },
+            n_ctx_train: 4096,
+        }
+    }
+
+    #[test]
+    fn memory_estimate_counts_the_kv_cache_and_logits() {
+        let c = cfg();
+        // Llama-2-7B at 4096: f16 KV cache 2 GiB, kept logits 2048*32000*4
+        let need = memory_needed(&c, 4096, 512);
+        let kv = 2 * 32 * 4096 * 4096 * 2u128;
+        let logits = (2048 + 512) * 32000 * 4u128;
+        assert!(
+            need > kv + logits && need < kv + logits + (1 << 30),
+            "{need}"
+        );
+        assert!(memory_needed(&c, 8192, 512) > need);
+        // no overflow, and refused, for absurd contexts
+        assert!(memory_needed(&c, usize::MAX, usize::MAX) > 1 << 64);
+        let e = check_memory(&c, 1 << 40, 2048).unwrap_err().to_string();
+        assert!(e.contains("GiB"), "{e}");
     }
 
     #[test]
