@@ -267,6 +267,12 @@ pub fn run(a: Args) -> Result<Outcome> {
         tokens.len(),
         pool.install(|| model.backend.name()),
     );
+    if ctx > rope.n_ctx_train && a.rope.ntk.is_none() {
+        eprintln!(
+            "perplexity: warning: the model was trained on only {} context tokens ({ctx} asked); see --ntk auto",
+            rope.n_ctx_train
+        );
+    }
     let pb = chunk_bar(n_chunk, a.quiet)?;
     let t0 = Instant::now();
     let progress = |k: usize, r: f64| {
@@ -285,8 +291,14 @@ pub fn run(a: Args) -> Result<Outcome> {
                 "perplexity: saving the log-probabilities to {}",
                 path.display()
             );
-            perplexity_save_base(&model, &tokens, bos, &params, &mut w, progress)
-                .with_context(|| format!("writing {}", path.display()))
+            let r = perplexity_save_base(&model, &tokens, bos, &params, &mut w, progress)
+                .with_context(|| format!("writing {}", path.display()));
+            if r.is_err() {
+                drop(w);
+                // a partial file must not pass for a base
+                let _ = std::fs::remove_file(path);
+            }
+            r
         }
     })?;
     pb.finish_and_clear();
