@@ -37,6 +37,8 @@ enum Command {
     Perplexity(cmd::perplexity::Args),
     /// Tokenize text with a GGUF model's vocabulary, as llama.cpp's llama-tokenize does.
     Tokenize(cmd::tokenize::Args),
+    /// Prompt-processing and generation speed of a GGUF model, measured as llama-bench does.
+    Bench(cmd::bench::Args),
     /// Base + LoRA(s) → F16 and quantized GGUFs, perplexity per level, report; resumable.
     Pipeline(cmd::pipeline::Args),
     /// Re-hash every file listed in a folder's SHA256SUMS.
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => cmd::merge::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Pipeline(a) => cmd::pipeline::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Demo(a) => cmd::demo::run(a),

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
 use kiln_formats::hf::{AdapterConfig, LoraBias, TargetModules};
 use kiln_formats::sentencepiece::SpModel;
+use kiln_quant::lowrank::{add_lowrank, LowRankShape};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +23,8 @@ use crate::convert::{is_dropped, LlamaDims};
 
 /// PEFT's prefix of every adapter tensor name (`PeftModel.base_model.model`).
 const PEFT_PREFIX: &str = "base_model.model.";
+/// Rows per task of the delta product (a few hundred KiB of f32 for 7B widths).
+const DELTA_ROWS: usize = 16;
 const EMBED: &str = "model.embed_tokens.weight";
 const HEAD: &str = "lm_head.weight";
 /// Tokenizer files copied from the folder that provides the vocabulary.
@@ -902,29 +905,6 @@ fn factors(ad: &Adapter, m: &LoraModule, d: &Delta, rows: usize, cols: usize) ->
     })
 }
 
-/// Adds `scale·(coef·basis)` to one row, accumulating the product in f32 over k ascending.
-fn add_delta_row(f: &Factors, i: usize, w: &mut [f32], acc: &mut [f32]) {
-    let cols = w.len();
-    acc.iter_mut().for_each(|x| *x = 0.0);
-    let c = &f.coef[i * f.r..(i + 1) * f.r];
-    for (k, &ck) in c.iter().enumerate() {
-        let basis = &f.basis[k * cols..(k + 1) * cols];
-        if f.exact {
-            for (x, &bv) in acc.iter_mut().zip(basis) {
-                *x += ck * bv;
-            }
-        } else {
-            for (x, &bv) in acc.iter_mut().zip(basis) {
-                *x = ck.mul_add(bv, *x);
-            }
-        }
-    }
-    let s = f.scale;
-    for (x, &d) in w.iter_mut().zip(acc.iter()) {
-        *x += s * d;
-    }
-}
-
 /// The merged tensor's bytes in its dtype: borrowed from the input when nothing changes.
 pub fn materialize<'a>(
     t: &Planned,
@@ -988,17 +968,30 @@ pub fn materialize<'a>(
             .ok_or_else(|| anyhow!("module {} missing", d.module))?;
         let f = factors(ad, m, d, src_rows, cols)?;
         let dtype = t.dtype;
+        let r = f.r;
         out[..src_rows * row_bytes]
-            .par_chunks_mut(row_bytes)
+            .par_chunks_mut(row_bytes * DELTA_ROWS)
             .enumerate()
-            .for_each_init(
-                || (vec![0f32; cols], vec![0f32; cols]),
-                |(w, acc), (i, o)| {
-                    widen_row(dtype, o, w);
-                    add_delta_row(&f, i, w, acc);
-                    narrow_into(dtype, w, o);
+            .try_for_each_init(
+                || vec![0f32; cols * DELTA_ROWS],
+                |w, (ci, o)| -> Result<()> {
+                    let n = o.len() / row_bytes;
+                    let i0 = ci * DELTA_ROWS;
+                    let w = &mut w[..n * cols];
+                    for (src, dst) in o.chunks_exact(row_bytes).zip(w.chunks_exact_mut(cols)) {
+                        widen_row(dtype, src, dst);
+                    }
+                    let shape = LowRankShape { rows: n, cols, r };
+                    let coef = f.coef.get(i0 * r..(i0 + n) * r).unwrap_or(&[]);
+                    if !add_lowrank(shape, w, coef, &f.basis, f.scale, !f.exact) {
+                        bail!("tensor {}: LoRA factors do not fit its rows", t.name);
+                    }
+                    for (src, dst) in w.chunks_exact(cols).zip(o.chunks_exact_mut(row_bytes)) {
+                        narrow_into(dtype, src, dst);
+                    }
+                    Ok(())
                 },
-            );
+            )?;
     }
     // Padding rows: the mean of the existing rows (f64 sums, rounded once).
     if rows > src_rows {
@@ -1225,8 +1218,14 @@ mod tests {
             exact: false,
         };
         let mut w = vec![1.0f32, 2.0];
-        let mut acc = vec![0f32; 2];
-        add_delta_row(&f, 0, &mut w, &mut acc);
+        let shape = LowRankShape {
+            rows: 1,
+            cols: 2,
+            r: f.r,
+        };
+        assert!(add_lowrank(
+            shape, &mut w, &f.coef, &f.basis, f.scale, !f.exact
+        ));
         for j in 0..2 {
             let mut a = 0f32;
             for k in 0..3 {

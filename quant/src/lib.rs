@@ -3,6 +3,7 @@
 pub mod blocks;
 pub mod dot;
 pub mod error;
+pub mod lowrank;
 pub mod reference;
 pub mod simd;
 pub mod types;

@@ -1,5 +1,6 @@
 //! One module per `kiln` subcommand.
 
+pub mod bench;
 pub mod convert;
 pub mod demo;
 pub mod inspect;

@@ -2,10 +2,13 @@
 //! evaluated from an empty cache with BOS in place of its first token, only the second half of each
 //! chunk scored, running `[k]` values and the delta-method error of the final estimate.
 
-use anyhow::{bail, Result};
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
-use crate::model::{Backend, Model};
+use crate::eval::kld;
+use crate::model::{Backend, LlamaConfig, Model};
 
 /// What to evaluate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,32 +77,37 @@ pub fn estimate(s1: f64, s2: f64, n: usize) -> (f64, Option<f64>) {
     }
 }
 
-/// Runs the evaluation over `tokens` (the whole tokenized text, BOS first if the vocabulary adds
-/// one). `bos` replaces each chunk's first token when `Some`. `on_chunk(k, running_ppl)` is called
-/// after every chunk.
-pub fn perplexity<B: Backend>(
+/// Evaluates `n_chunk` chunks of `n_ctx` tokens as llama-perplexity does (empty cache per chunk,
+/// `bos` in place of the first token, batches of `n_batch`) and calls `f(k, chunk, logits)` with
+/// the chunk's original tokens and the logits of positions `n_ctx/2..n_ctx` (`n_vocab` each).
+pub fn for_each_chunk<B: Backend>(
     model: &Model<B>,
     tokens: &[u32],
     bos: Option<u32>,
-    p: &PplParams,
-    mut on_chunk: impl FnMut(usize, f64),
-) -> Result<PplResult> {
-    let n_chunk = n_chunks(tokens.len(), p)?;
-    let n_ctx = p.n_ctx;
-    let n_batch = p.n_batch.clamp(1, n_ctx);
+    n_ctx: usize,
+    n_batch: usize,
+    n_chunk: usize,
+    mut f: impl FnMut(usize, &[u32], &[f32]) -> Result<()>,
+) -> Result<()> {
+    if n_ctx < 2 {
+        bail!("context size must be at least 2 (got {n_ctx})");
+    }
+    let n_batch = n_batch.clamp(1, n_ctx);
     let first = n_ctx / 2;
     let n_vocab = model.cfg.n_vocab;
+    check_memory(&model.cfg, n_ctx, n_batch)?;
     let mut cache = model.new_cache(n_ctx)?;
-    let (mut s1, mut s2, mut count) = (0.0f64, 0.0f64, 0usize);
-    let mut running = Vec::with_capacity(n_chunk);
+    let mut logits: Vec<f32> = Vec::with_capacity((n_ctx - first) * n_vocab);
     for k in 0..n_chunk {
         let start = k * n_ctx;
-        let orig = &tokens[start..start + n_ctx];
+        let Some(orig) = tokens.get(start..start + n_ctx) else {
+            bail!("chunk {} needs tokens up to {}", k + 1, start + n_ctx);
+        };
         let mut input = orig.to_vec();
         if let (Some(b), Some(t0)) = (bos, input.first_mut()) {
             *t0 = b;
         }
-        let mut logits: Vec<f32> = Vec::with_capacity((n_ctx - first) * n_vocab);
+        logits.clear();
         let mut pos = 0;
         while pos < n_ctx {
             let end = (pos + n_batch).min(n_ctx);
@@ -112,23 +120,101 @@ pub fn perplexity<B: Backend>(
             }
             pos = end;
         }
-        // logits row i is position first+i and scores token first+i+1
-        let n_score = n_ctx - 1 - first;
-        let vals: Vec<f64> = (0..n_score)
-            .into_par_iter()
-            .map(|i| {
-                let row = &logits[i * n_vocab..(i + 1) * n_vocab];
-                nll(row, orig[first + i + 1] as usize)
-            })
-            .collect();
-        for v in vals {
-            s1 += v;
-            s2 += v * v;
-        }
-        count += n_score;
-        let r = (s1 / count as f64).exp();
-        running.push(r);
-        on_chunk(k + 1, r);
+        f(k, orig, &logits)?;
+    }
+    Ok(())
+}
+
+/// Runs the evaluation over `tokens` (the whole tokenized text, BOS first if the vocabulary adds
+/// one). `bos` replaces each chunk's first token when `Some`. `on_chunk(k, running_ppl)` is called
+/// after every chunk.
+pub fn perplexity<B: Backend>(
+    model: &Model<B>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    p: &PplParams,
+    on_chunk: impl FnMut(usize, f64),
+) -> Result<PplResult> {
+    run(model, tokens, bos, p, None, on_chunk)
+}
+
+/// [`perplexity`] that also writes the base log-probability file of `--kl-divergence-base`
+/// (llama-perplexity's format, spec §5.2) to `out`. The negative log-likelihoods are then
+/// computed as llama-perplexity does in that mode (log of the sum rounded to f32).
+pub fn perplexity_save_base<B: Backend>(
+    model: &Model<B>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    p: &PplParams,
+    out: &mut dyn Write,
+    on_chunk: impl FnMut(usize, f64),
+) -> Result<PplResult> {
+    run(model, tokens, bos, p, Some(out), on_chunk)
+}
+
+fn run<B: Backend>(
+    model: &Model<B>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    p: &PplParams,
+    mut out: Option<&mut dyn Write>,
+    mut on_chunk: impl FnMut(usize, f64),
+) -> Result<PplResult> {
+    let n_chunk = n_chunks(tokens.len(), p)?;
+    let n_ctx = p.n_ctx;
+    let first = n_ctx / 2;
+    let n_vocab = model.cfg.n_vocab;
+    let nv = kld::row_len(n_vocab);
+    let n_score = n_ctx - 1 - first;
+    if let Some(w) = out.as_mut() {
+        kld::write_header(w, n_ctx, n_vocab, n_chunk, tokens)?;
+    }
+    let mut rows: Vec<u16> = Vec::new();
+    let (mut s1, mut s2, mut count) = (0.0f64, 0.0f64, 0usize);
+    let mut running = Vec::with_capacity(n_chunk);
+    for_each_chunk(
+        model,
+        tokens,
+        bos,
+        n_ctx,
+        p.n_batch,
+        n_chunk,
+        |k, orig, logits| {
+            // logits row i is position first+i and scores token first+i+1
+            let row = |i: usize| logits.get(i * n_vocab..(i + 1) * n_vocab).unwrap_or(&[]);
+            let tok = |i: usize| orig.get(first + i + 1).copied().unwrap_or(0) as usize;
+            let vals: Vec<f64> = match out.as_mut() {
+                None => (0..n_score)
+                    .into_par_iter()
+                    .map(|i| nll(row(i), tok(i)))
+                    .collect(),
+                Some(w) => {
+                    rows.clear();
+                    rows.resize(n_score * nv, 0);
+                    let vals = rows
+                        .par_chunks_mut(nv)
+                        .enumerate()
+                        .map(|(i, r)| kld::encode_row(row(i), tok(i), r))
+                        .collect();
+                    let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    w.write_all(&bytes)
+                        .context("writing the base log-probabilities")?;
+                    vals
+                }
+            };
+            for v in vals {
+                s1 += v;
+                s2 += v * v;
+            }
+            count += n_score;
+            let r = (s1 / count as f64).exp();
+            running.push(r);
+            on_chunk(k + 1, r);
+            Ok(())
+        },
+    )?;
+    if let Some(w) = out.as_mut() {
+        w.flush().context("writing the base log-probabilities")?;
     }
     let (ppl, ppl_err) = estimate(s1, s2, count);
     Ok(PplResult {
@@ -139,6 +225,50 @@ pub fn perplexity<B: Backend>(
         n_scored: count,
         n_eval: n_chunk * n_ctx,
     })
+}
+
+/// Bytes an evaluation at `n_ctx` needs besides the weights: the f16 KV cache, its f32 copy in
+/// attention, the kept logits of half a chunk, and the activations of one batch.
+pub fn memory_needed(cfg: &LlamaConfig, n_ctx: usize, n_batch: usize) -> u128 {
+    let (c, b) = (n_ctx as u128, n_batch.min(n_ctx) as u128);
+    let m = |xs: &[u128]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x));
+    let kvd = cfg.kv_dim() as u128;
+    let kv = m(&[4, cfg.n_layer as u128, c, kvd]);
+    let kv_f32 = m(&[8, c, kvd]);
+    let logits = m(&[(c - c / 2).saturating_add(b), cfg.n_vocab as u128, 4]);
+    let width = (8 * cfg.n_embd as u128 + 4 * cfg.n_ff as u128).saturating_add(c);
+    let acts = m(&[b, width, 4]);
+    kv.saturating_add(kv_f32)
+        .saturating_add(logits)
+        .saturating_add(acts)
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes, when the system says.
+fn mem_available() -> Option<u128> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn gib(b: u128) -> f64 {
+    b as f64 / f64::from(1u32 << 30)
+}
+
+/// Refuses a context whose cache, logits and activations do not fit the available memory
+/// (checked before anything is allocated).
+pub fn check_memory(cfg: &LlamaConfig, n_ctx: usize, n_batch: usize) -> Result<()> {
+    let need = memory_needed(cfg, n_ctx, n_batch);
+    // without /proc/meminfo, still refuse what no machine has (1 TiB)
+    let avail = mem_available().unwrap_or(1 << 40);
+    if need > avail {
+        bail!(
+            "a context of {n_ctx} tokens needs about {:.2} GiB for the KV cache, logits and activations, but only {:.2} GiB of memory is available; use a smaller context",
+            gib(need),
+            gib(avail)
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -173,6 +303,43 @@ mod tests {
         l2[1] = 100.0;
         assert!(nll(&l2, 1) < 1e-6);
         assert!(nll(&l2, 9).is_infinite());
+    }
+
+    fn cfg() -> LlamaConfig {
+        LlamaConfig {
+            n_vocab: 32000,
+            n_embd: 4096,
+            n_layer: 32,
+            n_ff: 11008,
+            n_head: 32,
+            n_head_kv: 32,
+            head_dim: 128,
+            n_rot: 128,
+            rms_eps: 1e-5,
+            rope: crate::model::Rope {
+                freq_base: 10000.0,
+                freq_scale: 1.0,
+            },
+            n_ctx_train: 4096,
+        }
+    }
+
+    #[test]
+    fn memory_estimate_counts_the_kv_cache_and_logits() {
+        let c = cfg();
+        // Llama-2-7B at 4096: f16 KV cache 2 GiB, kept logits 2048*32000*4
+        let need = memory_needed(&c, 4096, 512);
+        let kv = 2 * 32 * 4096 * 4096 * 2u128;
+        let logits = (2048 + 512) * 32000 * 4u128;
+        assert!(
+            need > kv + logits && need < kv + logits + (1 << 30),
+            "{need}"
+        );
+        assert!(memory_needed(&c, 8192, 512) > need);
+        // no overflow, and refused, for absurd contexts
+        assert!(memory_needed(&c, usize::MAX, usize::MAX) > 1 << 64);
+        let e = check_memory(&c, 1 << 40, 2048).unwrap_err().to_string();
+        assert!(e.contains("GiB"), "{e}");
     }
 
     #[test]
