@@ -2,7 +2,9 @@
 //! HF/PEFT folder's tokenizer files before any GGUF exists) and perplexity exactly as
 //! `kiln perplexity` computes it, written as one small JSON result per model and text.
 
-use crate::eval::perplexity::{n_chunks, perplexity, PplParams};
+use crate::eval::bench::{bench, BenchParams};
+use crate::eval::kld::{kld_stats, row_len, scored_per_chunk, BaseLogits};
+use crate::eval::perplexity::{n_chunks, perplexity, perplexity_save_base, PplParams};
 use crate::model::cpu::CpuBackend;
 use crate::model::{Backend, Model};
 use crate::tokenizer::Tokenizer;
@@ -147,6 +149,110 @@ pub fn ppl(
         n_scored: r.n_scored,
         seconds,
         tokens_per_second: r.n_eval as f64 / seconds.max(1e-9),
+        threads: rayon::current_num_threads(),
+        backend: m.model.backend.name(),
+    })
+}
+
+/// Size of the base log-probability file `--kld` writes for one text (llama-perplexity's format).
+pub fn kld_base_size(n_chunk: usize, n_ctx: usize, n_vocab: usize) -> u64 {
+    let rows = (n_chunk as u64).saturating_mul(scored_per_chunk(n_ctx) as u64);
+    20u64
+        .saturating_add(
+            (n_chunk as u64)
+                .saturating_mul(n_ctx as u64)
+                .saturating_mul(4),
+        )
+        .saturating_add(
+            rows.saturating_mul(row_len(n_vocab) as u64)
+                .saturating_mul(2),
+        )
+}
+
+/// Evaluates the F16 model on `text` and writes its log-probabilities to `out` (the KLD base, as
+/// `kiln perplexity --kl-divergence-base` writes it).
+pub fn kld_base(m: &Loaded, text: &str, p: &PplParams, out: &Path) -> Result<()> {
+    let (tokens, bos) = tokenize(&m.tok, text)?;
+    let f = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    perplexity_save_base(&m.model, &tokens, bos, p, &mut w, |_, _| {})?;
+    std::io::Write::flush(&mut w).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// The KLD of a level against the F16 base, as the pipeline stores it
+/// (`eval/kld-<level>-<text>.json`): the headline numbers plus every statistic kiln perplexity
+/// --kl-divergence reports (under `detail`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KldRecord {
+    pub mean_kld: f64,
+    pub mean_kld_unc: f64,
+    /// Share of tokens whose top token equals the base's (0..1).
+    pub same_top: f64,
+    pub same_top_unc: f64,
+    /// Scored tokens.
+    pub count: usize,
+    pub n_chunk: usize,
+    pub detail: serde_json::Value,
+}
+
+/// KLD of `m` against the base file at `base` (made by [`kld_base`] with the same parameters).
+pub fn kld(m: &Loaded, base: &Path, p: &PplParams) -> Result<KldRecord> {
+    let mut b = BaseLogits::open(base)?;
+    let (_, bos) = tokenize(&m.tok, "x")?;
+    let r = kld_stats(&m.model, &mut b, bos, p.n_batch, p.max_chunks, |_| {})?;
+    Ok(KldRecord {
+        mean_kld: r.kld.value,
+        mean_kld_unc: r.kld.unc,
+        same_top: r.same_top.value,
+        same_top_unc: r.same_top.unc,
+        count: r.count,
+        n_chunk: r.n_chunk,
+        detail: serde_json::to_value(&r)?,
+    })
+}
+
+/// Speed as the pipeline stores it (`eval/bench-<level>.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchRecord {
+    pub pp_tokens: usize,
+    pub pp_tok_s: f64,
+    pub pp_tok_s_sd: f64,
+    pub tg_tokens: usize,
+    pub tg_ms_tok: f64,
+    pub tg_ms_tok_sd: f64,
+    pub reps: usize,
+    pub threads: usize,
+    pub backend: String,
+}
+
+/// The pipeline's speed test: llama-bench's pp512 and tg128 (prompt capped at the model's trained
+/// context), three timed runs after a warm-up.
+pub fn bench_params(n_ctx_train: usize) -> BenchParams {
+    let n_prompt = 512.min(n_ctx_train.max(2));
+    BenchParams {
+        n_prompt,
+        n_gen: 128.min(n_ctx_train.max(2)),
+        reps: 3,
+        n_batch: n_prompt,
+        warmup: true,
+    }
+}
+
+/// Measures `m`'s speed.
+pub fn speed(m: &Loaded, p: &BenchParams) -> Result<BenchRecord> {
+    let (_, bos) = tokenize(&m.tok, "x")?;
+    let stats = bench(&m.model, bos, p, |_, _| {})?;
+    let pp = stats.iter().find(|s| s.n_prompt > 0);
+    let tg = stats.iter().find(|s| s.n_gen > 0);
+    Ok(BenchRecord {
+        pp_tokens: p.n_prompt,
+        pp_tok_s: pp.map(|s| s.avg_ts).unwrap_or(0.0),
+        pp_tok_s_sd: pp.map(|s| s.stddev_ts).unwrap_or(0.0),
+        tg_tokens: p.n_gen,
+        tg_ms_tok: tg.map(|s| s.avg_ms_per_token).unwrap_or(0.0),
+        tg_ms_tok_sd: tg.map(|s| s.stddev_ms_per_token).unwrap_or(0.0),
+        reps: p.reps,
         threads: rayon::current_num_threads(),
         backend: m.model.backend.name(),
     })

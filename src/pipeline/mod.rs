@@ -24,7 +24,7 @@ use kiln_formats::gguf::GgufFile;
 use kiln_formats::hf::LlamaConfig;
 use kiln_quant::GgmlType;
 use manifest::{record_output, rel_string, write_if_changed, Manifest, StepRecord};
-use report::{InputInfo, LevelRow, PplCell, Provenance, Report, TextInfo};
+use report::{BenchCell, InputInfo, KldCell, LevelRow, PplCell, Provenance, Report, TextInfo};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -357,6 +357,53 @@ fn merge_tokenizer_dir(base: &Path, loras: &[PathBuf]) -> PathBuf {
         .unwrap_or_else(|| base.to_path_buf())
 }
 
+/// Loads the model at `path` unless it is already loaded.
+fn load_once<'a>(slot: &'a mut Option<eval::Loaded>, path: &Path) -> Result<&'a eval::Loaded> {
+    if slot.is_none() {
+        *slot = Some(eval::load(path)?);
+    }
+    slot.as_ref().ok_or_else(|| anyhow!("model not loaded"))
+}
+
+/// A step whose output is one JSON file: reused when up to date, else computed, written through
+/// the staging folder, moved into place and recorded.
+#[allow(clippy::too_many_arguments)]
+fn json_step<T: serde::Serialize + serde::de::DeserializeOwned>(
+    man: &mut Manifest,
+    out: &Path,
+    log: &mut Log,
+    id: &str,
+    rel: &str,
+    settings: &serde_json::Value,
+    inputs: BTreeMap<String, String>,
+    compute: impl FnOnce(&mut Log) -> Result<T>,
+) -> Result<T> {
+    if man.up_to_date(out, id, settings, &inputs) {
+        let cached = std::fs::read_to_string(out.join(rel))
+            .ok()
+            .and_then(|j| serde_json::from_str::<T>(&j).ok());
+        if let Some(r) = cached {
+            log.skip(id);
+            return Ok(r);
+        }
+    }
+    let r = compute(log)?;
+    let mut bytes = serde_json::to_vec_pretty(&r)?;
+    bytes.push(b'\n');
+    manifest::write_atomic(&out.join(STAGING).join(rel), &bytes)?;
+    publish(out, rel)?;
+    man.steps.insert(
+        id.to_string(),
+        StepRecord {
+            settings: settings.clone(),
+            inputs,
+            outputs: vec![record_output(out, rel)?],
+        },
+    );
+    man.save(out)?;
+    Ok(r)
+}
+
 /// Runs the pipeline.
 pub fn run(s: &Settings) -> Result<RunEnd> {
     let t_start = Instant::now();
@@ -374,12 +421,6 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         if matches!(q, Ftype::F16 | Ftype::F32 | Ftype::BF16) {
             bail!("--quants {q}: the F16 model is always made; list quantization levels only (Q4_0, Q4_K_M, ...)");
         }
-    }
-    if s.kld {
-        bail!("--kld: the KL-divergence evaluator is not in this build yet");
-    }
-    if s.bench {
-        bail!("--bench: the speed benchmark is not in this build yet");
     }
     let params = PplParams {
         n_ctx: s.n_ctx,
@@ -539,7 +580,14 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
     let levels: Vec<String> = std::iter::once("F16".to_string())
         .chain(s.quants.iter().map(|q| q.name().to_string()))
         .collect();
-    log.n_steps = usize::from(has_merge) + s.quants.len() + levels.len() * texts.len() + 1;
+    log.n_steps = usize::from(has_merge)
+        + s.quants.len()
+        + levels.len() * texts.len()
+        + if s.kld { levels.len() * texts.len() } else { 0 }
+        + if s.bench { levels.len() } else { 0 }
+        + 1;
+
+    let mut run_steps: Vec<String> = Vec::new();
 
     // 5. Merge → F16 GGUF.
     let input_map: BTreeMap<String, String> = hashes[..input_files.len()]
@@ -620,6 +668,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                 .output(id, F16_FILE)
                 .map(|o| o.file.sha256.clone())
                 .ok_or_else(|| anyhow!("the manifest lost the merge's output"))?;
+            run_steps.push(id.to_string());
             (out.join(F16_FILE), F16_FILE.to_string(), sha)
         }
         Source::Model(m) => {
@@ -685,10 +734,11 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
             .output(&id, &rel)
             .map(|o| o.file.sha256.clone())
             .ok_or_else(|| anyhow!("the manifest lost {rel}"))?;
+        run_steps.push(id);
         level_files.push((q.name().to_string(), out.join(&rel), rel, sha));
     }
 
-    // 7. Perplexity of every level on every text.
+    // 7. Perplexity of every level on every text; KLD against F16 and speed with --kld / --bench.
     let eval_settings = json!({
         "n_ctx": params.n_ctx,
         "n_batch": params.n_batch,
@@ -696,35 +746,30 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         "device": s.device,
     });
     let mut ppl: BTreeMap<(String, String), eval::PplRecord> = BTreeMap::new();
+    let mut klds: BTreeMap<(String, String), eval::KldRecord> = BTreeMap::new();
+    let mut benches: BTreeMap<String, eval::BenchRecord> = BTreeMap::new();
+    let mut kld_bases: BTreeMap<String, (PathBuf, String)> = BTreeMap::new();
     for (level, path, _, sha) in &level_files {
+        let lname = level_file_name(level);
+        let is_f16 = level == "F16";
         let mut loaded: Option<eval::Loaded> = None;
+        let model_in = (path.display().to_string(), sha.clone());
         for t in &texts {
-            let lname = level_file_name(level);
+            let text_in = (t.path.display().to_string(), t.sha256.clone());
             let id = format!("ppl {lname} {}", t.name);
             let rel = format!("{EVAL_DIR}/ppl-{lname}-{}.json", t.name);
-            let inputs: BTreeMap<String, String> = [
-                (path.display().to_string(), sha.clone()),
-                (t.path.display().to_string(), t.sha256.clone()),
-            ]
-            .into();
-            let cached = if man.up_to_date(&out, &id, &eval_settings, &inputs) {
-                std::fs::read_to_string(out.join(&rel))
-                    .ok()
-                    .and_then(|j| serde_json::from_str::<eval::PplRecord>(&j).ok())
-            } else {
-                None
-            };
-            let rec = match cached {
-                Some(r) => {
-                    log.skip(&id);
-                    r
-                }
-                None => {
+            let inputs: BTreeMap<String, String> = [model_in.clone(), text_in.clone()].into();
+            let rec = json_step(
+                &mut man,
+                &out,
+                &mut log,
+                &id,
+                &rel,
+                &eval_settings,
+                inputs,
+                |log| {
                     log.step(&format!("perplexity {level} on {}", t.name));
-                    if loaded.is_none() {
-                        loaded = Some(eval::load(path)?);
-                    }
-                    let m = loaded.as_ref().ok_or_else(|| anyhow!("model not loaded"))?;
+                    let m = load_once(&mut loaded, path)?;
                     let pb = log.bar((t.n_chunk * params.n_ctx) as u64, "tokens");
                     let r = eval::ppl(m, &t.text, &params, |n| pb.set_position(n))?;
                     pb.finish_and_clear();
@@ -733,9 +778,27 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                         "  PPL {:.4}{err} ({} chunks, {:.1} tok/s)",
                         r.ppl, r.n_chunk, r.tokens_per_second
                     );
-                    let mut bytes = serde_json::to_vec_pretty(&r)?;
-                    bytes.push(b'\n');
-                    manifest::write_atomic(&staging.join(&rel), &bytes)?;
+                    Ok(r)
+                },
+            )?;
+            run_steps.push(id);
+            ppl.insert((level.clone(), t.name.clone()), rec);
+            if !s.kld {
+                continue;
+            }
+            if is_f16 {
+                // The F16 log-probabilities every level is compared with.
+                let id = format!("kld-base {}", t.name);
+                let rel = format!("{EVAL_DIR}/kld-base-{}.bin", t.name);
+                let inputs: BTreeMap<String, String> = [model_in.clone(), text_in.clone()].into();
+                if man.up_to_date(&out, &id, &eval_settings, &inputs) {
+                    log.skip(&id);
+                } else {
+                    log.step(&format!("F16 log-probabilities of {} (KLD base)", t.name));
+                    let m = load_once(&mut loaded, path)?;
+                    let need = eval::kld_base_size(t.n_chunk, params.n_ctx, m.model.cfg.n_vocab);
+                    space::check_dir(&out, &rel, need)?;
+                    eval::kld_base(m, &t.text, &params, &out.join(STAGING).join(&rel))?;
                     publish(&out, &rel)?;
                     man.steps.insert(
                         id.clone(),
@@ -746,10 +809,74 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                         },
                     );
                     man.save(&out)?;
-                    r
                 }
-            };
-            ppl.insert((level.clone(), t.name.clone()), rec);
+                let bsha = man
+                    .output(&id, &rel)
+                    .map(|o| o.file.sha256.clone())
+                    .ok_or_else(|| anyhow!("the manifest lost {rel}"))?;
+                run_steps.push(id);
+                kld_bases.insert(t.name.clone(), (out.join(&rel), bsha));
+            } else {
+                let (bpath, bsha) = kld_bases
+                    .get(&t.name)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("no KLD base for {}", t.name))?;
+                let id = format!("kld {lname} {}", t.name);
+                let rel = format!("{EVAL_DIR}/kld-{lname}-{}.json", t.name);
+                let inputs: BTreeMap<String, String> =
+                    [model_in.clone(), (bpath.display().to_string(), bsha)].into();
+                let rec = json_step(
+                    &mut man,
+                    &out,
+                    &mut log,
+                    &id,
+                    &rel,
+                    &eval_settings,
+                    inputs,
+                    |log| {
+                        log.step(&format!("KLD {level} vs F16 on {}", t.name));
+                        let m = load_once(&mut loaded, path)?;
+                        let r = eval::kld(m, &bpath, &params)?;
+                        eprintln!(
+                            "  mean KLD {:.6} ± {:.6}, same top {:.2}%",
+                            r.mean_kld,
+                            r.mean_kld_unc,
+                            100.0 * r.same_top
+                        );
+                        Ok(r)
+                    },
+                )?;
+                run_steps.push(id);
+                klds.insert((level.clone(), t.name.clone()), rec);
+            }
+        }
+        if s.bench {
+            let id = format!("bench {lname}");
+            let rel = format!("{EVAL_DIR}/bench-{lname}.json");
+            let inputs: BTreeMap<String, String> = [model_in.clone()].into();
+            let settings = json!({"device": s.device, "threads": rayon::current_num_threads()});
+            let rec = json_step(
+                &mut man,
+                &out,
+                &mut log,
+                &id,
+                &rel,
+                &settings,
+                inputs,
+                |log| {
+                    log.step(&format!("speed of {level}"));
+                    let m = load_once(&mut loaded, path)?;
+                    let bp = eval::bench_params(m.model.cfg.n_ctx_train);
+                    let r = eval::speed(m, &bp)?;
+                    eprintln!(
+                        "  pp{} {:.2} tok/s, tg{} {:.2} ms/tok",
+                        r.pp_tokens, r.pp_tok_s, r.tg_tokens, r.tg_ms_tok
+                    );
+                    Ok(r)
+                },
+            )?;
+            run_steps.push(id);
+            benches.insert(level.clone(), rec);
         }
     }
 
@@ -769,6 +896,24 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                 })
             })
             .collect();
+        // KLD over all texts: token-weighted means.
+        let ks: Vec<&eval::KldRecord> = texts
+            .iter()
+            .filter_map(|t| klds.get(&(level.clone(), t.name.clone())))
+            .collect();
+        let n: usize = ks.iter().map(|k| k.count).sum();
+        let kld = (!ks.is_empty() && n > 0).then(|| KldCell {
+            mean_kld: ks.iter().map(|k| k.mean_kld * k.count as f64).sum::<f64>() / n as f64,
+            mean_kld_err: (ks.len() == 1).then(|| ks[0].mean_kld_unc),
+            same_top_pct: 100.0 * ks.iter().map(|k| k.same_top * k.count as f64).sum::<f64>()
+                / n as f64,
+        });
+        let bench = benches.get(level).map(|b| BenchCell {
+            pp_tok_s: b.pp_tok_s,
+            tg_ms_tok: b.tg_ms_tok,
+            pp_tokens: b.pp_tokens,
+            tg_tokens: b.tg_tokens,
+        });
         rows.push(LevelRow {
             level: level.clone(),
             file: rel.clone(),
@@ -777,8 +922,8 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
             n_params,
             sha256: sha.clone(),
             ppl: cells,
-            kld: None,
-            bench: None,
+            kld,
+            bench,
         });
     }
     let threads = ppl
@@ -838,19 +983,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
     // 9. SHA256SUMS of every output of this run (and the manifest).
     man.save(&out)?;
     let mut entries = Vec::new();
-    let mut step_ids: Vec<String> = Vec::new();
-    if has_merge {
-        step_ids.push("merge".into());
-    }
-    for q in &s.quants {
-        step_ids.push(format!("quantize {}", level_file_name(q.name())));
-    }
-    for l in &levels {
-        for t in &texts {
-            step_ids.push(format!("ppl {} {}", level_file_name(l), t.name));
-        }
-    }
-    for id in &step_ids {
+    for id in &run_steps {
         if let Some(r) = man.steps.get(id) {
             for o in &r.outputs {
                 entries.push(sums::Entry {
