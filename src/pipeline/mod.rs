@@ -295,11 +295,11 @@ fn gguf_stats(path: &Path) -> Result<(u64, u64, u64)> {
 
 #[cfg(debug_assertions)]
 fn test_stall(point: &str) {
-    // Test hook (debug builds only): `KILN_TEST_STALL=quantize:MS` sleeps after each quantized
+    // Test hook (debug builds only): `KILN_TEST_STALL="quantize q4_0:MS"` sleeps once that level's
     // file is complete in the staging folder and before it is moved into place, so the tests can
     // interrupt the step at a known point.
     if let Ok(v) = std::env::var("KILN_TEST_STALL") {
-        if let Some((p, ms)) = v.split_once(':') {
+        if let Some((p, ms)) = v.rsplit_once(':') {
             if p == point {
                 eprintln!("stall {point}");
                 std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
@@ -357,6 +357,15 @@ fn merge_tokenizer_dir(base: &Path, loras: &[PathBuf]) -> PathBuf {
         .unwrap_or_else(|| base.to_path_buf())
 }
 
+/// How a step names an input: files inside --out by their relative path (so the folder can be
+/// moved or copied and stay up to date), others as given.
+fn input_key(out: &Path, p: &Path) -> String {
+    match p.strip_prefix(out) {
+        Ok(rel) => format!("out:{}", rel_string(Path::new(""), rel)),
+        Err(_) => p.display().to_string(),
+    }
+}
+
 /// Loads the model at `path` unless it is already loaded.
 fn load_once<'a>(slot: &'a mut Option<eval::Loaded>, path: &Path) -> Result<&'a eval::Loaded> {
     if slot.is_none() {
@@ -401,7 +410,9 @@ fn json_step<T: serde::Serialize + serde::de::DeserializeOwned>(
         },
     );
     man.save(out)?;
-    Ok(r)
+    // What later runs will read back (JSON floats do not always round-trip to the last bit): the
+    // report is built from the same values on the first run and on every rerun.
+    serde_json::from_slice(&bytes).with_context(|| format!("reading back {rel}"))
 }
 
 /// Runs the pipeline.
@@ -690,7 +701,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         let rel = format!("model-{lname}.gguf");
         let settings = json!({"ftype": q.name()});
         let inputs: BTreeMap<String, String> =
-            [(f16_path.display().to_string(), f16_sha.clone())].into();
+            [(input_key(&out, &f16_path), f16_sha.clone())].into();
         if man.up_to_date(&out, &id, &settings, &inputs) {
             log.skip(&id);
         } else {
@@ -717,7 +728,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                 dry_run: false,
                 quiet: s.quiet,
             })?;
-            test_stall("quantize");
+            test_stall(&id);
             publish(&out, &rel)?;
             man.steps.insert(
                 id.clone(),
@@ -753,7 +764,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         let lname = level_file_name(level);
         let is_f16 = level == "F16";
         let mut loaded: Option<eval::Loaded> = None;
-        let model_in = (path.display().to_string(), sha.clone());
+        let model_in = (input_key(&out, path), sha.clone());
         for t in &texts {
             let text_in = (t.path.display().to_string(), t.sha256.clone());
             let id = format!("ppl {lname} {}", t.name);
@@ -824,7 +835,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                 let id = format!("kld {lname} {}", t.name);
                 let rel = format!("{EVAL_DIR}/kld-{lname}-{}.json", t.name);
                 let inputs: BTreeMap<String, String> =
-                    [model_in.clone(), (bpath.display().to_string(), bsha)].into();
+                    [model_in.clone(), (input_key(&out, &bpath), bsha)].into();
                 let rec = json_step(
                     &mut man,
                     &out,
@@ -902,12 +913,21 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
             .filter_map(|t| klds.get(&(level.clone(), t.name.clone())))
             .collect();
         let n: usize = ks.iter().map(|k| k.count).sum();
-        let kld = (!ks.is_empty() && n > 0).then(|| KldCell {
-            mean_kld: ks.iter().map(|k| k.mean_kld * k.count as f64).sum::<f64>() / n as f64,
-            mean_kld_err: (ks.len() == 1).then(|| ks[0].mean_kld_unc),
-            same_top_pct: 100.0 * ks.iter().map(|k| k.same_top * k.count as f64).sum::<f64>()
-                / n as f64,
-        });
+        let kld = match ks.as_slice() {
+            [] => None,
+            [k] => Some(KldCell {
+                mean_kld: k.mean_kld,
+                mean_kld_err: Some(k.mean_kld_unc),
+                same_top_pct: 100.0 * k.same_top,
+            }),
+            _ if n > 0 => Some(KldCell {
+                mean_kld: ks.iter().map(|k| k.mean_kld * k.count as f64).sum::<f64>() / n as f64,
+                mean_kld_err: None,
+                same_top_pct: 100.0 * ks.iter().map(|k| k.same_top * k.count as f64).sum::<f64>()
+                    / n as f64,
+            }),
+            _ => None,
+        };
         let bench = benches.get(level).map(|b| BenchCell {
             pp_tok_s: b.pp_tok_s,
             tg_ms_tok: b.tg_ms_tok,
