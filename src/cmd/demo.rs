@@ -26,6 +26,9 @@ pub struct Args {
     /// Quantization levels.
     #[arg(long, default_value = DEMO_QUANTS, value_delimiter = ',')]
     pub quants: Vec<String>,
+    /// Also measure the KL divergence of each level against F16 (about doubles the time).
+    #[arg(long)]
+    pub kld: bool,
     /// Redo every step.
     #[arg(long)]
     pub force: bool,
@@ -75,7 +78,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         n_ctx: a.ctx,
         n_batch: a.ctx,
         chunks: None,
-        kld: false,
+        kld: a.kld,
         bench: false,
         keep_hf: false,
         force: a.force,

@@ -171,11 +171,19 @@ pub fn kld_base_size(n_chunk: usize, n_ctx: usize, n_vocab: usize) -> u64 {
 
 /// Evaluates the F16 model on `text` and writes its log-probabilities to `out` (the KLD base, as
 /// `kiln perplexity --kl-divergence-base` writes it).
-pub fn kld_base(m: &Loaded, text: &str, p: &PplParams, out: &Path) -> Result<()> {
+pub fn kld_base(
+    m: &Loaded,
+    text: &str,
+    p: &PplParams,
+    out: &Path,
+    mut on_tokens: impl FnMut(u64),
+) -> Result<()> {
     let (tokens, bos) = tokenize(&m.tok, text)?;
     let f = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    perplexity_save_base(&m.model, &tokens, bos, p, &mut w, |_, _| {})?;
+    perplexity_save_base(&m.model, &tokens, bos, p, &mut w, |k, _| {
+        on_tokens((k * p.n_ctx) as u64)
+    })?;
     std::io::Write::flush(&mut w).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
@@ -197,10 +205,17 @@ pub struct KldRecord {
 }
 
 /// KLD of `m` against the base file at `base` (made by [`kld_base`] with the same parameters).
-pub fn kld(m: &Loaded, base: &Path, p: &PplParams) -> Result<KldRecord> {
+pub fn kld(
+    m: &Loaded,
+    base: &Path,
+    p: &PplParams,
+    mut on_tokens: impl FnMut(u64),
+) -> Result<KldRecord> {
     let mut b = BaseLogits::open(base)?;
     let (_, bos) = tokenize(&m.tok, "x")?;
-    let r = kld_stats(&m.model, &mut b, bos, p.n_batch, p.max_chunks, |_| {})?;
+    let r = kld_stats(&m.model, &mut b, bos, p.n_batch, p.max_chunks, |row| {
+        on_tokens((row.chunk * p.n_ctx) as u64)
+    })?;
     Ok(KldRecord {
         mean_kld: r.kld.value,
         mean_kld_unc: r.kld.unc,

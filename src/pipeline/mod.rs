@@ -809,7 +809,11 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                     let m = load_once(&mut loaded, path)?;
                     let need = eval::kld_base_size(t.n_chunk, params.n_ctx, m.model.cfg.n_vocab);
                     space::check_dir(&out, &rel, need)?;
-                    eval::kld_base(m, &t.text, &params, &out.join(STAGING).join(&rel))?;
+                    let pb = log.bar((t.n_chunk * params.n_ctx) as u64, "tokens");
+                    eval::kld_base(m, &t.text, &params, &out.join(STAGING).join(&rel), |n| {
+                        pb.set_position(n)
+                    })?;
+                    pb.finish_and_clear();
                     publish(&out, &rel)?;
                     man.steps.insert(
                         id.clone(),
@@ -847,7 +851,9 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                     |log| {
                         log.step(&format!("KLD {level} vs F16 on {}", t.name));
                         let m = load_once(&mut loaded, path)?;
-                        let r = eval::kld(m, &bpath, &params)?;
+                        let pb = log.bar((t.n_chunk * params.n_ctx) as u64, "tokens");
+                        let r = eval::kld(m, &bpath, &params, |n| pb.set_position(n))?;
+                        pb.finish_and_clear();
                         eprintln!(
                             "  mean KLD {:.6} ± {:.6}, same top {:.2}%",
                             r.mean_kld,
