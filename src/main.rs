@@ -35,6 +35,8 @@ enum Command {
     Perplexity(cmd::perplexity::Args),
     /// Tokenize text with a GGUF model's vocabulary, as llama.cpp's llama-tokenize does.
     Tokenize(cmd::tokenize::Args),
+    /// Importance matrix of a model on a calibration text, as llama-imatrix computes it.
+    Imatrix(cmd::imatrix::Args),
 }
 
 /// What a subcommand reports back: success, or a check that failed (exit 1).
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => cmd::merge::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Imatrix(a) => cmd::imatrix::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! One module per `kiln` subcommand.
 
 pub mod convert;
+pub mod imatrix;
 pub mod inspect;
 pub mod merge;
 pub mod perplexity;
