@@ -2,7 +2,7 @@
 //! computes it (same chunks, BOS handling, tensors and tokens), written in llama.cpp's GGUF imatrix
 //! format or the legacy `.dat` format; `--in-file` merges earlier files.
 
-use crate::eval::imatrix::{collect, Collector};
+use crate::eval::imatrix::{collect, CollectParams, Collector};
 use crate::eval::perplexity::{n_chunks, PplParams};
 use crate::model::cpu::CpuBackend;
 use crate::model::{Backend, Model};
@@ -171,9 +171,11 @@ pub fn run(a: Args) -> Result<Outcome> {
             &model,
             &tokens,
             bos,
-            a.ctx,
-            n_chunk,
-            !a.no_ppl,
+            CollectParams {
+                n_ctx: a.ctx,
+                n_chunk,
+                compute_ppl: !a.no_ppl,
+            },
             &mut col,
             |k, r, c| {
                 if !a.no_ppl {

@@ -175,6 +175,17 @@ pub struct ImatrixRun {
     pub n_chunk: usize,
 }
 
+/// What [`collect`] evaluates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CollectParams {
+    /// Tokens per chunk.
+    pub n_ctx: usize,
+    /// Chunks to evaluate.
+    pub n_chunk: usize,
+    /// Score the second half of each chunk (the running PPL).
+    pub compute_ppl: bool,
+}
+
 /// Collects over `n_chunk` chunks of `n_ctx` tokens of `tokens` (BOS first if the vocabulary adds
 /// one; `bos` replaces each chunk's first token when `Some`). `after_chunk(k, running_ppl,
 /// collector)` runs after every chunk (progress, periodic saves).
@@ -182,12 +193,15 @@ pub fn collect<B: Backend>(
     model: &Model<B>,
     tokens: &[u32],
     bos: Option<u32>,
-    n_ctx: usize,
-    n_chunk: usize,
-    compute_ppl: bool,
+    p: CollectParams,
     col: &mut Collector,
     mut after_chunk: impl FnMut(usize, f64, &Collector) -> Result<()>,
 ) -> Result<ImatrixRun> {
+    let CollectParams {
+        n_ctx,
+        n_chunk,
+        compute_ppl,
+    } = p;
     if n_ctx < 2 || tokens.len() < n_chunk * n_ctx {
         bail!(
             "{} tokens cannot make {n_chunk} chunks of {n_ctx}",
@@ -284,7 +298,9 @@ mod tests {
         assert_eq!(e.sums, vec![32.0; 4]);
         assert_eq!(e.counts, vec![32]);
         assert_eq!(c.last_chunk, 1);
-        assert!(c.observe("blk.0.attn_q.weight", &x, 8).is_err());
+        assert!(c
+            .observe("blk.0.attn_q.weight", &vec![1.0f32; 16 * 8], 8)
+            .is_err());
         assert!(c.observe("blk.0.attn_q.weight", &x[..5], 4).is_err());
         let mut c = Collector::new(32, true);
         c.observe("output.weight", &x, 4).unwrap();
