@@ -14,14 +14,15 @@ THREADS=${1:-$(nproc)}
 CHUNKS=${2:-8}
 BIN=${KILN_LLAMACPP_BIN:-$(bash scripts/llamacpp-tools.sh)}
 OUT=${BENCH_OUT:-bench-out}; mkdir -p "$OUT"
+SHARED=${KILN_SHARED:-../shared}; [ -d "$SHARED" ] || SHARED=../../shared
 cargo build --release -q
 KILN=target/release/kiln
 IN=$OUT/synth-400m.f16.gguf
 [ -f "$IN" ] || python3 tests/interop/make_f16_gguf.py "$IN" --preset 400m \
-  --vocab-from ../shared/fixtures/chinese-llama-2-tokenizer/tokenizer.model >&2
+  --vocab-from $SHARED/fixtures/chinese-llama-2-tokenizer/tokenizer.model >&2
 TEXT=$OUT/calib.txt
 : > "$TEXT"
-for _ in $(seq 1 $((CHUNKS / 3 + 2))); do cat ../shared/fixtures/texts/zh-libai.txt >> "$TEXT"; done
+for _ in $(seq 1 $((CHUNKS / 3 + 2))); do cat "$SHARED/fixtures/texts/zh-libai.txt" >> "$TEXT"; done
 measure() { # prints "wall_s peak_kb"
   /usr/bin/time -f "%e %M" -o "$OUT/time.txt" "$@" >/dev/null 2>"$OUT/err.txt" || { cat "$OUT/err.txt" >&2; exit 1; }
   cat "$OUT/time.txt"
