@@ -37,6 +37,8 @@ enum Command {
     Tokenize(cmd::tokenize::Args),
     /// Prompt-processing and generation speed of a GGUF model, measured as llama-bench does.
     Bench(cmd::bench::Args),
+    /// Importance matrix of a model on a calibration text, as llama-imatrix computes it.
+    Imatrix(cmd::imatrix::Args),
 }
 
 /// What a subcommand reports back: success, or a check that failed (exit 1).
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Imatrix(a) => cmd::imatrix::run(a),
     };
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
