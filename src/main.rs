@@ -39,6 +39,8 @@ enum Command {
     Tokenize(cmd::tokenize::Args),
     /// Prompt-processing and generation speed of a GGUF model, measured as llama-bench does.
     Bench(cmd::bench::Args),
+    /// Importance matrix of a model on a calibration text, as llama-imatrix computes it.
+    Imatrix(cmd::imatrix::Args),
     /// Base + LoRA(s) → F16 and quantized GGUFs, perplexity per level, report; resumable.
     Pipeline(cmd::pipeline::Args),
     /// Re-hash every file listed in a folder's SHA256SUMS.
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Imatrix(a) => cmd::imatrix::run(a),
         Command::Pipeline(a) => cmd::pipeline::run(a),
         Command::Verify(a) => cmd::verify::run(a),
         Command::Demo(a) => cmd::demo::run(a),

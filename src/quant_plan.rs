@@ -16,6 +16,8 @@ pub enum Ftype {
     Q5_1,
     Q8_0,
     Q2K,
+    /// Q2_K - Small: needs an importance matrix.
+    Q2KS,
     Q3KS,
     Q3KM,
     Q3KL,
@@ -28,12 +30,13 @@ pub enum Ftype {
 
 impl Ftype {
     /// Every file type, in the order llama-quantize lists them.
-    pub const ALL: [Ftype; 17] = [
+    pub const ALL: [Ftype; 18] = [
         Ftype::Q4_0,
         Ftype::Q4_1,
         Ftype::Q5_0,
         Ftype::Q5_1,
         Ftype::Q2K,
+        Ftype::Q2KS,
         Ftype::Q3KS,
         Ftype::Q3KM,
         Ftype::Q3KL,
@@ -67,6 +70,7 @@ impl Ftype {
             Ftype::Q5KS => 16,
             Ftype::Q5KM => 17,
             Ftype::Q6K => 18,
+            Ftype::Q2KS => 21,
             Ftype::BF16 => 32,
         }
     }
@@ -83,6 +87,7 @@ impl Ftype {
             Ftype::Q5_1 => "Q5_1",
             Ftype::Q8_0 => "Q8_0",
             Ftype::Q2K => "Q2_K",
+            Ftype::Q2KS => "Q2_K_S",
             Ftype::Q3KS => "Q3_K_S",
             Ftype::Q3KM => "Q3_K_M",
             Ftype::Q3KL => "Q3_K_L",
@@ -118,7 +123,7 @@ impl Ftype {
             Ftype::Q5_0 => GgmlType::Q5_0,
             Ftype::Q5_1 => GgmlType::Q5_1,
             Ftype::Q8_0 => GgmlType::Q8_0,
-            Ftype::Q2K => GgmlType::Q2K,
+            Ftype::Q2K | Ftype::Q2KS => GgmlType::Q2K,
             Ftype::Q3KS | Ftype::Q3KM | Ftype::Q3KL => GgmlType::Q3K,
             Ftype::Q4KS | Ftype::Q4KM => GgmlType::Q4K,
             Ftype::Q5KS | Ftype::Q5KM => GgmlType::Q5K,
@@ -138,6 +143,7 @@ impl Ftype {
             Ftype::Q5_1 => "Q5_1",
             Ftype::Q8_0 => "Q8_0",
             Ftype::Q2K => "Q2_K - Medium",
+            Ftype::Q2KS => "Q2_K - Small",
             Ftype::Q3KS => "Q3_K - Small",
             Ftype::Q3KM => "Q3_K - Medium",
             Ftype::Q3KL => "Q3_K - Large",
@@ -147,6 +153,18 @@ impl Ftype {
             Ftype::Q5KM => "Q5_K - Medium",
             Ftype::Q6K => "Q6_K",
         }
+    }
+}
+
+impl Ftype {
+    /// Whether a tensor planned as `ty` in a file of this type needs importance weights
+    /// (llama.cpp's `tensor_requires_imatrix` for the non-IQ types: only Q2_K tensors of a Q2_K_S
+    /// file, never token_embd or output).
+    pub fn requires_imatrix(self, name: &str, ty: GgmlType) -> bool {
+        self == Ftype::Q2KS
+            && ty == GgmlType::Q2K
+            && name != "token_embd.weight"
+            && name != "output.weight"
     }
 }
 
@@ -183,6 +201,8 @@ pub struct Overrides {
     pub token_embedding_type: Option<GgmlType>,
     /// `--tensor-type REGEX=TYPE`, first match wins (regex search, not full match).
     pub tensor_types: Vec<(Regex, GgmlType)>,
+    /// An importance matrix is in use (llama.cpp's `has_imatrix`: some mix rules change).
+    pub imatrix: bool,
 }
 
 /// One input tensor as the planner sees it.
@@ -368,6 +388,7 @@ impl<'a> Planner<'a> {
                             G::Q3K
                         }
                     }
+                    F::Q2KS if self.model.gqa() >= 4 => new_type = G::Q4K,
                     F::Q3KM => new_type = if i < 2 { G::Q5K } else { G::Q4K },
                     F::Q3KL => new_type = G::Q5K,
                     F::Q4KM | F::Q5KM if use_more_bits(i, self.n_attention_wv) => new_type = G::Q6K,
@@ -393,11 +414,15 @@ impl<'a> Planner<'a> {
                 let (i, n) = (self.i_ffn_down, self.n_ffn_down);
                 match ft {
                     F::Q2K => new_type = G::Q3K,
+                    F::Q2KS if i < n / 8 => new_type = G::Q4K,
                     F::Q3KM => new_type = if i < n / 16 { G::Q5K } else { G::Q4K },
                     F::Q3KL => new_type = G::Q5K,
                     F::Q4KM if use_more_bits(i, n) => new_type = G::Q6K,
                     F::Q5KM if use_more_bits(i, n) => new_type = G::Q6K,
                     F::Q4KS if i < n / 8 => new_type = G::Q5K,
+                    // with an imatrix the first eighth of ffn_down gets the type with a min
+                    F::Q4_0 if self.ov.imatrix && i < n / 8 => new_type = G::Q4_1,
+                    F::Q5_0 if self.ov.imatrix && i < n / 8 => new_type = G::Q5_1,
                     _ => {}
                 }
                 self.i_ffn_down += 1;
@@ -598,6 +623,44 @@ mod tests {
         assert_eq!(ty(&p, "blk.2.attn_v.weight"), GgmlType::Q4K);
         assert_eq!(ty(&p, "blk.1.ffn_down.weight"), GgmlType::Q5K);
         assert_eq!(ty(&p, "blk.2.ffn_down.weight"), GgmlType::Q4K);
+    }
+
+    #[test]
+    fn imatrix_rules() {
+        let (m, ts) = llama(32, 8, 4096, 11008); // gqa 4
+        let p = plan_of(Ftype::Q2KS, m, &ts);
+        assert_eq!(ty(&p, "blk.5.attn_v.weight"), GgmlType::Q4K);
+        assert_eq!(ty(&p, "blk.3.ffn_down.weight"), GgmlType::Q4K);
+        assert_eq!(ty(&p, "blk.4.ffn_down.weight"), GgmlType::Q2K);
+        assert_eq!(ty(&p, "blk.5.attn_output.weight"), GgmlType::Q2K);
+        assert_eq!(ty(&p, "output.weight"), GgmlType::Q6K);
+        assert_eq!(ty(&p, "token_embd.weight"), GgmlType::Q2K);
+        assert!(Ftype::Q2KS.requires_imatrix("blk.4.ffn_down.weight", GgmlType::Q2K));
+        assert!(!Ftype::Q2KS.requires_imatrix("token_embd.weight", GgmlType::Q2K));
+        assert!(!Ftype::Q2K.requires_imatrix("blk.4.ffn_down.weight", GgmlType::Q2K));
+        let (m1, ts1) = llama(32, 32, 4096, 11008); // gqa 1
+        assert_eq!(
+            ty(&plan_of(Ftype::Q2KS, m1, &ts1), "blk.5.attn_v.weight"),
+            GgmlType::Q2K
+        );
+        for (ft, lo, hi) in [
+            (Ftype::Q4_0, GgmlType::Q4_1, GgmlType::Q4_0),
+            (Ftype::Q5_0, GgmlType::Q5_1, GgmlType::Q5_0),
+        ] {
+            let ov = Overrides {
+                imatrix: true,
+                ..Default::default()
+            };
+            let types = Planner::plan(ft, m, &ov, &ts);
+            let p: Vec<(String, GgmlType)> = ts.iter().map(|t| t.name.clone()).zip(types).collect();
+            assert_eq!(ty(&p, "blk.3.ffn_down.weight"), lo);
+            assert_eq!(ty(&p, "blk.4.ffn_down.weight"), hi);
+            assert_eq!(ty(&p, "blk.3.ffn_up.weight"), hi);
+            // without an imatrix: unchanged
+            assert_eq!(ty(&plan_of(ft, m, &ts), "blk.3.ffn_down.weight"), hi);
+        }
+        assert_eq!(Ftype::parse("q2_k_s"), Some(Ftype::Q2KS));
+        assert_eq!(Ftype::Q2KS.id(), 21);
     }
 
     #[test]

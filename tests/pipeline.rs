@@ -671,3 +671,75 @@ fn model_mode_evaluates_an_existing_gguf() {
     assert_eq!(level(&a, "Q8_0")["ppl"], level(&b, "Q8_0")["ppl"]);
     assert_eq!(b["inputs"][0]["sha256"], sha256_file(&m));
 }
+
+#[test]
+fn imatrix_is_an_input_of_the_quantize_steps() {
+    let f = finished();
+    let dir = tempfile::tempdir().unwrap();
+    let m = f.out.join("model-f16.gguf");
+    let im = dir.path().join("imatrix.gguf");
+    let text = f.inputs.join("demo-text.txt");
+    let o = run(&[
+        "imatrix",
+        "-m",
+        ps(&m),
+        "-f",
+        ps(&text),
+        "-o",
+        ps(&im),
+        "-c",
+        CTX,
+        "--chunks",
+        "2",
+        "--quiet",
+    ]);
+    assert_exit(&o, 0);
+    let out = dir.path().join("im");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "pipeline",
+            "--model",
+            ps(&m),
+            "--out",
+            ps(&out),
+            "--quants",
+            "q2_k",
+            "--quiet",
+        ];
+        v.extend_from_slice(extra);
+        run(&v)
+    };
+    let o = args(&["--imatrix", ps(&im)]);
+    assert_exit(&o, 0);
+    let hand = dir.path().join("q2_k.gguf");
+    let o = run(&[
+        "quantize",
+        "--imatrix",
+        ps(&im),
+        ps(&m),
+        ps(&hand),
+        "Q2_K",
+        "--quiet",
+    ]);
+    assert_exit(&o, 0);
+    assert_eq!(
+        std::fs::read(&hand).unwrap(),
+        std::fs::read(out.join("model-q2_k.gguf")).unwrap()
+    );
+    let r = report(&out);
+    let listed: Vec<&str> = r["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert!(listed.contains(&ps(&im)), "{listed:?}");
+    // without the imatrix the level is redone (and differs)
+    let o = args(&[]);
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("] quantize Q2_K"), "{}", stderr(&o));
+    assert_ne!(
+        std::fs::read(&hand).unwrap(),
+        std::fs::read(out.join("model-q2_k.gguf")).unwrap()
+    );
+}

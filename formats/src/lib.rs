@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod gguf;
 pub mod hf;
+pub mod imatrix;
 pub mod mmap;
 pub mod pickle;
 pub mod safetensors;

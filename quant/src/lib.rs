@@ -16,6 +16,7 @@ pub use reference::float::{
     f32_to_f16_bits,
 };
 pub use reference::quantize_row_ref;
+pub use reference::weighted::{quantize_row_weighted, uses_weights};
 pub use simd::Isa;
 pub use types::GgmlType;
 
@@ -73,6 +74,50 @@ pub fn quantize_rows(
         .try_for_each(|(s, d)| quantize_row(ty, s, d))
 }
 
+/// Quantizes `src`, a row-major matrix with `n_per_row` columns, with importance weights
+/// `weights` (one per column, shared by every row: llama-quantize's imatrix for this tensor), rows
+/// in parallel. The bytes equal ggml's `quantize_*(src, dst, rows, n_per_row, weights)`; for types
+/// without a weighted path they equal [`quantize_rows`].
+///
+/// Same length rules as [`quantize_rows`], and `weights.len()` must equal `n_per_row`.
+pub fn quantize_rows_weighted(
+    ty: GgmlType,
+    src: &[f32],
+    n_per_row: usize,
+    weights: &[f32],
+    dst: &mut [u8],
+) -> Result<(), QuantError> {
+    if !uses_weights(ty) {
+        return quantize_rows(ty, src, n_per_row, dst);
+    }
+    if n_per_row == 0 || !src.len().is_multiple_of(n_per_row) {
+        return Err(QuantError::BadRowLength {
+            ty,
+            n_per_row,
+            len: src.len(),
+        });
+    }
+    if weights.len() != n_per_row {
+        return Err(QuantError::ElementCount {
+            what: "importance weights",
+            expected: n_per_row,
+            actual: weights.len(),
+        });
+    }
+    let row_bytes = reference::bytes_for(ty, n_per_row)?;
+    let rows = src.len() / n_per_row;
+    let total = rows
+        .checked_mul(row_bytes)
+        .ok_or(QuantError::SizeOverflow {
+            ty,
+            elements: src.len(),
+        })?;
+    reference::check_len(ty, "destination", total, dst.len())?;
+    src.par_chunks(n_per_row)
+        .zip(dst.par_chunks_mut(row_bytes))
+        .try_for_each(|(s, d)| quantize_row_weighted(ty, s, weights, d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +147,28 @@ mod tests {
             quantize_row(ty, &x, &mut whole).unwrap();
             assert_eq!(whole, seq, "{ty}");
         }
+    }
+
+    #[test]
+    fn weighted_rows_equal_sequential() {
+        let n_per_row = 512;
+        let rows = 5;
+        let x = signal(n_per_row * rows);
+        let w: Vec<f32> = (0..n_per_row).map(|i| 0.1 + (i % 13) as f32).collect();
+        for ty in GgmlType::ALL {
+            let rb = ty.row_size(n_per_row as u64).unwrap() as usize;
+            let mut par = vec![0u8; rb * rows];
+            quantize_rows_weighted(ty, &x, n_per_row, &w, &mut par).unwrap();
+            let mut seq = vec![0u8; rb * rows];
+            for (s, d) in x.chunks(n_per_row).zip(seq.chunks_mut(rb)) {
+                quantize_row_weighted(ty, s, &w, d).unwrap();
+            }
+            assert_eq!(par, seq, "{ty}");
+        }
+        assert!(matches!(
+            quantize_rows_weighted(GgmlType::Q4K, &x, n_per_row, &w[..10], &mut [0u8; 10]),
+            Err(QuantError::ElementCount { .. })
+        ));
     }
 
     #[test]

@@ -84,6 +84,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         force: a.force,
         quiet: a.quiet,
         expect_sha256: None,
+        imatrix: None,
         name: Some("kiln-demo".into()),
         command: crate::cmd::pipeline::command_line(),
         device: "cpu".into(),

@@ -74,6 +74,10 @@ fn parse_outtype(s: &str) -> Result<GgufKind> {
         "f16" => Ok(GgufKind::Float(OutType::F16)),
         "bf16" => Ok(GgufKind::Float(OutType::Bf16)),
         _ => match Ftype::parse(s) {
+            Some(Ftype::Q2KS) => bail!(
+                "--outtype {s}: Q2_K_S needs an importance matrix; merge to f16 and run \
+                 `kiln quantize --imatrix FILE` instead"
+            ),
             Some(f) => Ok(GgufKind::Quant(f)),
             None => bail!(
                 "--outtype {s:?}: use f16, bf16, f32 or a quantization type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, \
@@ -677,4 +681,24 @@ pub fn run(a: Args) -> Result<Outcome> {
         t0.elapsed().as_secs_f64()
     );
     Ok(Outcome::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outtypes() {
+        assert!(matches!(
+            parse_outtype("F16"),
+            Ok(GgufKind::Float(OutType::F16))
+        ));
+        assert!(matches!(
+            parse_outtype("q4_k_m"),
+            Ok(GgufKind::Quant(Ftype::Q4KM))
+        ));
+        let e = parse_outtype("Q2_K_S").err().map(|e| e.to_string());
+        assert!(e.is_some_and(|m| m.contains("importance matrix")));
+        assert!(parse_outtype("q7").is_err());
+    }
 }

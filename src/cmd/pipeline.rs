@@ -68,6 +68,9 @@ pub struct Args {
     /// Check the inputs against a published sha256sum list before writing anything.
     #[arg(long, value_name = "FILE")]
     pub expect_sha256: Option<PathBuf>,
+    /// Importance matrix for the quantizers (from kiln imatrix or llama-imatrix).
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     /// general.name of the merged GGUF (default: the --out folder's name).
     #[arg(long)]
     pub name: Option<String>,
@@ -155,6 +158,7 @@ pub fn settings(a: Args) -> Result<Settings> {
         force: a.force,
         quiet: a.quiet,
         expect_sha256: a.expect_sha256,
+        imatrix: a.imatrix,
         name: a.name,
         command: command_line(),
         device,

@@ -4,14 +4,17 @@ use crate::progress;
 use crate::quant_plan::{self, Ftype, ModelShape, Overrides, PlanTensor, Planner};
 use crate::Outcome;
 use anyhow::{anyhow, bail, Context, Result};
-use kiln_formats::gguf::{GgufFile, GgufWriter, TensorInfo};
+use kiln_formats::gguf::{GgufFile, GgufValue, GgufWriter, TensorInfo};
+use kiln_formats::imatrix::Imatrix;
 use kiln_quant::GgmlType;
+use rayon::prelude::*;
 use regex::Regex;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 const TYPES_HELP: &str =
-    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, \
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S (needs --imatrix), Q3_K_S, Q3_K_M, Q3_K_L, \
 Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (aliases Q3_K, Q4_K, Q5_K; case-insensitive)";
 
 /// Arguments of `kiln quantize` (llama-quantize's positional form and flag names).
@@ -49,6 +52,21 @@ pub struct Args {
     /// Allow an input whose tensors are already quantized.
     #[arg(long)]
     pub allow_requantize: bool,
+    /// Importance matrix (llama-imatrix's GGUF or legacy .dat file, or `kiln imatrix`'s): the
+    /// weighted quantizers of llama.cpp for Q4_0..Q5_1 and the K-quants.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
+    /// Use the imatrix only for tensors whose name contains NAME (repeatable).
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "imatrix",
+        conflicts_with = "exclude_weights"
+    )]
+    pub include_weights: Vec<String>,
+    /// Do not use the imatrix for tensors whose name contains NAME (repeatable).
+    #[arg(long, value_name = "NAME", requires = "imatrix")]
+    pub exclude_weights: Vec<String>,
     /// Print the per-tensor plan with sizes and bits per weight; write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -101,6 +119,133 @@ fn c_shape(shape: &[u64]) -> Vec<u64> {
     shape[..n].to_vec()
 }
 
+/// The imatrix as llama-quantize uses it: per-column weights by tensor name after the include /
+/// exclude filters, and the metadata it records in the output.
+pub struct QuantWeights {
+    pub weights: BTreeMap<String, Vec<f32>>,
+    pub metadata: Vec<(String, GgufValue)>,
+}
+
+/// A string as llama.cpp's 128-byte KV override holds it (at most 127 bytes).
+fn kv_str(s: &str) -> String {
+    let mut n = s.len().min(127);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    s[..n].to_string()
+}
+
+/// Loads `path` and applies `--exclude-weights` / `--include-weights` (substring matches) as
+/// llama-quantize's `prepare_imatrix` does.
+pub fn load_quant_weights(
+    path: &std::path::Path,
+    include: &[String],
+    exclude: &[String],
+) -> Result<QuantWeights> {
+    let m = Imatrix::read(path)?;
+    if !m.is_legacy && !m.has_metadata {
+        bail!(
+            "{}: missing imatrix metadata (imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size)",
+            path.display()
+        );
+    }
+    let mut weights = m.quant_weights();
+    for name in exclude {
+        weights.retain(|k, _| !k.contains(name.as_str()));
+    }
+    if !include.is_empty() {
+        weights.retain(|k, _| include.iter().any(|n| k.contains(n.as_str())));
+    }
+    for (name, w) in &weights {
+        if let Some(v) = w.iter().find(|v| !v.is_finite()) {
+            bail!(
+                "{}: imatrix contains non-finite value {v} (entry {name})",
+                path.display()
+            );
+        }
+    }
+    let mut metadata = Vec::new();
+    if !weights.is_empty() {
+        metadata.push((
+            "quantize.imatrix.file".to_string(),
+            GgufValue::String(kv_str(&path.to_string_lossy())),
+        ));
+        if let Some(d) = m.datasets.first() {
+            metadata.push((
+                "quantize.imatrix.dataset".to_string(),
+                GgufValue::String(kv_str(d)),
+            ));
+        }
+        metadata.push((
+            "quantize.imatrix.entries_count".to_string(),
+            GgufValue::U32(weights.len() as u32),
+        ));
+        if m.chunk_count as i32 > 0 {
+            metadata.push((
+                "quantize.imatrix.chunks_count".to_string(),
+                GgufValue::U32(m.chunk_count),
+            ));
+        }
+    }
+    Ok(QuantWeights { weights, metadata })
+}
+
+/// Quantizes a tensor with importance weights: each row is decoded to f32 and quantized with
+/// the weights of its matrix (`weights` holds `cols` values per matrix of `rows_per_mat` rows).
+#[allow(clippy::too_many_arguments)]
+fn transcode_weighted(
+    tensor: &str,
+    src_ty: GgmlType,
+    src: &[u8],
+    dst_ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    rows_per_mat: usize,
+    weights: &[f32],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let in_row = src_ty
+        .row_size(cols as u64)
+        .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {src_ty}"))?
+        as usize;
+    let out_row = dst_ty
+        .row_size(cols as u64)
+        .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {dst_ty}"))?
+        as usize;
+    if src.len() != rows * in_row {
+        bail!(
+            "tensor {tensor}: {} bytes of data, expected {}",
+            src.len(),
+            rows * in_row
+        );
+    }
+    out.clear();
+    out.resize(rows * out_row, 0);
+    out.par_chunks_mut(out_row)
+        .zip(src.par_chunks(in_row))
+        .enumerate()
+        .try_for_each_init(
+            || vec![0f32; cols],
+            |buf, (r, (dst, s))| -> Result<()> {
+                kiln_quant::dequantize_row(src_ty, s, buf)?;
+                if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
+                    bail!(
+                        "tensor {tensor}: row {r}, column {i} holds {}; llama.cpp refuses to quantize \
+                         non-finite values, and so does kiln",
+                        buf[i]
+                    );
+                }
+                let m = r / rows_per_mat.max(1);
+                let w = weights
+                    .get(m * cols..(m + 1) * cols)
+                    .ok_or_else(|| anyhow!("tensor {tensor}: no importance weights for row {r}"))?;
+                kiln_quant::quantize_row_weighted(dst_ty, buf, w, dst)?;
+                Ok(())
+            },
+        )?;
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<Outcome> {
     let t0 = Instant::now();
     let ftype_s = a
@@ -132,6 +277,16 @@ pub fn run(a: Args) -> Result<Outcome> {
         let re = Regex::new(re).with_context(|| format!("--tensor-type {spec:?}: bad regex"))?;
         ov.tensor_types.push((re, parse_type(t, "--tensor-type")?));
     }
+    let qw = match &a.imatrix {
+        Some(p) => Some(load_quant_weights(
+            p,
+            &a.include_weights,
+            &a.exclude_weights,
+        )?),
+        None => None,
+    };
+    let weights = qw.as_ref().map(|q| &q.weights).filter(|w| !w.is_empty());
+    ov.imatrix = weights.is_some();
     if let Some(n) = a.threads.or(a.nthreads) {
         if n == 0 {
             bail!("threads must be at least 1");
@@ -157,6 +312,19 @@ pub fn run(a: Args) -> Result<Outcome> {
         })
         .collect();
     let types = Planner::plan(ftype, shape, &ov, &plan_in);
+    if weights.is_none() {
+        if let Some((t, ty)) = order
+            .iter()
+            .zip(&types)
+            .find(|(t, ty)| **ty != t.ty && ftype.requires_imatrix(&t.name, **ty))
+        {
+            bail!(
+                "{ftype} requires an importance matrix (--imatrix FILE): tensor {} would be {ty} \
+                 (make one with `kiln imatrix -m MODEL -f TEXT`)",
+                t.name
+            );
+        }
+    }
 
     if !a.allow_requantize {
         if let Some((t, _)) = order
@@ -219,7 +387,13 @@ pub fn run(a: Args) -> Result<Outcome> {
         bail!("missing TYPE: one of {TYPES_HELP}");
     }
 
-    let meta = quant_plan::quantized_metadata(input.metadata.iter().cloned(), ftype);
+    let mut meta = quant_plan::quantized_metadata(input.metadata.iter().cloned(), ftype);
+    if let (Some(q), Some(_)) = (&qw, weights) {
+        for (k, v) in &q.metadata {
+            meta.retain(|(m, _)| m != k);
+            meta.push((k.clone(), v.clone()));
+        }
+    }
     let infos: Vec<(String, Vec<u64>, GgmlType)> = order
         .iter()
         .zip(&types)
@@ -243,16 +417,49 @@ pub fn run(a: Args) -> Result<Outcome> {
             pb.inc(t.n_bytes());
             continue;
         }
-        crate::transcode::transcode_into(
-            &t.name,
-            t.ty,
-            src,
-            *ty,
-            rows,
-            t.row_len() as usize,
-            &crate::transcode::same_row,
-            &mut bytes,
-        )?;
+        let cols = t.row_len() as usize;
+        let rows_per_mat = t.shape.get(1).copied().unwrap_or(1) as usize;
+        let n_mat = t.shape.get(2).copied().unwrap_or(1) as usize;
+        let tw = match weights.and_then(|w| w.get(&t.name)) {
+            Some(w) if w.len() == cols * n_mat => Some(w),
+            Some(w) if t.name != "token_embd.weight" => bail!(
+                "imatrix size {} is different from tensor size {} for {}",
+                w.len(),
+                cols * n_mat,
+                t.name
+            ),
+            _ => None,
+        };
+        if tw.is_none() && ftype.requires_imatrix(&t.name, *ty) {
+            bail!(
+                "missing importance matrix for tensor {} in a very low-bit quantization ({ty}); \
+                 the result would be garbage",
+                t.name
+            );
+        }
+        match tw {
+            Some(w) if kiln_quant::uses_weights(*ty) => transcode_weighted(
+                &t.name,
+                t.ty,
+                src,
+                *ty,
+                rows,
+                cols,
+                rows_per_mat,
+                w,
+                &mut bytes,
+            )?,
+            _ => crate::transcode::transcode_into(
+                &t.name,
+                t.ty,
+                src,
+                *ty,
+                rows,
+                cols,
+                &crate::transcode::same_row,
+                &mut bytes,
+            )?,
+        }
         w.write_tensor(&t.name, &bytes)
             .with_context(|| format!("writing {}", out_path.display()))?;
         input.release(t);

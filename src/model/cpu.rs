@@ -406,6 +406,10 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: CpuAct) -> Vec<f32> {
         x.data
     }
+
+    fn host_view<'a>(&self, x: &'a CpuAct) -> std::borrow::Cow<'a, [f32]> {
+        std::borrow::Cow::Borrowed(&x.data)
+    }
 }
 
 #[cfg(test)]

@@ -201,7 +201,13 @@ pub trait Backend: Send + Sync {
     fn tail_rows(&self, x: &Self::Act, from: usize) -> Self::Act;
     /// The matrix on the host, row-major.
     fn to_host(&self, x: Self::Act) -> Vec<f32>;
+    /// The matrix on the host, row-major, without consuming it (a borrow where it lives there).
+    fn host_view<'a>(&self, x: &'a Self::Act) -> std::borrow::Cow<'a, [f32]>;
 }
+
+/// Receives the input of every weight product during [`Model::forward_observed`]: the weight's
+/// tensor name, the input rows (row-major, one per token) and the number of columns.
+pub type MatmulObserver<'a> = dyn FnMut(&str, &[f32], usize) + 'a;
 
 struct Layer<W> {
     attn_norm: W,
@@ -222,6 +228,8 @@ pub struct Model<B: Backend> {
     tok_embd: B::Weight,
     output_norm: B::Weight,
     output: B::Weight,
+    /// `output.weight`, or `token_embd.weight` when the head is tied to the embeddings.
+    output_name: &'static str,
     layers: Vec<Layer<B::Weight>>,
 }
 
@@ -253,11 +261,12 @@ impl<B: Backend> Model<B> {
         };
         let tok_embd = ld("token_embd.weight", &[e, v])?;
         let output_norm = ld("output_norm.weight", &[e])?;
-        let output = if h.tensor("output.weight").is_some() {
-            ld("output.weight", &[e, v])?
+        let output_name = if h.tensor("output.weight").is_some() {
+            "output.weight"
         } else {
-            ld("token_embd.weight", &[e, v])?
+            "token_embd.weight"
         };
+        let output = ld(output_name, &[e, v])?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
@@ -279,6 +288,7 @@ impl<B: Backend> Model<B> {
             tok_embd,
             output_norm,
             output,
+            output_name,
             layers,
         })
     }
@@ -298,6 +308,30 @@ impl<B: Backend> Model<B> {
         n_past: usize,
         logits_from: usize,
     ) -> Result<Vec<f32>> {
+        self.forward_impl(cache, tokens, n_past, logits_from, None)
+    }
+
+    /// [`Model::forward`] that also shows `obs` the input of every weight product (as
+    /// llama-imatrix's callback sees `src1` of each `MUL_MAT`), output head included.
+    pub fn forward_observed(
+        &self,
+        cache: &mut B::Cache,
+        tokens: &[u32],
+        n_past: usize,
+        logits_from: usize,
+        obs: &mut MatmulObserver,
+    ) -> Result<Vec<f32>> {
+        self.forward_impl(cache, tokens, n_past, logits_from, Some(obs))
+    }
+
+    fn forward_impl(
+        &self,
+        cache: &mut B::Cache,
+        tokens: &[u32],
+        n_past: usize,
+        logits_from: usize,
+        mut obs: Option<&mut MatmulObserver>,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let be = &self.backend;
         if tokens.is_empty() || logits_from >= tokens.len() {
@@ -315,10 +349,23 @@ impl<B: Backend> Model<B> {
             head_dim: cfg.head_dim,
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
         };
+        let mut see = |names: &[&str], il: Option<usize>, act: &B::Act, cols: usize| {
+            if let Some(o) = obs.as_deref_mut() {
+                let v = be.host_view(act);
+                for n in names {
+                    match il {
+                        Some(i) => o(&format!("blk.{i}.{n}.weight"), &v, cols),
+                        None => o(n, &v, cols),
+                    }
+                }
+            }
+        };
+        let qd = cfg.n_head * cfg.head_dim;
         let mut x = be.embed(&self.tok_embd, tokens)?;
         let last = self.layers.len().saturating_sub(1);
         for (il, l) in self.layers.iter().enumerate() {
             let cur = be.rms_norm(&x, &l.attn_norm, cfg.rms_eps)?;
+            see(&["attn_q", "attn_k", "attn_v"], Some(il), &cur, cfg.n_embd);
             let mut q = be.matmul(&l.wq, &cur)?;
             let mut k = be.matmul(&l.wk, &cur)?;
             let v = be.matmul(&l.wv, &cur)?;
@@ -339,6 +386,7 @@ impl<B: Backend> Model<B> {
                 cfg.rope,
             );
             let att = be.attention(cache, il, &q, &k, &v, n_past, shape)?;
+            see(&["attn_output"], Some(il), &att, qd);
             let mut cur = be.matmul(&l.wo, &att)?;
             if il == last && logits_from > 0 {
                 // only the rows whose logits are wanted go on (llama.cpp's out_ids)
@@ -348,14 +396,17 @@ impl<B: Backend> Model<B> {
             be.add(&mut cur, &x)?;
             let ffn_in = cur;
             let cur = be.rms_norm(&ffn_in, &l.ffn_norm, cfg.rms_eps)?;
+            see(&["ffn_up", "ffn_gate"], Some(il), &cur, cfg.n_embd);
             let up = be.matmul(&l.w_up, &cur)?;
             let gate = be.matmul(&l.w_gate, &cur)?;
             let act = be.swiglu(&gate, &up)?;
+            see(&["ffn_down"], Some(il), &act, cfg.n_ff);
             let mut out = be.matmul(&l.w_down, &act)?;
             be.add(&mut out, &ffn_in)?;
             x = out;
         }
         let cur = be.rms_norm(&x, &self.output_norm, cfg.rms_eps)?;
+        see(&[self.output_name], None, &cur, cfg.n_embd);
         let logits = be.matmul(&self.output, &cur)?;
         Ok(be.to_host(logits))
     }

@@ -62,6 +62,8 @@ pub struct Settings {
     pub force: bool,
     pub quiet: bool,
     pub expect_sha256: Option<PathBuf>,
+    /// Importance matrix for the quantizers (llama-imatrix or kiln imatrix output).
+    pub imatrix: Option<PathBuf>,
     /// general.name of the merged GGUF (default: the --out folder's name).
     pub name: Option<String>,
     /// The exact command line, for the report.
@@ -503,6 +505,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         .iter()
         .cloned()
         .chain(texts.iter().map(|t| t.path.clone()))
+        .chain(s.imatrix.iter().cloned())
         .collect();
     let total: u64 = to_hash
         .iter()
@@ -529,6 +532,10 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
     for (t, (_, h)) in texts.iter_mut().zip(hashes[input_files.len()..].iter()) {
         t.sha256 = h.clone();
     }
+    let imatrix: Option<(PathBuf, String)> = s
+        .imatrix
+        .as_ref()
+        .and_then(|_| hashes.get(input_files.len() + texts.len()).cloned());
 
     // 3. --expect-sha256: a published list, checked before anything is written.
     if let Some(list_path) = &s.expect_sha256 {
@@ -699,9 +706,12 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         let lname = level_file_name(q.name());
         let id = format!("quantize {lname}");
         let rel = format!("model-{lname}.gguf");
-        let settings = json!({"ftype": q.name()});
-        let inputs: BTreeMap<String, String> =
+        let settings = json!({"ftype": q.name(), "imatrix": imatrix.is_some()});
+        let mut inputs: BTreeMap<String, String> =
             [(input_key(&out, &f16_path), f16_sha.clone())].into();
+        if let Some((p, h)) = &imatrix {
+            inputs.insert(p.display().to_string(), h.clone());
+        }
         if man.up_to_date(&out, &id, &settings, &inputs) {
             log.skip(&id);
         } else {
@@ -727,6 +737,9 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                 allow_requantize: false,
                 dry_run: false,
                 quiet: s.quiet,
+                imatrix: imatrix.as_ref().map(|(p, _)| p.clone()),
+                include_weights: Vec::new(),
+                exclude_weights: Vec::new(),
             })?;
             test_stall(&id);
             publish(&out, &rel)?;
@@ -970,6 +983,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         },
         inputs: hashes[..input_files.len()]
             .iter()
+            .chain(imatrix.iter())
             .map(|(p, h)| InputInfo {
                 path: p.display().to_string(),
                 size: std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),

@@ -20,6 +20,7 @@
 pub mod float;
 pub mod kquants;
 pub mod legacy;
+pub mod weighted;
 
 use crate::blocks::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
