@@ -66,6 +66,46 @@ fn fmt_tick(t: f64, step: f64) -> String {
     format!("{t:.decimals$}")
 }
 
+/// Picks a spot for a point's label (baseline-left corner) that overlaps no label or dot placed so
+/// far, trying positions around the point; falls back to the first one.
+fn place_label(
+    placed: &mut Vec<(f64, f64, f64, f64)>,
+    px: f64,
+    py: f64,
+    label: &str,
+) -> (f64, f64) {
+    let w = 7.0 * label.chars().count() as f64;
+    let h = 12.0;
+    let cands = [
+        (6.0, -6.0),
+        (6.0, 16.0),
+        (-w - 6.0, -6.0),
+        (-w - 6.0, 16.0),
+        (6.0, -20.0),
+        (6.0, 30.0),
+        (-w / 2.0, -12.0),
+        (-w / 2.0, 24.0),
+        (6.0, -34.0),
+        (6.0, 44.0),
+    ];
+    let overlaps = |b: &(f64, f64, f64, f64)| {
+        placed
+            .iter()
+            .any(|p| b.0 < p.2 && p.0 < b.2 && b.1 < p.3 && p.1 < b.3)
+    };
+    let boxed = |(dx, dy): (f64, f64)| {
+        let (x, y) = (px + dx, py + dy);
+        (x, y, (x, y - h, x + w, y + 2.0))
+    };
+    let (x, y, b) = cands
+        .iter()
+        .map(|c| boxed(*c))
+        .find(|(x, _, b)| !overlaps(b) && *x >= LEFT && b.2 <= W - 2.0 && b.1 >= TOP)
+        .unwrap_or_else(|| boxed(cands[0]));
+    placed.push(b);
+    (x, y)
+}
+
 /// One plotted series.
 struct Series {
     name: String,
@@ -223,6 +263,11 @@ pub fn render(r: &Report) -> String {
         TOP + ph / 2.0,
         esc(y_label)
     );
+    // Label boxes already placed (x0, y0, x1, y1), the points' own dots included.
+    let mut placed: Vec<(f64, f64, f64, f64)> = all
+        .iter()
+        .map(|(x, y, _)| (sx(*x) - 4.0, sy(*y) - 4.0, sx(*x) + 4.0, sy(*y) + 4.0))
+        .collect();
     for (i, se) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let mut pts = se.points.clone();
@@ -238,14 +283,13 @@ pub fn render(r: &Report) -> String {
         );
         for (x, y, label) in &pts {
             let (px, py) = (sx(*x), sy(*y));
+            let (tx, ty) = place_label(&mut placed, px, py, label);
             let _ = writeln!(
                 s,
-                r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{color}"><title>{}: {:.2} MiB, {:.4}</title></circle><text x="{:.1}" y="{:.1}" fill="{color}">{}</text>"#,
+                r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{color}"><title>{}: {:.2} MiB, {:.4}</title></circle><text x="{tx:.1}" y="{ty:.1}" fill="{color}">{}</text>"#,
                 esc(label),
                 x,
                 y,
-                px + 6.0,
-                py - 6.0 - 12.0 * i as f64,
                 esc(label)
             );
         }
