@@ -52,6 +52,23 @@ fn demo_prints_a_meaningful_table() {
     assert!(ppl("Q2_K") > ppl("Q8_0"), "{table}");
     assert!(ppl("Q2_K") > ppl("Q4_K_M"), "{table}");
     assert!((ppl("Q8_0") - f16).abs() < 0.01 * f16, "{table}");
+    // mean KLD against F16 (column after ΔPPL) falls as the bits rise
+    assert!(
+        header.contains("mean KLD") && header.contains("same top %"),
+        "{table}"
+    );
+    let kld = |level: &str| -> f64 {
+        let line = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(level))
+            .unwrap();
+        line.split_whitespace().nth(6).unwrap().parse().unwrap()
+    };
+    assert!(
+        kld("Q2_K") > kld("Q4_K_M") && kld("Q4_K_M") > kld("Q8_0"),
+        "{table}"
+    );
+    assert!(kld("Q3_K_M") > kld("Q6_K"), "{table}");
     // the report and the checksums are there
     let out = dir.path().join("pipeline");
     for f in ["report.md", "report.json", "report.svg", "SHA256SUMS"] {

@@ -70,6 +70,7 @@ fn fmt_tick(t: f64, step: f64) -> String {
 /// far, trying positions around the point; falls back to the first one.
 fn place_label(
     placed: &mut Vec<(f64, f64, f64, f64)>,
+    min_y: f64,
     px: f64,
     py: f64,
     label: &str,
@@ -100,7 +101,7 @@ fn place_label(
     let (x, y, b) = cands
         .iter()
         .map(|c| boxed(*c))
-        .find(|(x, _, b)| !overlaps(b) && *x >= LEFT && b.2 <= W - 2.0 && b.1 >= TOP)
+        .find(|(x, _, b)| !overlaps(b) && *x >= LEFT && b.2 <= W - 2.0 && b.1 >= min_y)
         .unwrap_or_else(|| boxed(cands[0]));
     placed.push(b);
     (x, y)
@@ -113,79 +114,10 @@ struct Series {
     points: Vec<(f64, f64, String)>,
 }
 
-/// The chart for `r`.
-pub fn render(r: &Report) -> String {
-    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    let mut series: Vec<Series> = r
-        .texts
-        .iter()
-        .enumerate()
-        .map(|(ti, t)| Series {
-            name: format!("PPL on {}", t.name),
-            points: r
-                .levels
-                .iter()
-                .filter_map(|l| {
-                    let c = l.ppl.get(ti)?.as_ref()?;
-                    c.ppl
-                        .is_finite()
-                        .then(|| (mib(l.file_size), c.ppl, l.level.clone()))
-                })
-                .collect(),
-        })
-        .filter(|s| !s.points.is_empty())
-        .collect();
-    let mut y_label = "perplexity (lower is better)";
-    if series.is_empty() {
-        let pts: Vec<(f64, f64, String)> = r
-            .levels
-            .iter()
-            .filter_map(|l| {
-                let k = l.kld.as_ref()?;
-                k.mean_kld
-                    .is_finite()
-                    .then(|| (mib(l.file_size), k.mean_kld, l.level.clone()))
-            })
-            .collect();
-        if !pts.is_empty() {
-            series.push(Series {
-                name: "mean KLD vs F16".into(),
-                points: pts,
-            });
-            y_label = "mean KL divergence from F16 (lower is better)";
-        }
-    }
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<?xml version="1.0" encoding="UTF-8"?>
-<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="Helvetica, Arial, sans-serif" font-size="12">
-<title>kiln: quality against file size per quantization level</title>
-<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>
-<text x="{}" y="26" text-anchor="middle" font-size="16" font-weight="bold">Quality against file size per quantization level</text>"#,
-        W / 2.0
-    );
-    let sub = format!(
-        "kiln {} · context {} · {}",
-        r.provenance.kiln_version, r.provenance.n_ctx, r.provenance.cpu
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="44" text-anchor="middle" fill="#555">{}</text>"##,
-        W / 2.0,
-        esc(&sub)
-    );
+/// One plot (axes, ticks, grid, series, labels, legend) with its frame's top-left at height `oy`.
+fn panel(s: &mut String, oy: f64, series: &[Series], y_label: &str, color0: usize) {
+    let top = oy + TOP;
     let all: Vec<&(f64, f64, String)> = series.iter().flat_map(|x| &x.points).collect();
-    if all.is_empty() {
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="{}" text-anchor="middle" fill="#555">no quality numbers: run kiln pipeline with --eval-text FILE (or --kld)</text>
-</svg>"##,
-            W / 2.0,
-            H / 2.0
-        );
-        return s;
-    }
     let (mut x0, mut x1) = (f64::INFINITY, f64::NEG_INFINITY);
     let (mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY);
     for (x, y, _) in &all {
@@ -203,7 +135,9 @@ pub fn render(r: &Report) -> String {
         (a - d, b + d)
     };
     let (x0, x1) = pad(x0, x1);
+    let nonneg = y0 >= 0.0;
     let (y0, y1) = pad(y0, y1);
+    let y0 = if nonneg { y0.max(0.0) } else { y0 };
     let x0 = x0.max(0.0);
     let xt = ticks(x0, x1, 6);
     let yt = ticks(y0, y1, 6);
@@ -219,10 +153,10 @@ pub fn render(r: &Report) -> String {
     let pw = W - LEFT - RIGHT;
     let ph = H - TOP - BOTTOM;
     let sx = |x: f64| LEFT + (x - ax0) / (ax1 - ax0).max(1e-12) * pw;
-    let sy = |y: f64| TOP + ph - (y - ay0) / (ay1 - ay0).max(1e-12) * ph;
+    let sy = |y: f64| top + ph - (y - ay0) / (ay1 - ay0).max(1e-12) * ph;
     let _ = writeln!(
         s,
-        r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
+        r##"<rect x="{LEFT}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
     );
     let xstep = if xt.len() > 1 { xt[1] - xt[0] } else { 1.0 };
     let ystep = if yt.len() > 1 { yt[1] - yt[0] } else { 1.0 };
@@ -230,11 +164,11 @@ pub fn render(r: &Report) -> String {
         let x = sx(*t);
         let _ = writeln!(
             s,
-            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#e4e4e4"/><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#333"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-            TOP + ph,
-            TOP + ph,
-            TOP + ph + 5.0,
-            TOP + ph + 19.0,
+            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#e4e4e4"/><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#333"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            top + ph,
+            top + ph,
+            top + ph + 5.0,
+            top + ph + 19.0,
             fmt_tick(*t, xstep)
         );
     }
@@ -254,13 +188,13 @@ pub fn render(r: &Report) -> String {
         s,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">file size (MiB)</text>"#,
         LEFT + pw / 2.0,
-        H - 24.0
+        oy + H - 24.0
     );
     let _ = writeln!(
         s,
         r#"<text x="18" y="{:.1}" text-anchor="middle" font-size="13" transform="rotate(-90 18 {:.1})">{}</text>"#,
-        TOP + ph / 2.0,
-        TOP + ph / 2.0,
+        top + ph / 2.0,
+        top + ph / 2.0,
         esc(y_label)
     );
     // Label boxes already placed (x0, y0, x1, y1), the points' own dots included.
@@ -269,7 +203,7 @@ pub fn render(r: &Report) -> String {
         .map(|(x, y, _)| (sx(*x) - 4.0, sy(*y) - 4.0, sx(*x) + 4.0, sy(*y) + 4.0))
         .collect();
     for (i, se) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        let color = COLORS[(color0 + i) % COLORS.len()];
         let mut pts = se.points.clone();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         let path: Vec<String> = pts
@@ -283,7 +217,7 @@ pub fn render(r: &Report) -> String {
         );
         for (x, y, label) in &pts {
             let (px, py) = (sx(*x), sy(*y));
-            let (tx, ty) = place_label(&mut placed, px, py, label);
+            let (tx, ty) = place_label(&mut placed, top, px, py, label);
             let _ = writeln!(
                 s,
                 r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{color}"><title>{}: {:.2} MiB, {:.4}</title></circle><text x="{tx:.1}" y="{ty:.1}" fill="{color}">{}</text>"#,
@@ -293,7 +227,7 @@ pub fn render(r: &Report) -> String {
                 esc(label)
             );
         }
-        let ly = TOP + 16.0 + 18.0 * i as f64;
+        let ly = top + 16.0 + 18.0 * i as f64;
         let lx = LEFT + pw - 210.0;
         let _ = writeln!(
             s,
@@ -304,6 +238,88 @@ pub fn render(r: &Report) -> String {
             ly + 4.0,
             esc(&se.name)
         );
+    }
+}
+
+/// The chart for `r`: PPL against file size (one series per eval text) and, when measured, mean
+/// KLD against file size below it.
+pub fn render(r: &Report) -> String {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let ppl: Vec<Series> = r
+        .texts
+        .iter()
+        .enumerate()
+        .map(|(ti, t)| Series {
+            name: format!("PPL on {}", t.name),
+            points: r
+                .levels
+                .iter()
+                .filter_map(|l| {
+                    let c = l.ppl.get(ti)?.as_ref()?;
+                    c.ppl
+                        .is_finite()
+                        .then(|| (mib(l.file_size), c.ppl, l.level.clone()))
+                })
+                .collect(),
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    let kld_pts: Vec<(f64, f64, String)> = r
+        .levels
+        .iter()
+        .filter_map(|l| {
+            let k = l.kld.as_ref()?;
+            k.mean_kld
+                .is_finite()
+                .then(|| (mib(l.file_size), k.mean_kld, l.level.clone()))
+        })
+        .collect();
+    let mut panels: Vec<(Vec<Series>, &str)> = Vec::new();
+    let n_ppl = ppl.len();
+    if !ppl.is_empty() {
+        panels.push((ppl, "perplexity (lower is better)"));
+    }
+    if !kld_pts.is_empty() {
+        panels.push((
+            vec![Series {
+                name: "mean KLD vs F16".into(),
+                points: kld_pts,
+            }],
+            "mean KL divergence from F16 (lower is better)",
+        ));
+    }
+    let total_h = H * panels.len().max(1) as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{total_h}" viewBox="0 0 {W} {total_h}" font-family="Helvetica, Arial, sans-serif" font-size="12">
+<title>kiln: quality against file size per quantization level</title>
+<rect x="0" y="0" width="{W}" height="{total_h}" fill="white"/>
+<text x="{}" y="26" text-anchor="middle" font-size="16" font-weight="bold">Quality against file size per quantization level</text>"#,
+        W / 2.0
+    );
+    let sub = format!(
+        "kiln {} · context {} · {}",
+        r.provenance.kiln_version, r.provenance.n_ctx, r.provenance.cpu
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="44" text-anchor="middle" fill="#555">{}</text>"##,
+        W / 2.0,
+        esc(&sub)
+    );
+    if panels.is_empty() {
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="middle" fill="#555">no quality numbers: run kiln pipeline with --eval-text FILE (or --kld)</text>"##,
+            W / 2.0,
+            H / 2.0
+        );
+    }
+    for (k, (series, label)) in panels.iter().enumerate() {
+        let color0 = if k == 0 { 0 } else { n_ppl };
+        panel(&mut s, H * k as f64, series, label, color0);
     }
     s.push_str("</svg>\n");
     s
@@ -345,6 +361,33 @@ mod tests {
         assert_eq!(s.matches("<circle").count(), r.levels.len() + 1);
         let doc = roxmltree::Document::parse(&s).unwrap();
         assert_eq!(doc.root_element().tag_name().name(), "svg");
+    }
+
+    #[test]
+    fn kld_gets_its_own_panel() {
+        let mut r = sample();
+        for (i, l) in r.levels.iter_mut().enumerate().skip(1) {
+            l.kld = Some(crate::pipeline::report::KldCell {
+                mean_kld: 0.1 / i as f64,
+                mean_kld_err: None,
+                same_top_pct: 90.0,
+            });
+        }
+        let s = render(&r);
+        let doc = roxmltree::Document::parse(&s).unwrap();
+        assert_eq!(doc.root_element().attribute("height"), Some("1000"));
+        assert!(s.contains("mean KL divergence from F16"));
+        // 4 PPL points + 3 KLD points + 2 legend dots
+        assert_eq!(s.matches("<circle").count(), 9);
+        // KLD only (no eval text): one panel
+        r.texts.clear();
+        for l in &mut r.levels {
+            l.ppl.clear();
+        }
+        let s = render(&r);
+        roxmltree::Document::parse(&s).unwrap();
+        assert!(s.contains("height=\"500\""));
+        assert!(!s.contains("perplexity (lower"));
     }
 
     #[test]
