@@ -23,10 +23,13 @@ impl AtomicFile {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".kiln-partial")
-            .tempfile_in(dir)?;
+        let prefix = format!(".{name}.");
+        let mut b = tempfile::Builder::new();
+        b.prefix(&prefix).suffix(".kiln-partial");
+        // an ordinary file's mode (0666 less the umask), not tempfile's private 0600
+        #[cfg(unix)]
+        b.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let tmp = b.tempfile_in(dir)?;
         Ok(AtomicFile {
             tmp,
             path: path.to_path_buf(),
@@ -81,6 +84,19 @@ mod tests {
         assert!(!p.exists());
         f.commit().unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"hello");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn committed_file_has_an_ordinary_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.bin");
+        let mut f = AtomicFile::create(&p).unwrap();
+        f.write_all(b"x").unwrap();
+        f.commit().unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_ne!(mode & 0o044, 0, "mode {mode:o} is private");
     }
 
     #[test]

@@ -215,9 +215,13 @@ impl HfOut {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let staging = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".kiln-partial")
+        let prefix = format!(".{name}.");
+        let mut b = tempfile::Builder::new();
+        b.prefix(&prefix).suffix(".kiln-partial");
+        // the folder becomes --out: an ordinary folder's mode (0777 less the umask), not 0700
+        #[cfg(unix)]
+        b.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o777));
+        let staging = b
             .tempdir_in(&parent)
             .with_context(|| format!("creating a staging folder in {}", parent.display()))?;
         let sizes: Vec<u64> = plan.tensors.iter().map(Planned::n_bytes).collect();
