@@ -27,8 +27,11 @@ const QK_K: usize = 256;
 /// (ggml's `vec_dot_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActFormat {
-    /// f32 as is (F32 and F16 weights: ggml's AMX/llamafile paths multiply f32 activations).
+    /// f32 as is (F32 weights).
     F32,
+    /// Rounded to f16 (F16 weights: ggml-cpu's `vec_dot_type` for F16 is F16, and llamafile's
+    /// tinyBLAS multiplies f16 by f16).
+    F16,
     /// Rounded to bf16 (BF16 weights).
     BF16,
     /// `d:f16 | qs[32] (i8)`, 34 bytes per 32 values.
@@ -43,7 +46,7 @@ impl ActFormat {
     /// Values per block.
     pub const fn block_size(self) -> usize {
         match self {
-            ActFormat::F32 | ActFormat::BF16 => 1,
+            ActFormat::F32 | ActFormat::F16 | ActFormat::BF16 => 1,
             ActFormat::Q8_0 | ActFormat::Q8_1 => QK,
             ActFormat::Q8K => QK_K,
         }
@@ -53,7 +56,7 @@ impl ActFormat {
     pub const fn block_bytes(self) -> usize {
         match self {
             ActFormat::F32 => 4,
-            ActFormat::BF16 => 2,
+            ActFormat::F16 | ActFormat::BF16 => 2,
             ActFormat::Q8_0 => 34,
             ActFormat::Q8_1 => 36,
             ActFormat::Q8K => 292,
@@ -65,7 +68,8 @@ impl ActFormat {
 /// weight here (Q8_K is an intermediate type only).
 pub fn act_format(w: GgmlType) -> Option<ActFormat> {
     Some(match w {
-        GgmlType::F32 | GgmlType::F16 => ActFormat::F32,
+        GgmlType::F32 => ActFormat::F32,
+        GgmlType::F16 => ActFormat::F16,
         GgmlType::BF16 => ActFormat::BF16,
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActFormat::Q8_0,
         GgmlType::Q4_1 | GgmlType::Q5_1 => ActFormat::Q8_1,
@@ -185,6 +189,11 @@ pub fn quantize_act(f: ActFormat, x: &[f32], out: &mut [u8]) {
                 o.copy_from_slice(&v.to_le_bytes());
             }
         }
+        ActFormat::F16 => {
+            for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+            }
+        }
         ActFormat::BF16 => {
             for (o, &v) in out.chunks_exact_mut(2).zip(x) {
                 o.copy_from_slice(&crate::f32_to_bf16_bits(v).to_le_bytes());
@@ -203,7 +212,7 @@ pub type DotFn = fn(&[u8], &[u8]) -> f32;
 pub fn dot_fn(w: GgmlType) -> Option<DotFn> {
     Some(match w {
         GgmlType::F32 => dot_f32_f32,
-        GgmlType::F16 => dot_f16_f32,
+        GgmlType::F16 => dot_f16_f16,
         GgmlType::BF16 => dot_bf16_bf16,
         GgmlType::Q4_0 => dot_q4_0_q8_0,
         GgmlType::Q4_1 => dot_q4_1_q8_1,
@@ -278,6 +287,24 @@ pub fn dot_f16_f32(w: &[u8], a: &[u8]) -> f32 {
     lanes_sum(acc) + tail
 }
 
+/// F16 weights · f16 activations: llamafile's `tinyBLAS<16, __m512>` order (16 f32 lanes of
+/// fused multiply-adds over the widened values, pairwise reduction); a tail that is not a whole
+/// 16 values is added in f32 after the reduction.
+pub fn dot_f16_f16(w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (wc, ac) in w.chunks_exact(2 * LANES).zip(a.chunks_exact(2 * LANES)) {
+        for (l, s) in acc.iter_mut().enumerate() {
+            *s = rd_f16(wc, 2 * l).mul_add(rd_f16(ac, 2 * l), *s);
+        }
+    }
+    let done = (w.len().min(a.len()) / (2 * LANES)) * 2 * LANES;
+    let mut tail = 0.0f32;
+    for (wc, ac) in w[done..].chunks_exact(2).zip(a[done..].chunks_exact(2)) {
+        tail += rd_f16(wc, 0) * rd_f16(ac, 0);
+    }
+    lanes_sum(acc) + tail
+}
+
 /// BF16 weights · bf16 activations, accumulated in f32.
 pub fn dot_bf16_bf16(w: &[u8], a: &[u8]) -> f32 {
     let mut sum = 0.0f32;
@@ -334,21 +361,38 @@ pub fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     })
 }
 
+/// ggml's AVX2 `ggml_vec_dot_q4_1_q8_1`/`q5_1`: eight i32 lanes of four products each, fused
+/// into eight f32 lanes with `dx*dy` per block, the min term `m*s` fused into a scalar; result
+/// `hsum8(lanes) + summs`.
+#[inline]
+fn dot_q1_lanes(w: &[u8], a: &[u8], wbs: usize, vals: impl Fn(&[u8], &mut [i32; QK])) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut summs = 0.0f32;
+    let mut xv = [0i32; QK];
+    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(36)) {
+        vals(x, &mut xv);
+        summs = rd_f16(x, 2).mul_add(rd_f16(y, 2), summs);
+        let d = rd_f16(x, 0) * rd_f16(y, 0);
+        let q8 = &y[4..36];
+        for (m, c) in acc.iter_mut().enumerate() {
+            let mut lane = 0i32;
+            for e in 4 * m..4 * m + 4 {
+                lane += xv[e] * i8_at(q8, e);
+            }
+            *c = d.mul_add(lane as f32, *c);
+        }
+    }
+    hsum8(acc) + summs
+}
+
 /// Q4_1 · Q8_1.
 pub fn dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
-        let qs = &x[4..20];
-        let q8 = &y[4..36];
-        let mut sumi = 0i32;
+    dot_q1_lanes(w, a, 20, |x, v| {
         for j in 0..16 {
-            let v0 = i32::from(qs[j] & 0x0F);
-            let v1 = i32::from(qs[j] >> 4);
-            sumi += v0 * i8_at(q8, j) + v1 * i8_at(q8, j + 16);
+            v[j] = i32::from(x[4 + j] & 0x0F);
+            v[j + 16] = i32::from(x[4 + j] >> 4);
         }
-        sumf += (rd_f16(x, 0) * rd_f16(y, 0)) * sumi as f32 + rd_f16(x, 2) * rd_f16(y, 2);
-    }
-    sumf
+    })
 }
 
 #[inline]
@@ -373,19 +417,14 @@ pub fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
 
 /// Q5_1 · Q8_1.
 pub fn dot_q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(24).zip(a.chunks_exact(36)) {
+    dot_q1_lanes(w, a, 24, |x, v| {
         let qh = u32::from_le_bytes([x[4], x[5], x[6], x[7]]);
-        let qs = &x[8..24];
-        let q8 = &y[4..36];
-        let mut sumi = 0i32;
         for j in 0..16 {
-            let (v0, v1) = q5_vals(qh, qs, j);
-            sumi += v0 * i8_at(q8, j) + v1 * i8_at(q8, j + 16);
+            let (v0, v1) = q5_vals(qh, &x[8..24], j);
+            v[j] = v0;
+            v[j + 16] = v1;
         }
-        sumf += (rd_f16(x, 0) * rd_f16(y, 0)) * sumi as f32 + rd_f16(x, 2) * rd_f16(y, 2);
-    }
-    sumf
+    })
 }
 
 /// Q8_0 · Q8_0.
@@ -398,13 +437,13 @@ pub fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// A Q8_K activation block, borrowed.
-struct Q8K<'a> {
-    d: f32,
-    qs: &'a [u8],
-    bsums: [i32; 16],
+pub(crate) struct Q8K<'a> {
+    pub(crate) d: f32,
+    pub(crate) qs: &'a [u8],
+    pub(crate) bsums: [i32; 16],
 }
 
-fn q8k(y: &[u8]) -> Q8K<'_> {
+pub(crate) fn q8k(y: &[u8]) -> Q8K<'_> {
     let mut bsums = [0i32; 16];
     for (k, s) in bsums.iter_mut().enumerate() {
         let o = 260 + 2 * k;
@@ -417,83 +456,110 @@ fn q8k(y: &[u8]) -> Q8K<'_> {
     }
 }
 
-/// Σ over groups of `G` values: `scale[g] * Σ a[i]*q8[i]`, exact in i32.
+/// The eight i32 lanes of ggml's AVX2 K-quant kernels: element `e` of the super-block goes to
+/// lane `(e % 32) / 4` (the `maddubs` + `madd` pairing of each 32-byte vector), weighted by the
+/// scale of its group of 16 (`scales[e / 16]`). Integer arithmetic, so exact.
 #[inline]
-fn scaled_isum<const G: usize>(vals: &[i8; QK_K], q8: &[u8], scales: &[i32]) -> i32 {
-    let mut isum = 0i32;
-    for ((vg, qg), &sc) in vals.chunks_exact(G).zip(q8.chunks_exact(G)).zip(scales) {
-        let mut s = 0i32;
-        for (&v, &q) in vg.iter().zip(qg) {
-            s += i32::from(v) * i32::from(q as i8);
-        }
-        isum += sc * s;
+fn k_lanes(vals: &[i32; QK_K], q8: &[u8], scales: &[i32; 16]) -> [i32; 8] {
+    let mut lanes = [0i32; 8];
+    for (e, &v) in vals.iter().enumerate() {
+        lanes[(e % 32) / 4] += scales[e / 16] * v * i8_at(q8, e);
     }
-    isum
+    lanes
 }
 
-/// Q2_K · Q8_K.
+/// The decoded values (ggml's element order) and 16-group scales of one K-quant block.
+pub(crate) struct KBlock {
+    pub(crate) vals: [i32; QK_K],
+    pub(crate) scales: [i32; 16],
+}
+
+/// Q2_K: unsigned 2-bit values, scales = low nibbles; mins (high nibbles) returned apart.
+pub(crate) fn decode_q2_k(x: &[u8], kb: &mut KBlock) -> [i32; 16] {
+    let sc = &x[0..16];
+    let q2 = &x[16..80];
+    for (e, v) in kb.vals.iter_mut().enumerate() {
+        let byte = q2[(e / 128) * 32 + e % 32];
+        *v = i32::from((byte >> (2 * ((e % 128) / 32))) & 3);
+    }
+    let mut mins = [0i32; 16];
+    for j in 0..16 {
+        kb.scales[j] = i32::from(sc[j] & 0x0F);
+        mins[j] = i32::from(sc[j] >> 4);
+    }
+    mins
+}
+
+/// Q2_K · Q8_K (ggml's AVX2 order: per block the min term, then the scaled sums, fused into
+/// eight lanes).
 pub fn dot_q2_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
+    let mut acc = [0.0f32; 8];
+    let mut kb = KBlock {
+        vals: [0; QK_K],
+        scales: [0; 16],
+    };
     for (x, y) in w.chunks_exact(84).zip(a.chunks_exact(292)) {
         let y = q8k(y);
-        let sc = &x[0..16];
-        let q2 = &x[16..80];
-        let mut vals = [0i8; QK_K];
-        for (e, v) in vals.iter_mut().enumerate() {
-            let byte = q2[(e / 128) * 32 + e % 32];
-            *v = ((byte >> (2 * ((e % 128) / 32))) & 3) as i8;
+        let mins = decode_q2_k(x, &mut kb);
+        let d = y.d * rd_f16(x, 80);
+        let dmin = -y.d * rd_f16(x, 82);
+        let lanes = k_lanes(&kb.vals, y.qs, &kb.scales);
+        for k in 0..8 {
+            let prod = mins[2 * k] * y.bsums[2 * k] + mins[2 * k + 1] * y.bsums[2 * k + 1];
+            acc[k] = dmin.mul_add(prod as f32, acc[k]);
+            acc[k] = d.mul_add(lanes[k] as f32, acc[k]);
         }
-        let mut scales = [0i32; 16];
-        let mut summs = 0i32;
-        for j in 0..16 {
-            scales[j] = i32::from(sc[j] & 0x0F);
-            summs += y.bsums[j] * i32::from(sc[j] >> 4);
-        }
-        let isum = scaled_isum::<16>(&vals, y.qs, &scales);
-        let dall = y.d * rd_f16(x, 80);
-        let dmin = y.d * rd_f16(x, 82);
-        sumf += dall * isum as f32 - dmin * summs as f32;
     }
-    sumf
+    hsum8(acc)
+}
+
+/// Q3_K: signed 3-bit values, signed 6-bit scales.
+pub(crate) fn decode_q3_k(x: &[u8], kb: &mut KBlock) {
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let hm = &x[0..32];
+    let q3 = &x[32..96];
+    let sb = &x[96..108];
+    for (e, v) in kb.vals.iter_mut().enumerate() {
+        let c = e / 128;
+        let j = (e % 128) / 32;
+        let l = e % 32;
+        let low = i32::from((q3[c * 32 + l] >> (2 * j)) & 3);
+        let bit = 1u8 << (c * 4 + j);
+        *v = low - if hm[l] & bit != 0 { 0 } else { 4 };
+    }
+    let mut aux = [0u32; 4];
+    for (k, s) in aux.iter_mut().take(3).enumerate() {
+        *s = u32::from_le_bytes([sb[4 * k], sb[4 * k + 1], sb[4 * k + 2], sb[4 * k + 3]]);
+    }
+    let tmp = aux[2];
+    aux[2] = ((aux[0] >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4);
+    aux[3] = ((aux[1] >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4);
+    aux[0] = (aux[0] & KMASK2) | ((tmp & KMASK1) << 4);
+    aux[1] = (aux[1] & KMASK2) | (((tmp >> 2) & KMASK1) << 4);
+    for (j, s) in kb.scales.iter_mut().enumerate() {
+        let byte = aux[j / 4].to_le_bytes()[j % 4] as i8;
+        *s = i32::from(byte) - 32;
+    }
 }
 
 /// Q3_K · Q8_K.
 pub fn dot_q3_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    const KMASK1: u32 = 0x0303_0303;
-    const KMASK2: u32 = 0x0f0f_0f0f;
-    let mut sumf = 0.0f32;
+    let mut acc = [0.0f32; 8];
+    let mut kb = KBlock {
+        vals: [0; QK_K],
+        scales: [0; 16],
+    };
     for (x, y) in w.chunks_exact(110).zip(a.chunks_exact(292)) {
         let y = q8k(y);
-        let hm = &x[0..32];
-        let q3 = &x[32..96];
-        let sb = &x[96..108];
-        let mut vals = [0i8; QK_K];
-        for (e, v) in vals.iter_mut().enumerate() {
-            let c = e / 128;
-            let j = (e % 128) / 32;
-            let l = e % 32;
-            let low = ((q3[c * 32 + l] >> (2 * j)) & 3) as i8;
-            let bit = 1u8 << (c * 4 + j);
-            *v = low - if hm[l] & bit != 0 { 0 } else { 4 };
+        decode_q3_k(x, &mut kb);
+        let d = y.d * rd_f16(x, 108);
+        let lanes = k_lanes(&kb.vals, y.qs, &kb.scales);
+        for k in 0..8 {
+            acc[k] = d.mul_add(lanes[k] as f32, acc[k]);
         }
-        let mut aux = [0u32; 4];
-        for (k, s) in aux.iter_mut().take(3).enumerate() {
-            *s = u32::from_le_bytes([sb[4 * k], sb[4 * k + 1], sb[4 * k + 2], sb[4 * k + 3]]);
-        }
-        let tmp = aux[2];
-        aux[2] = ((aux[0] >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4);
-        aux[3] = ((aux[1] >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4);
-        aux[0] = (aux[0] & KMASK2) | ((tmp & KMASK1) << 4);
-        aux[1] = (aux[1] & KMASK2) | (((tmp >> 2) & KMASK1) << 4);
-        let mut scales = [0i32; 16];
-        for (j, s) in scales.iter_mut().enumerate() {
-            let byte = aux[j / 4].to_le_bytes()[j % 4] as i8;
-            *s = i32::from(byte) - 32;
-        }
-        let isum = scaled_isum::<16>(&vals, y.qs, &scales);
-        sumf += (rd_f16(x, 108) * y.d) * isum as f32;
     }
-    sumf
+    hsum8(acc)
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
@@ -509,86 +575,141 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
     }
 }
 
-fn dot_q45_k(w: &[u8], a: &[u8], five: bool) -> f32 {
-    let bs = if five { 176 } else { 144 };
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(bs).zip(a.chunks_exact(292)) {
-        let y = q8k(y);
-        let sc = &x[4..16];
-        let (qh, q4) = if five {
-            (&x[16..48], &x[48..176])
-        } else {
-            (&x[0..0], &x[16..144])
-        };
-        let mut vals = [0i8; QK_K];
-        for (e, v) in vals.iter_mut().enumerate() {
-            let chunk = e / 64;
-            let hi = (e % 64) >= 32;
-            let l = e % 32;
-            let b = q4[chunk * 32 + l];
-            let mut q = if hi { b >> 4 } else { b & 0x0F };
-            if five {
-                let bit = 1u8 << (2 * chunk + usize::from(hi));
-                if qh[l] & bit != 0 {
-                    q += 16;
-                }
+/// Q4_K / Q5_K: unsigned 4- or 5-bit values, 6-bit scales per 32 (repeated per 16); mins apart.
+pub(crate) fn decode_q45_k(x: &[u8], five: bool, kb: &mut KBlock) -> [i32; 8] {
+    let sc = &x[4..16];
+    let (qh, q4) = if five {
+        (&x[16..48], &x[48..176])
+    } else {
+        (&x[0..0], &x[16..144])
+    };
+    for (e, v) in kb.vals.iter_mut().enumerate() {
+        let chunk = e / 64;
+        let hi = (e % 64) >= 32;
+        let l = e % 32;
+        let b = q4[chunk * 32 + l];
+        let mut q = if hi { b >> 4 } else { b & 0x0F };
+        if five {
+            let bit = 1u8 << (2 * chunk + usize::from(hi));
+            if qh[l] & bit != 0 {
+                q += 16;
             }
-            *v = q as i8;
         }
-        let mut scales = [0i32; 8];
-        let mut summs = 0i32;
-        for (j, s) in scales.iter_mut().enumerate() {
-            let (scv, m) = scale_min_k4(j, sc);
-            *s = scv;
-            summs += (y.bsums[2 * j] + y.bsums[2 * j + 1]) * m;
-        }
-        let isum = scaled_isum::<32>(&vals, y.qs, &scales);
-        let d = rd_f16(x, 0) * y.d;
-        let dmin = rd_f16(x, 2) * y.d;
-        sumf += d * isum as f32 - dmin * summs as f32;
+        *v = i32::from(q);
     }
-    sumf
+    let mut mins = [0i32; 8];
+    for (j, m) in mins.iter_mut().enumerate() {
+        let (s, mm) = scale_min_k4(j, sc);
+        kb.scales[2 * j] = s;
+        kb.scales[2 * j + 1] = s;
+        *m = mm;
+    }
+    mins
 }
 
-/// Q4_K · Q8_K.
+/// The min products of ggml's AVX2 Q4_K/Q5_K kernels: four i32 lanes,
+/// `mins[2m]*(b[4m]+b[4m+1]) + mins[2m+1]*(b[4m+2]+b[4m+3])`.
+#[inline]
+pub(crate) fn k4_min_prods(mins: &[i32; 8], bsums: &[i32; 16]) -> [i32; 4] {
+    let mut p = [0i32; 4];
+    for (m, v) in p.iter_mut().enumerate() {
+        let s0 = bsums[4 * m] + bsums[4 * m + 1];
+        let s1 = bsums[4 * m + 2] + bsums[4 * m + 3];
+        *v = mins[2 * m] * s0 + mins[2 * m + 1] * s1;
+    }
+    p
+}
+
+/// Q4_K · Q8_K: eight fused lanes for the scaled sums, four fused lanes for the mins.
 pub fn dot_q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    dot_q45_k(w, a, false)
+    let mut acc = [0.0f32; 8];
+    let mut acc_m = [0.0f32; 4];
+    let mut kb = KBlock {
+        vals: [0; QK_K],
+        scales: [0; 16],
+    };
+    for (x, y) in w.chunks_exact(144).zip(a.chunks_exact(292)) {
+        let y = q8k(y);
+        let mins = decode_q45_k(x, false, &mut kb);
+        let d = y.d * rd_f16(x, 0);
+        let dmin = -y.d * rd_f16(x, 2);
+        let p = k4_min_prods(&mins, &y.bsums);
+        for m in 0..4 {
+            acc_m[m] = dmin.mul_add(p[m] as f32, acc_m[m]);
+        }
+        let lanes = k_lanes(&kb.vals, y.qs, &kb.scales);
+        for k in 0..8 {
+            acc[k] = d.mul_add(lanes[k] as f32, acc[k]);
+        }
+    }
+    hsum8(acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
 }
 
-/// Q5_K · Q8_K.
+/// Q5_K · Q8_K: eight fused lanes for the scaled sums, the mins fused into a scalar.
 pub fn dot_q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    dot_q45_k(w, a, true)
+    let mut acc = [0.0f32; 8];
+    let mut summs = 0.0f32;
+    let mut kb = KBlock {
+        vals: [0; QK_K],
+        scales: [0; 16],
+    };
+    for (x, y) in w.chunks_exact(176).zip(a.chunks_exact(292)) {
+        let y = q8k(y);
+        let mins = decode_q45_k(x, true, &mut kb);
+        let d = y.d * rd_f16(x, 0);
+        let dmin = -y.d * rd_f16(x, 2);
+        let p = k4_min_prods(&mins, &y.bsums);
+        summs = (((p[0] + p[1]) + (p[2] + p[3])) as f32).mul_add(dmin, summs);
+        let lanes = k_lanes(&kb.vals, y.qs, &kb.scales);
+        for k in 0..8 {
+            acc[k] = d.mul_add(lanes[k] as f32, acc[k]);
+        }
+    }
+    hsum8(acc) + summs
 }
 
-/// Q6_K · Q8_K.
+/// Q6_K: unsigned 6-bit values (the -32 is subtracted through the activation sums), signed
+/// scales per 16.
+pub(crate) fn decode_q6_k(x: &[u8], kb: &mut KBlock) {
+    let ql = &x[0..128];
+    let qh = &x[128..192];
+    let sc = &x[192..208];
+    for c in 0..2 {
+        for l in 0..32 {
+            let h = qh[c * 32 + l];
+            let a0 = ql[c * 64 + l];
+            let a1 = ql[c * 64 + l + 32];
+            let base = c * 128 + l;
+            kb.vals[base] = i32::from((a0 & 0x0F) | ((h & 3) << 4));
+            kb.vals[base + 32] = i32::from((a1 & 0x0F) | (((h >> 2) & 3) << 4));
+            kb.vals[base + 64] = i32::from((a0 >> 4) | (((h >> 4) & 3) << 4));
+            kb.vals[base + 96] = i32::from((a1 >> 4) | (((h >> 6) & 3) << 4));
+        }
+    }
+    for (s, &b) in kb.scales.iter_mut().zip(sc) {
+        *s = i32::from(b as i8);
+    }
+}
+
+/// Q6_K · Q8_K: lanes of unsigned products minus `32 * (b[2k]*sc[2k] + b[2k+1]*sc[2k+1])`.
 pub fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
+    let mut acc = [0.0f32; 8];
+    let mut kb = KBlock {
+        vals: [0; QK_K],
+        scales: [0; 16],
+    };
     for (x, y) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
         let y = q8k(y);
-        let ql = &x[0..128];
-        let qh = &x[128..192];
-        let sc = &x[192..208];
-        let mut vals = [0i8; QK_K];
-        for c in 0..2 {
-            for l in 0..32 {
-                let h = qh[c * 32 + l];
-                let a0 = ql[c * 64 + l];
-                let a1 = ql[c * 64 + l + 32];
-                let base = c * 128 + l;
-                vals[base] = ((a0 & 0x0F) | ((h & 3) << 4)) as i8 - 32;
-                vals[base + 32] = ((a1 & 0x0F) | (((h >> 2) & 3) << 4)) as i8 - 32;
-                vals[base + 64] = ((a0 >> 4) | (((h >> 4) & 3) << 4)) as i8 - 32;
-                vals[base + 96] = ((a1 >> 4) | (((h >> 6) & 3) << 4)) as i8 - 32;
-            }
+        decode_q6_k(x, &mut kb);
+        let d = y.d * rd_f16(x, 208);
+        let lanes = k_lanes(&kb.vals, y.qs, &kb.scales);
+        for k in 0..8 {
+            let sub = 32
+                * (y.bsums[2 * k] * kb.scales[2 * k] + y.bsums[2 * k + 1] * kb.scales[2 * k + 1]);
+            acc[k] = d.mul_add((lanes[k] - sub) as f32, acc[k]);
         }
-        let mut scales = [0i32; 16];
-        for (s, &b) in scales.iter_mut().zip(sc) {
-            *s = i32::from(b as i8);
-        }
-        let isum = scaled_isum::<16>(&vals, y.qs, &scales);
-        sumf += (rd_f16(x, 208) * y.d) * isum as f32;
     }
-    sumf
+    hsum8(acc)
 }
 
 /// 16-lane f32 dot product of two f32 slices (the lanes and pairwise reduction of a 512-bit FMA
