@@ -140,3 +140,62 @@ proptest! {
         check(WEIGHT_TYPES[ti], &w, &x);
     }
 }
+
+/// Random weight rows (quantized from `w`) against `x.len() / n` activation rows: every ISA's
+/// many-row kernel equals the scalar kernel bit for bit.
+fn many_matches_scalar(ty: GgmlType, w: &[f32], x: &[f32], n: usize) {
+    let k = w.len();
+    let mut wb = vec![0u8; ty.row_size(k as u64).unwrap() as usize];
+    quantize_row_ref(ty, w, &mut wb).unwrap();
+    let f = act_format(ty).unwrap();
+    let rb = act_row_bytes(f, k).unwrap();
+    let mut ab = vec![0u8; rb * n];
+    for (o, r) in ab.chunks_exact_mut(rb).zip(x.chunks_exact(k)) {
+        quantize_act(f, r, o);
+    }
+    let dot = dot_fn(ty).unwrap();
+    let want: Vec<u32> = ab.chunks_exact(rb).map(|a| dot(&wb, a).to_bits()).collect();
+    for isa in Isa::ALL {
+        let many = dot_many_fn(ty, isa).unwrap();
+        let mut got = vec![0f32; n];
+        many(&wb, &ab, rb, &mut got);
+        let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want, "{ty} on {isa:?}");
+    }
+}
+
+#[test]
+fn many_row_kernels_equal_scalar_on_signals() {
+    for ty in WEIGHT_TYPES {
+        let w = signal(512, 3);
+        let x: Vec<f32> = (0..19).flat_map(|s| signal(512, 40 + s)).collect();
+        many_matches_scalar(ty, &w, &x, 19);
+    }
+}
+
+#[test]
+fn many_row_kernels_never_panic_on_bad_lengths() {
+    for ty in WEIGHT_TYPES {
+        for isa in Isa::ALL {
+            let many = dot_many_fn(ty, isa).unwrap();
+            let mut o = vec![0f32; 3];
+            many(&[1, 2, 3], &[4, 5], 7, &mut o);
+            many(&[0; 400], &[0; 300], 0, &mut o);
+            many(&[0; 420], &[0; 100], 292, &mut o);
+            many(&[], &[], 0, &mut []);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn many_row_kernels_equal_scalar(
+        ti in 0usize..WEIGHT_TYPES.len(),
+        n in 1usize..21,
+        w in proptest::collection::vec(-4.0f32..4.0, 512),
+        x in proptest::collection::vec(-8.0f32..8.0, 512 * 20),
+    ) {
+        many_matches_scalar(WEIGHT_TYPES[ti], &w, &x[..512 * n], n);
+    }
+}

@@ -1,0 +1,552 @@
+//! AVX2 + FMA + F16C dot kernels: one weight row against many activation rows, each dot computed
+//! in exactly the arithmetic order of the scalar reference in [`super`] (which follows ggml's own
+//! x86 kernels), so the results are bit-identical to it.
+//!
+//! Every weight block is decoded once (integer values in ggml's element order, i16 scale vectors)
+//! and multiplied against a group of activation rows; the per-dot accumulators live in small
+//! arrays. The safe entry points validate every length and fall back to the scalar kernels when a
+//! length does not fit or the CPU lacks the instructions.
+
+use std::arch::x86_64::*;
+
+use super::{hsum8, lanes_sum, scalar_many, DotManyFn, QK_K};
+use crate::GgmlType;
+
+/// Whether this CPU runs these kernels.
+pub(super) fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// Activation rows handled together (accumulators kept in stack arrays).
+const G: usize = 16;
+
+/// Checks the lengths of a many-row call: `w` is whole blocks of `wbs` bytes, every one of the
+/// `n` activation rows (`stride` apart) holds as many blocks of `abs` bytes.
+fn fits(w: &[u8], wbs: usize, a: &[u8], abs: usize, stride: usize, n: usize) -> bool {
+    if wbs == 0 || !w.len().is_multiple_of(wbs) || n == 0 {
+        return n == 0;
+    }
+    let nb = w.len() / wbs;
+    let Some(row) = nb.checked_mul(abs) else {
+        return false;
+    };
+    if stride < row {
+        return false;
+    }
+    (n - 1)
+        .checked_mul(stride)
+        .and_then(|v| v.checked_add(row))
+        .is_some_and(|need| need <= a.len())
+}
+
+
+#[inline(always)]
+fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: callers pass pointers into validated blocks with two readable bytes.
+    let b = unsafe { [p.read(), p.add(1).read()] };
+    half::f16::from_bits(u16::from_le_bytes(b)).to_f32()
+}
+
+#[inline(always)]
+fn f32_at(p: *const u8) -> f32 {
+    // SAFETY: callers pass pointers into validated blocks with four readable bytes.
+    let b = unsafe { [p.read(), p.add(1).read(), p.add(2).read(), p.add(3).read()] };
+    f32::from_le_bytes(b)
+}
+
+#[inline(always)]
+unsafe fn ld(p: *const u8) -> __m256i {
+    // SAFETY: callers guarantee 32 readable bytes at `p`.
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+#[inline(always)]
+unsafe fn ld128(p: *const u8) -> __m128i {
+    // SAFETY: callers guarantee 16 readable bytes at `p`.
+    unsafe { _mm_loadu_si128(p as *const __m128i) }
+}
+
+#[inline(always)]
+unsafe fn store8(v: __m256) -> [f32; 8] {
+    let mut o = [0f32; 8];
+    // SAFETY: `o` has room for eight f32.
+    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
+    o
+}
+
+/// Eight i32 lanes, each the sum of four adjacent i8 products (signed × signed).
+#[inline(always)]
+unsafe fn dot_i8_signed(w: __m256i, q: __m256i) -> __m256i {
+    // SAFETY: AVX2 is enabled in every caller.
+    unsafe {
+        let u = _mm256_sign_epi8(w, w);
+        let s = _mm256_sign_epi8(q, w);
+        _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(u, s))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q4_0, Q5_0, Q8_0 (× Q8_0) and Q4_1, Q5_1 (× Q8_1)
+
+/// 16 packed nibbles at `p` as 32 bytes: low nibbles first, then high nibbles.
+#[inline(always)]
+unsafe fn nib(p: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes at `p`; AVX2 enabled in every caller.
+    unsafe {
+        let t = ld128(p);
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(t, 4), t),
+            _mm256_set1_epi8(0x0F),
+        )
+    }
+}
+
+/// Byte e = 0x10 when bit e of the little-endian u32 at `p` is set, else 0.
+#[inline(always)]
+unsafe fn bits16(p: *const u8) -> __m256i {
+    // SAFETY: four readable bytes at `p`; AVX2 enabled in every caller.
+    unsafe {
+        let x32 = i32::from_le_bytes([p.read(), p.add(1).read(), p.add(2).read(), p.add(3).read()]);
+        let shuf = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        );
+        let by = _mm256_shuffle_epi8(_mm256_set1_epi32(x32), shuf);
+        let bm = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+        let hit = _mm256_cmpeq_epi8(_mm256_and_si256(by, bm), bm);
+        _mm256_and_si256(hit, _mm256_set1_epi8(0x10))
+    }
+}
+
+/// Decodes a legacy block to 32 i8 values in element order (signed for the `_0` types, unsigned
+/// for the `_1` types). `TY`: 0 Q4_0, 1 Q5_0, 2 Q8_0, 3 Q4_1, 4 Q5_1.
+#[inline(always)]
+unsafe fn dec_legacy<const TY: u8>(x: *const u8) -> __m256i {
+    // SAFETY: `x` points at a whole block of type `TY` (validated by the caller).
+    unsafe {
+        let bits = |p| bits16(p);
+        match TY {
+            0 => _mm256_sub_epi8(nib(x.add(2)), _mm256_set1_epi8(8)),
+            1 => _mm256_sub_epi8(
+                _mm256_or_si256(nib(x.add(6)), bits(x.add(2))),
+                _mm256_set1_epi8(16),
+            ),
+            2 => ld(x.add(2)),
+            3 => nib(x.add(4)),
+            _ => _mm256_or_si256(nib(x.add(8)), bits(x.add(4))),
+        }
+    }
+}
+
+/// `_0` types: Σ over blocks of fma(dx*dy, lanes) in eight lanes, then hsum8.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q0_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+    let nb = w.len() / wbs;
+    for (g, og) in out.chunks_mut(G).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); G];
+        let base = g * G * stride;
+        for b in 0..nb {
+            // SAFETY: block b of the weight row and of every activation row is in bounds (fits).
+            unsafe {
+                let x = w.as_ptr().add(b * wbs);
+                let xv = dec_legacy::<TY>(x);
+                let dx = f16_at(x);
+                for (j, c) in acc.iter_mut().enumerate().take(og.len()) {
+                    let y = a.as_ptr().add(base + j * stride + b * 34);
+                    let p = dot_i8_signed(xv, ld(y.add(2)));
+                    let d = _mm256_set1_ps(dx * f16_at(y));
+                    *c = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *c);
+                }
+            }
+        }
+        for (o, c) in og.iter_mut().zip(acc) {
+            // SAFETY: AVX is enabled.
+            *o = hsum8(unsafe { store8(c) });
+        }
+    }
+}
+
+/// `_1` types: as `_0` with unsigned weights, plus `summs = fma(m, s, summs)`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q1_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+    let nb = w.len() / wbs;
+    for (g, og) in out.chunks_mut(G).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); G];
+        let mut summs = [0f32; G];
+        let base = g * G * stride;
+        for b in 0..nb {
+            // SAFETY: as in q0_many.
+            unsafe {
+                let x = w.as_ptr().add(b * wbs);
+                let xv = dec_legacy::<TY>(x);
+                let dx = f16_at(x);
+                let mx = f16_at(x.add(2));
+                for j in 0..og.len() {
+                    let y = a.as_ptr().add(base + j * stride + b * 36);
+                    summs[j] = mx.mul_add(f16_at(y.add(2)), summs[j]);
+                    let p = _mm256_madd_epi16(
+                        _mm256_set1_epi16(1),
+                        _mm256_maddubs_epi16(xv, ld(y.add(4))),
+                    );
+                    let d = _mm256_set1_ps(dx * f16_at(y));
+                    acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[j]);
+                }
+            }
+        }
+        for (j, o) in og.iter_mut().enumerate() {
+            // SAFETY: AVX is enabled.
+            *o = hsum8(unsafe { store8(acc[j]) }) + summs[j];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants × Q8_K
+
+/// A decoded K-quant super-block: eight 32-byte value vectors (element order) and their i16
+/// scale vectors (lanes 0..8: group 2v, lanes 8..16: group 2v+1).
+struct KDec {
+    v: [__m256i; 8],
+    s: [__m256i; 8],
+    /// Q2_K: 16 mins as i16; Q4_K/Q5_K: 8 mins as i16 in the low half; Q6_K: 16 scales as i16.
+    extra: __m256i,
+    d: f32,
+    dmin: f32,
+}
+
+#[inline(always)]
+unsafe fn scale_vec(lo: i32, hi: i32) -> __m256i {
+    // SAFETY: AVX is enabled in every caller.
+    unsafe { _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16)) }
+}
+
+/// Decodes block `x` of K type `ty` (2..=6).
+#[inline(always)]
+unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
+    // SAFETY: `x` points at a whole block of type `ty` (validated by the caller).
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let bytes = |off: usize, n: usize| std::slice::from_raw_parts(x.add(off), n);
+        match TY {
+            2 => {
+                let sc = bytes(0, 16);
+                for j in 0..2 {
+                    let bits = ld(x.add(16 + 32 * j));
+                    for s in 0..4 {
+                        let sh = _mm_cvtsi32_si128(2 * s as i32);
+                        k.v[4 * j + s] = _mm256_and_si256(_mm256_srl_epi16(bits, sh), m3);
+                        let g = 2 * (4 * j + s);
+                        k.s[4 * j + s] = scale_vec(i32::from(sc[g] & 15), i32::from(sc[g + 1] & 15));
+                    }
+                }
+                let mins = _mm_and_si128(_mm_srli_epi16(ld128(x), 4), _mm_set1_epi8(15));
+                k.extra = _mm256_cvtepi8_epi16(mins);
+                k.d = f16_at(x.add(80));
+                k.dmin = f16_at(x.add(82));
+            }
+            3 => {
+                let mut kb = super::KBlock {
+                    vals: [0; QK_K],
+                    scales: [0; 16],
+                };
+                super::decode_q3_k(bytes(0, 110), &mut kb);
+                let hm = ld(x);
+                for j in 0..2 {
+                    let bits = ld(x.add(32 + 32 * j));
+                    for s in 0..4 {
+                        let sh = _mm_cvtsi32_si128(2 * s as i32);
+                        let low = _mm256_and_si256(_mm256_srl_epi16(bits, sh), m3);
+                        let hsh = _mm_cvtsi32_si128((4 * j + s) as i32);
+                        let h = _mm256_and_si256(_mm256_srl_epi16(hm, hsh), one);
+                        let v = _mm256_or_si256(low, _mm256_slli_epi16(h, 2));
+                        k.v[4 * j + s] = _mm256_sub_epi8(v, _mm256_set1_epi8(4));
+                        let g = 2 * (4 * j + s);
+                        k.s[4 * j + s] = scale_vec(kb.scales[g], kb.scales[g + 1]);
+                    }
+                }
+                k.d = f16_at(x.add(108));
+            }
+            4 | 5 => {
+                let five = TY == 5;
+                let sc = bytes(4, 12);
+                let mut mins = [0i16; 8];
+                for (j, m) in mins.iter_mut().enumerate() {
+                    let (s, mm) = super::scale_min_k4(j, sc);
+                    k.s[j] = _mm256_set1_epi16(s as i16);
+                    *m = mm as i16;
+                }
+                k.extra = _mm256_castsi128_si256(_mm_loadu_si128(mins.as_ptr() as *const __m128i));
+                let qs = x.add(if five { 48 } else { 16 });
+                let hb = if five { ld(x.add(16)) } else { _mm256_setzero_si256() };
+                for j in 0..4 {
+                    let bits = ld(qs.add(32 * j));
+                    let mut lo = _mm256_and_si256(bits, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                    if five {
+                        let s0 = _mm_cvtsi32_si128((2 * j) as i32);
+                        let s1 = _mm_cvtsi32_si128((2 * j + 1) as i32);
+                        let h0 = _mm256_and_si256(_mm256_srl_epi16(hb, s0), one);
+                        let h1 = _mm256_and_si256(_mm256_srl_epi16(hb, s1), one);
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                    }
+                    k.v[2 * j] = lo;
+                    k.v[2 * j + 1] = hi;
+                }
+                k.d = f16_at(x);
+                k.dmin = f16_at(x.add(2));
+            }
+            _ => {
+                let sc = bytes(192, 16);
+                for j in 0..2 {
+                    let b1 = ld(x.add(64 * j));
+                    let b2 = ld(x.add(64 * j + 32));
+                    let h = ld(x.add(128 + 32 * j));
+                    let h0 = _mm256_slli_epi16(_mm256_and_si256(h, m3), 4);
+                    let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4);
+                    let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4);
+                    let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4);
+                    k.v[4 * j] = _mm256_or_si256(_mm256_and_si256(b1, m4), h0);
+                    k.v[4 * j + 1] = _mm256_or_si256(_mm256_and_si256(b2, m4), h1);
+                    k.v[4 * j + 2] =
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), h2);
+                    k.v[4 * j + 3] =
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), h3);
+                }
+                for v in 0..8 {
+                    k.s[v] = scale_vec(
+                        i32::from(sc[2 * v] as i8),
+                        i32::from(sc[2 * v + 1] as i8),
+                    );
+                }
+                k.extra = _mm256_cvtepi8_epi16(ld128(x.add(192)));
+                k.d = f16_at(x.add(208));
+            }
+        }
+    }
+}
+
+/// The eight scaled i32 lanes of one block against one Q8_K block's values at `q8`.
+#[inline(always)]
+unsafe fn k_sumi(signed: bool, k: &KDec, q8: *const u8) -> __m256i {
+    // SAFETY: 256 readable bytes at `q8`; AVX2 enabled in every caller.
+    unsafe {
+        let mut sumi = _mm256_setzero_si256();
+        for v in 0..8 {
+            let q = ld(q8.add(32 * v));
+            let p16 = if signed {
+                _mm256_maddubs_epi16(_mm256_sign_epi8(k.v[v], k.v[v]), _mm256_sign_epi8(q, k.v[v]))
+            } else {
+                _mm256_maddubs_epi16(k.v[v], q)
+            };
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(k.s[v], p16));
+        }
+        sumi
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+    let nb = w.len() / wbs;
+    // SAFETY: AVX is enabled.
+    let zero = unsafe { _mm256_setzero_si256() };
+    let mut k = KDec {
+        v: [zero; 8],
+        s: [zero; 8],
+        extra: zero,
+        d: 0.0,
+        dmin: 0.0,
+    };
+    for (g, og) in out.chunks_mut(G).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); G];
+        let mut accm = [_mm_setzero_ps(); G];
+        let mut summs = [0f32; G];
+        let base = g * G * stride;
+        for b in 0..nb {
+            // SAFETY: block b of the weight row and of every activation row is in bounds (fits).
+            unsafe {
+                dec_k::<TY>(w.as_ptr().add(b * wbs), &mut k);
+                for j in 0..og.len() {
+                    let y = a.as_ptr().add(base + j * stride + b * 292);
+                    let yd = f32_at(y);
+                    let bsums = ld(y.add(260));
+                    let mut sumi = k_sumi(TY == 3, &k, y.add(4));
+                    let d = yd * k.d;
+                    match TY {
+                        2 => {
+                            let dmin = -yd * k.dmin;
+                            let prod = _mm256_madd_epi16(k.extra, bsums);
+                            acc[j] =
+                                _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(prod), acc[j]);
+                        }
+                        4 | 5 => {
+                            let dmin = -yd * k.dmin;
+                            let q8s = _mm_hadd_epi16(
+                                _mm256_castsi256_si128(bsums),
+                                _mm256_extracti128_si256(bsums, 1),
+                            );
+                            let prod = _mm_madd_epi16(_mm256_castsi256_si128(k.extra), q8s);
+                            if TY == 4 {
+                                accm[j] =
+                                    _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), accm[j]);
+                            } else {
+                                let mut p = [0i32; 4];
+                                _mm_storeu_si128(p.as_mut_ptr() as *mut __m128i, prod);
+                                summs[j] =
+                                    (((p[0] + p[1]) + (p[2] + p[3])) as f32).mul_add(dmin, summs[j]);
+                            }
+                        }
+                        6 => {
+                            let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, k.extra), 5);
+                            sumi = _mm256_sub_epi32(sumi, sub);
+                        }
+                        _ => {}
+                    }
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[j]);
+                }
+            }
+        }
+        for (j, o) in og.iter_mut().enumerate() {
+            // SAFETY: AVX is enabled; `m` has room for four f32.
+            let (h, m) = unsafe {
+                let mut m = [0f32; 4];
+                _mm_storeu_ps(m.as_mut_ptr(), accm[j]);
+                (hsum8(store8(acc[j])), m)
+            };
+            *o = match TY {
+                4 => h + ((m[0] + m[2]) + (m[1] + m[3])),
+                5 => h + summs[j],
+                _ => h,
+            };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// F16 × F16
+
+/// 16 f32 lanes (two registers) of fused products per dot, four dots per pass.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_many(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+    let n = w.len() / 2;
+    let full = n / 16 * 16;
+    for (g, og) in out.chunks_mut(4).enumerate() {
+        let base = g * 4 * stride;
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        let m = og.len();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+16 of the weight row and of every activation row are in bounds.
+            unsafe {
+                let w0 = _mm256_cvtph_ps(ld128(w.as_ptr().add(2 * i)));
+                let w1 = _mm256_cvtph_ps(ld128(w.as_ptr().add(2 * i + 16)));
+                for j in 0..m {
+                    let y = a.as_ptr().add(base + j * stride + 2 * i);
+                    lo[j] = _mm256_fmadd_ps(w0, _mm256_cvtph_ps(ld128(y)), lo[j]);
+                    hi[j] = _mm256_fmadd_ps(w1, _mm256_cvtph_ps(ld128(y.add(16))), hi[j]);
+                }
+            }
+            i += 16;
+        }
+        for j in 0..m {
+            let mut l = [0f32; 16];
+            // SAFETY: AVX is enabled.
+            unsafe {
+                l[..8].copy_from_slice(&store8(lo[j]));
+                l[8..].copy_from_slice(&store8(hi[j]));
+            }
+            let row = a.get(base + j * stride..).unwrap_or(&[]);
+            let mut tail = 0f32;
+            for e in full..n {
+                let x = super::rd_f16(w, 2 * e);
+                tail += x * super::rd_f16(row, 2 * e);
+            }
+            og[j] = lanes_sum(l) + tail;
+        }
+    }
+}
+
+macro_rules! many {
+    ($name:ident, $wbs:expr, $abs:expr, $scalar:path, $body:expr) => {
+        fn $name(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+            if !available() || !fits(w, $wbs, a, $abs, stride, out.len()) {
+                return scalar_many($scalar, w, a, stride, out);
+            }
+            let f: unsafe fn(&[u8], &[u8], usize, &mut [f32]) = $body;
+            // SAFETY: the CPU has AVX2/FMA/F16C and every length was validated by `fits`.
+            unsafe { f(w, a, stride, out) }
+        }
+    };
+}
+
+many!(q4_0, 18, 34, super::dot_q4_0_q8_0, |w, a, s, o| unsafe {
+    q0_many::<0>(18, w, a, s, o)
+});
+many!(q5_0, 22, 34, super::dot_q5_0_q8_0, |w, a, s, o| unsafe {
+    q0_many::<1>(22, w, a, s, o)
+});
+many!(q8_0, 34, 34, super::dot_q8_0_q8_0, |w, a, s, o| unsafe {
+    q0_many::<2>(34, w, a, s, o)
+});
+many!(q4_1, 20, 36, super::dot_q4_1_q8_1, |w, a, s, o| unsafe {
+    q1_many::<3>(20, w, a, s, o)
+});
+many!(q5_1, 24, 36, super::dot_q5_1_q8_1, |w, a, s, o| unsafe {
+    q1_many::<4>(24, w, a, s, o)
+});
+many!(q2_k, 84, 292, super::dot_q2_k_q8_k, |w, a, s, o| unsafe {
+    k_many::<2>(84, w, a, s, o)
+});
+many!(q3_k, 110, 292, super::dot_q3_k_q8_k, |w, a, s, o| unsafe {
+    k_many::<3>(110, w, a, s, o)
+});
+many!(q4_k, 144, 292, super::dot_q4_k_q8_k, |w, a, s, o| unsafe {
+    k_many::<4>(144, w, a, s, o)
+});
+many!(q5_k, 176, 292, super::dot_q5_k_q8_k, |w, a, s, o| unsafe {
+    k_many::<5>(176, w, a, s, o)
+});
+many!(q6_k, 210, 292, super::dot_q6_k_q8_k, |w, a, s, o| unsafe {
+    k_many::<6>(210, w, a, s, o)
+});
+
+fn f16(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+    let n = w.len() / 2;
+    let ok = w.len().is_multiple_of(2)
+        && stride >= 2 * n
+        && (out.is_empty()
+            || (out.len() - 1)
+                .checked_mul(stride)
+                .and_then(|v| v.checked_add(2 * n))
+                .is_some_and(|need| need <= a.len()));
+    if !available() || !ok {
+        return scalar_many(super::dot_f16_f16, w, a, stride, out);
+    }
+    // SAFETY: the CPU has AVX2/FMA/F16C and every length was validated above.
+    unsafe { f16_many(w, a, stride, out) }
+}
+
+/// The AVX2 many-row kernel for weights of type `ty`, if there is one.
+pub(super) fn many_fn(ty: GgmlType) -> Option<DotManyFn> {
+    Some(match ty {
+        GgmlType::F16 => f16,
+        GgmlType::Q4_0 => q4_0,
+        GgmlType::Q5_0 => q5_0,
+        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4_1 => q4_1,
+        GgmlType::Q5_1 => q5_1,
+        GgmlType::Q2K => q2_k,
+        GgmlType::Q3K => q3_k,
+        GgmlType::Q4K => q4_k,
+        GgmlType::Q5K => q5_k,
+        GgmlType::Q6K => q6_k,
+        _ => return None,
+    })
+}
