@@ -8,16 +8,18 @@ use anyhow::{bail, Context, Result};
 use half::f16;
 use kiln_formats::gguf::{GgufFile, TensorInfo};
 use kiln_quant::dot::{
-    act_format, act_row_bytes, axpy, check_row, dot_f32_slices as dot_f32, dot_fn, quantize_act,
-    ActFormat, DotFn,
+    act_format, act_row_bytes, axpy, check_row, dot_f32_slices as dot_f32, dot_many_fn,
+    quantize_act, ActFormat, DotManyFn,
 };
-use kiln_quant::GgmlType;
+use kiln_quant::{GgmlType, Isa};
 use rayon::prelude::*;
 
 use super::{AttnShape, Backend, Rope};
 
-/// Weight rows per parallel task of a matrix product.
+/// Weight rows per parallel task of a matrix product with few tokens.
 const ROW_TILE: usize = 16;
+/// Tokens per parallel task of a matrix product over a prompt.
+const TOKEN_TILE: usize = 64;
 /// Upper bound on one cache's size in bytes.
 const MAX_CACHE_BYTES: usize = 64 << 30;
 
@@ -34,7 +36,7 @@ pub struct CpuWeight {
     file: Arc<GgufFile>,
     info: TensorInfo,
     act: Option<ActFormat>,
-    dot: Option<DotFn>,
+    many: Option<DotManyFn>,
     /// 1-D f32 vectors (norm weights), decoded once.
     dense: Option<Vec<f32>>,
 }
@@ -114,7 +116,7 @@ impl Backend for CpuBackend {
             file: Arc::clone(file),
             info: t.clone(),
             act: act_format(t.ty),
-            dot: dot_fn(t.ty),
+            many: dot_many_fn(t.ty, Isa::current()),
             dense,
         })
     }
@@ -184,64 +186,67 @@ impl Backend for CpuBackend {
                 w.cols
             );
         }
-        let (Some(af), Some(dot)) = (w.act, w.dot) else {
+        let (Some(af), Some(many)) = (w.act, w.many) else {
             bail!("{} weights cannot be multiplied", w.ty);
         };
         let k = w.cols;
         let n = w.rows;
         let t = x.rows;
         let wb = w.bytes();
-        let mut out_t = vec![0f32; n * t];
-        if w.ty == GgmlType::F16 {
-            // f16 weights × f32 activations: widen a tile of weight rows once, then f32 dots.
-            out_t
-                .par_chunks_mut(ROW_TILE * t)
+        let rb = act_row_bytes(af, k).context("activation row does not fit blocks")?;
+        let mut qa = vec![0u8; rb * t];
+        qa.par_chunks_mut(rb)
+            .zip(x.data.par_chunks(k))
+            .for_each(|(o, r)| quantize_act(af, r, o));
+        let wrow = |r: usize| {
+            wb.get(r * w.row_bytes..(r + 1) * w.row_bytes)
+                .unwrap_or(&[])
+        };
+        let mut data = vec![0f32; n * t];
+        if t >= TOKEN_TILE {
+            // prompt: tiles of tokens in parallel; each weight row is decoded once per tile and
+            // multiplied against all of its activation rows, outputs written in place
+            data.par_chunks_mut(TOKEN_TILE * n)
                 .enumerate()
-                .for_each(|(ci, o)| {
-                    let r0 = ci * ROW_TILE;
-                    let nr = o.len() / t.max(1);
-                    let mut wf = vec![0f32; nr * k];
-                    let src = wb
-                        .get(r0 * w.row_bytes..(r0 + nr) * w.row_bytes)
+                .for_each(|(gi, o)| {
+                    let nt = o.len() / n.max(1);
+                    let acts = qa
+                        .get(gi * TOKEN_TILE * rb..(gi * TOKEN_TILE + nt) * rb)
                         .unwrap_or(&[]);
-                    let _ = kiln_quant::f16_to_f32_slice(src, &mut wf);
-                    for ti in 0..t {
-                        let a = x.row(ti);
-                        for r in 0..nr {
-                            o[r * t + ti] = dot_f32(&wf[r * k..(r + 1) * k], a);
+                    let mut tmp = [0f32; TOKEN_TILE];
+                    let tmp = &mut tmp[..nt];
+                    for r in 0..n {
+                        many(wrow(r), acts, rb, tmp);
+                        for (j, &v) in tmp.iter().enumerate() {
+                            o[j * n + r] = v;
                         }
                     }
                 });
         } else {
-            let rb = act_row_bytes(af, k).context("activation row does not fit blocks")?;
-            let mut qa = vec![0u8; rb * t];
-            qa.par_chunks_mut(rb)
-                .zip(x.data.par_chunks(k))
-                .for_each(|(o, r)| quantize_act(af, r, o));
+            // few tokens (decoding): tiles of weight rows in parallel, memory-bound
+            let mut out_t = if t == 1 {
+                std::mem::take(&mut data)
+            } else {
+                vec![0f32; n * t]
+            };
             out_t
                 .par_chunks_mut(ROW_TILE * t)
                 .enumerate()
                 .for_each(|(ci, o)| {
-                    let r0 = ci * ROW_TILE;
-                    let nr = o.len() / t.max(1);
-                    for ti in 0..t {
-                        let a = &qa[ti * rb..(ti + 1) * rb];
-                        for r in 0..nr {
-                            let row = wb
-                                .get((r0 + r) * w.row_bytes..(r0 + r + 1) * w.row_bytes)
-                                .unwrap_or(&[]);
-                            o[r * t + ti] = dot(row, a);
-                        }
+                    for (r, orow) in o.chunks_mut(t).enumerate() {
+                        many(wrow(ci * ROW_TILE + r), &qa, rb, orow);
                     }
                 });
-        }
-        // transpose [n][t] -> [t][n]
-        let mut data = vec![0f32; n * t];
-        data.par_chunks_mut(n).enumerate().for_each(|(ti, row)| {
-            for (r, y) in row.iter_mut().enumerate() {
-                *y = out_t[r * t + ti];
+            if t == 1 {
+                data = out_t;
+            } else {
+                for (ti, row) in data.chunks_mut(n).enumerate() {
+                    for (r, y) in row.iter_mut().enumerate() {
+                        *y = out_t[r * t + ti];
+                    }
+                }
             }
-        });
+        }
         Ok(CpuAct {
             data,
             rows: t,

@@ -354,8 +354,7 @@ unsafe fn k_sumi(signed: bool, k: &KDec, q8: *const u8) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn k_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
     let nb = w.len() / wbs;
-    // SAFETY: AVX is enabled.
-    let zero = unsafe { _mm256_setzero_si256() };
+    let zero = _mm256_setzero_si256();
     let mut k = KDec {
         v: [zero; 8],
         s: [zero; 8],
