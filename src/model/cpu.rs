@@ -7,9 +7,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use half::f16;
 use kiln_formats::gguf::{GgufFile, TensorInfo};
+use kiln_quant::dot::attn::{attend_head, HeadView};
 use kiln_quant::dot::{
-    act_format, act_row_bytes, axpy, check_row, dot_f32_slices as dot_f32, dot_many_fn,
-    quantize_act, ActFormat, DotManyFn,
+    act_format, act_row_bytes, check_row, dot_many_fn, quantize_act, ActFormat, DotManyFn,
 };
 use kiln_quant::{GgmlType, Isa};
 use rayon::prelude::*;
@@ -325,48 +325,32 @@ impl Backend for CpuBackend {
         for (dst, src) in vc[n_past * kvd..n_kv * kvd].iter_mut().zip(&v.data) {
             *dst = f16_bits(*src);
         }
-        let widen = |c: &[u16]| -> Vec<f32> {
-            c[..n_kv * kvd]
-                .par_iter()
-                .map(|&b| f16::from_bits(b).to_f32())
-                .collect()
-        };
-        let kf = widen(kc);
-        let vf = widen(vc);
+        // ggml-cpu's tiled flash attention order, one head per task
+        let (kc, vc): (&[u16], &[u16]) = (kc, vc);
         let hd = s.head_dim;
-        let group = s.n_head / s.n_head_kv.max(1);
-        let mut out = vec![0f32; t * q.cols];
-        out.par_chunks_mut(q.cols)
-            .enumerate()
-            .for_each(|(ti, orow)| {
-                let qrow = q.row(ti);
-                let len = n_past + ti + 1;
-                let mut scores = vec![0f32; len];
-                for h in 0..s.n_head {
-                    let kvh = h / group.max(1);
-                    let qh = &qrow[h * hd..(h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        let kr = &kf[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        *sc = dot_f32(qh, kr) * s.scale;
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0.0f64;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += f64::from(*sc);
-                    }
-                    let o = &mut orow[h * hd..(h + 1) * hd];
-                    for (j, &p) in scores.iter().enumerate() {
-                        let vr = &vf[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                        axpy(o, p, vr);
-                    }
-                    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum as f32 };
-                    for y in o.iter_mut() {
-                        *y *= inv;
-                    }
-                }
-            });
+        let group = (s.n_head / s.n_head_kv.max(1)).max(1);
+        let qc = q.cols;
+        let heads: Vec<Vec<f32>> = (0..s.n_head)
+            .into_par_iter()
+            .map(|h| {
+                let mut o = vec![0f32; t * hd];
+                let view = HeadView {
+                    k: &kc[..n_kv * kvd],
+                    v: &vc[..n_kv * kvd],
+                    stride: kvd,
+                    off: (h / group) * hd,
+                    hd,
+                };
+                attend_head(view, &q.data, qc, h * hd, t, n_past, s.scale, &mut o);
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; t * qc];
+        for (h, o) in heads.iter().enumerate() {
+            for (orow, src) in out.chunks_exact_mut(qc).zip(o.chunks_exact(hd)) {
+                orow[h * hd..(h + 1) * hd].copy_from_slice(src);
+            }
+        }
         Ok(CpuAct {
             data: out,
             rows: t,
@@ -380,12 +364,10 @@ impl Backend for CpuBackend {
         }
         let mut out = gate.clone();
         out.data
-            .par_iter_mut()
-            .zip(up.data.par_iter())
-            .for_each(|(g, &u)| {
-                let x = *g;
-                *g = x / (1.0 + (-x).exp()) * u;
-            });
+            .par_chunks_mut(gate.cols.max(1))
+            .zip(gate.data.par_chunks(gate.cols.max(1)))
+            .zip(up.data.par_chunks(gate.cols.max(1)))
+            .for_each(|((o, g), u)| kiln_quant::dot::swiglu(g, u, o));
         Ok(out)
     }
 
@@ -420,6 +402,7 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_quant::dot::dot_f32_slices as dot_f32;
 
     #[test]
     fn dot_f32_matches_naive() {

@@ -532,6 +532,40 @@ fn f16(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
     unsafe { f16_many(w, a, stride, out) }
 }
 
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_head_tf(
+    kv: super::attn::HeadView<'_>,
+    q: &[f32],
+    q_stride: usize,
+    q_off: usize,
+    t: usize,
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    super::attn::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
+}
+
+/// [`super::attn::attend_head`] compiled for AVX2 + FMA (same operations, vectorized).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_head(
+    kv: super::attn::HeadView<'_>,
+    q: &[f32],
+    q_stride: usize,
+    q_off: usize,
+    t: usize,
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    if !available() {
+        return super::attn::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out);
+    }
+    // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
+    unsafe { attend_head_tf(kv, q, q_stride, q_off, t, pos0, scale, out) }
+}
+
 /// The AVX2 many-row kernel for weights of type `ty`, if there is one.
 pub(super) fn many_fn(ty: GgmlType) -> Option<DotManyFn> {
     Some(match ty {

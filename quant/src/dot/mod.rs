@@ -18,6 +18,7 @@ use half::f16;
 
 use crate::{GgmlType, Isa, QuantError};
 
+pub mod attn;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
@@ -771,6 +772,49 @@ pub fn dot_f32_slices(a: &[f32], b: &[f32]) -> f32 {
         tail += x * y;
     }
     lanes_sum(acc) + tail
+}
+
+/// ggml's vectorized `expf` (`ggml_v_expf`, the AVX-512 variant its x86 builds use), one lane:
+/// a degree-5 polynomial on the reduced argument, scaled by `2^n`; flushes to 0 / infinity past
+/// |n| > 192. Differs from a correctly rounded exp by up to ~1.5 ulp, so kiln uses it wherever
+/// ggml does.
+#[inline]
+pub fn ggml_v_expf(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let r = c(0x4b40_0000);
+    let z = x.mul_add(c(0x3fb8_aa3b), r);
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    let u = b * b;
+    let j = c(0x3c07_2010).mul_add(b, c(0x3d2b_9f17)).mul_add(
+        u,
+        c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)),
+    );
+    let j = j.mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    if n.is_nan() || j.is_nan() {
+        return f32::NAN;
+    }
+    // scalef: j * 2^n rounded once (exact in f64, then one rounding to f32)
+    (f64::from(j) * 2f64.powi(n as i32)) as f32
+}
+
+/// ggml's `ggml_vec_swiglu_f32` on x86 with AVX-512: `out = x / (1 + v_expf(0 - x)) * g` over
+/// whole 16-lane groups, `x / (1 + expf(-x)) * g` (libm exp) on the tail. Stops at the shortest
+/// slice.
+pub fn swiglu(x: &[f32], g: &[f32], out: &mut [f32]) {
+    let n = x.len().min(g.len()).min(out.len());
+    let full = n / 16 * 16;
+    for i in 0..full {
+        let v = x[i];
+        out[i] = v / (1.0 + ggml_v_expf(0.0 - v)) * g[i];
+    }
+    for i in full..n {
+        let v = x[i];
+        out[i] = v / (1.0 + (-v).exp()) * g[i];
+    }
 }
 
 /// `y += a * x` over the common prefix.

@@ -199,3 +199,187 @@ proptest! {
         many_matches_scalar(WEIGHT_TYPES[ti], &w, &x[..512 * n], n);
     }
 }
+
+#[test]
+fn v_expf_is_close_to_exp_and_flushes() {
+    for i in -1600..1700 {
+        let x = i as f32 * 0.05;
+        let want = (x as f64).exp();
+        let got = ggml_v_expf(x) as f64;
+        assert!((got - want).abs() <= 4e-7 * want, "{x}: {got} vs {want}");
+    }
+    assert_eq!(ggml_v_expf(-200.0), 0.0);
+    assert_eq!(ggml_v_expf(200.0), f32::INFINITY);
+    assert_eq!(ggml_v_expf(0.0), 1.0);
+    let mut o = [0f32; 20];
+    swiglu(&[1.0; 20], &[2.0; 20], &mut o);
+    assert!((o[0] - 2.0 / (1.0 + (-1.0f32).exp())).abs() < 1e-6);
+    assert_eq!(o[17], 2.0 / (1.0 + (-1.0f32).exp()));
+}
+
+/// Plain softmax attention in f64 over the same f16 keys and values.
+fn naive_attention(k: &[u16], v: &[u16], q: &[f32], hd: usize, t: usize, pos0: usize) -> Vec<f64> {
+    let f = |b: u16| f64::from(f16::from_bits(b).to_f32());
+    let mut out = vec![0f64; t * hd];
+    for i in 0..t {
+        let n = pos0 + i + 1;
+        let sc: Vec<f64> = (0..n)
+            .map(|j| (0..hd).map(|d| q[i * hd + d] as f64 * f(k[j * hd + d])).sum::<f64>() * 0.25)
+            .collect();
+        let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+        let z: f64 = e.iter().sum();
+        for d in 0..hd {
+            out[i * hd + d] = (0..n).map(|j| e[j] * f(v[j * hd + d])).sum::<f64>() / z;
+        }
+    }
+    out
+}
+
+#[test]
+fn tiled_attention_matches_plain_softmax() {
+    let hd = 16;
+    for (t, pos0) in [(1usize, 0usize), (5, 70), (130, 0), (64, 64)] {
+        let n = pos0 + t;
+        let k: Vec<u16> = signal(n * hd, 1).iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+        let v: Vec<u16> = signal(n * hd, 2).iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+        let q = signal(t * hd, 3);
+        let want = naive_attention(&k, &v, &q, hd, t, pos0);
+        let view = attn::HeadView { k: &k, v: &v, stride: hd, off: 0, hd };
+        let mut got = vec![0f32; t * hd];
+        attn::attend_head(view, &q, hd, 0, t, pos0, 0.25, &mut got);
+        let mut plain = vec![0f32; t * hd];
+        attn::attend_head_impl(view, &q, hd, 0, t, pos0, 0.25, &mut plain);
+        assert_eq!(got, plain, "vectorized and plain builds differ");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-5, "t {t} pos0 {pos0}: {g} vs {w}");
+        }
+    }
+}
+
+/// Compares with dots computed by ggml itself: `KILN_DOT_ORACLE=DIR:TYPE_ID:N:ROWS` where DIR
+/// holds `w.bin`, `a.bin`, `r.bin` written by a small C program over libggml-cpu (rows of `N`
+/// values; `r[i*ROWS+j] = vec_dot(w_i, a_j)`).
+#[test]
+#[ignore]
+fn oracle_dots_equal_ggml() {
+    let Ok(spec) = std::env::var("KILN_DOT_ORACLE") else {
+        return;
+    };
+    let p: Vec<&str> = spec.split(':').collect();
+    let ty = match p[1] {
+        "1" => GgmlType::F16,
+        "2" => GgmlType::Q4_0,
+        "3" => GgmlType::Q4_1,
+        "6" => GgmlType::Q5_0,
+        "7" => GgmlType::Q5_1,
+        "8" => GgmlType::Q8_0,
+        "10" => GgmlType::Q2K,
+        "11" => GgmlType::Q3K,
+        "12" => GgmlType::Q4K,
+        "13" => GgmlType::Q5K,
+        _ => GgmlType::Q6K,
+    };
+    let n: usize = p[2].parse().unwrap();
+    let rows: usize = p[3].parse().unwrap();
+    let rd = |f: &str| std::fs::read(format!("{}/{f}", p[0])).unwrap();
+    let (w, a, r) = (rd("w.bin"), rd("a.bin"), rd("r.bin"));
+    let wrs = ty.row_size(n as u64).unwrap() as usize;
+    let ars = act_row_bytes(act_format(ty).unwrap(), n).unwrap();
+    let mut bad = 0;
+    let x = rd("x.bin");
+    let f = act_format(ty).unwrap();
+    for j in 0..rows {
+        let xr: Vec<f32> = x[4 * n * j..4 * n * (j + 1)]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut q = vec![0u8; ars];
+        quantize_act(f, &xr, &mut q);
+        if q != a[j * ars..(j + 1) * ars] {
+            bad += 1;
+            eprintln!("{ty}: activation row {j} differs");
+        }
+    }
+    let dq = rd("dq.bin");
+    for i in 0..rows {
+        let mut d = vec![0f32; n];
+        crate::dequantize_row(ty, &w[i * wrs..(i + 1) * wrs], &mut d).unwrap();
+        let want: Vec<f32> = dq[4 * n * i..4 * n * (i + 1)]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if d.iter().zip(&want).any(|(a, b)| a.to_bits() != b.to_bits()) {
+            bad += 1;
+            eprintln!("{ty}: dequantized row {i} differs");
+        }
+    }
+    let many = dot_many_fn(ty, Isa::current()).unwrap();
+    for i in 0..rows {
+        let mut row = vec![0f32; rows];
+        many(&w[i * wrs..(i + 1) * wrs], &a, ars, &mut row);
+        for j in 0..rows {
+            let got = vec_dot(ty, &w[i * wrs..(i + 1) * wrs], &a[j * ars..(j + 1) * ars]);
+            if got.to_bits() != row[j].to_bits() {
+                bad += 1;
+                eprintln!("{ty} ({i},{j}): many {} scalar {got}", row[j]);
+            }
+            let o = 4 * (i * rows + j);
+            let want = f32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]);
+            if got.to_bits() != want.to_bits() {
+                bad += 1;
+                eprintln!("{ty} ({i},{j}): kiln {got} ggml {want}");
+            }
+        }
+    }
+    assert_eq!(bad, 0);
+}
+
+/// Compares a whole matrix product with ggml's CPU graph: `KILN_MM_ORACLE=DIR:TYPE:K:M:N` (DIR
+/// holds `w.bin` = M rows of K, `x.bin` = N f32 rows of K, `y.bin` = N rows of M results).
+#[test]
+#[ignore]
+fn oracle_matmul_equals_ggml() {
+    let Ok(spec) = std::env::var("KILN_MM_ORACLE") else {
+        return;
+    };
+    let p: Vec<&str> = spec.split(':').collect();
+    let ty = match p[1] {
+        "1" => GgmlType::F16,
+        "2" => GgmlType::Q4_0,
+        "3" => GgmlType::Q4_1,
+        "8" => GgmlType::Q8_0,
+        "12" => GgmlType::Q4K,
+        _ => GgmlType::Q6K,
+    };
+    let (k, m, n): (usize, usize, usize) =
+        (p[2].parse().unwrap(), p[3].parse().unwrap(), p[4].parse().unwrap());
+    let rd = |f: &str| std::fs::read(format!("{}/{f}", p[0])).unwrap();
+    let f32s = |b: Vec<u8>| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let (w, x, y) = (rd("w.bin"), f32s(rd("x.bin")), f32s(rd("y.bin")));
+    let wrs = ty.row_size(k as u64).unwrap() as usize;
+    let f = act_format(ty).unwrap();
+    let ars = act_row_bytes(f, k).unwrap();
+    let mut a = vec![0u8; ars * n];
+    for (o, r) in a.chunks_exact_mut(ars).zip(x.chunks_exact(k)) {
+        quantize_act(f, r, o);
+    }
+    let mut bad = 0;
+    for i in 0..m {
+        for j in 0..n {
+            let got = vec_dot(ty, &w[i * wrs..(i + 1) * wrs], &a[j * ars..(j + 1) * ars]);
+            let want = y[j * m + i];
+            if got.to_bits() != want.to_bits() {
+                bad += 1;
+                if bad < 5 {
+                    eprintln!("{ty} ({i},{j}): kiln {got} ggml {want}");
+                }
+            }
+        }
+    }
+    assert_eq!(bad, 0, "{bad} of {} differ", m * n);
+}

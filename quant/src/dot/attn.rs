@@ -1,0 +1,163 @@
+//! Causal attention of one head over an f16 KV cache, in the arithmetic order of ggml-cpu's tiled
+//! flash attention (`ggml_compute_forward_flash_attn_ext_tiled`, what llama.cpp runs for batches
+//! of 64 or more queries): keys in tiles of 64; per query, scores are sequential fused
+//! multiply-adds over the head dimension times the scale; online softmax per tile (running max
+//! `M`, rescale by libm `expf(Mold - Mnew)`, probabilities by [`super::ggml_v_expf`], their sum in
+//! f64 from 16-lane pairwise partial sums); values accumulated by sequential fused
+//! multiply-adds over the tile; the output scaled by `1/S`.
+
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+
+use super::{ggml_v_expf, lanes_sum};
+
+/// Keys per tile.
+pub const KV_TILE: usize = 64;
+
+/// One head's geometry inside the cache rows.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadView<'a> {
+    /// K rows (f16 bits), `stride` values per position.
+    pub k: &'a [u16],
+    /// V rows (f16 bits), `stride` values per position.
+    pub v: &'a [u16],
+    /// Values per cache row (all KV heads).
+    pub stride: usize,
+    /// Offset of this head inside a row.
+    pub off: usize,
+    /// Head dimension.
+    pub hd: usize,
+}
+
+/// Attention of `t` query rows (`q`: row `i` at `q_stride * i`, head values at `q_off`, position
+/// `pos0 + i`) over cache positions `0..pos0 + t`; writes `hd` values per query at
+/// `out[i * hd..]`. Short slices are never indexed past their end (missing values read as 0).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_head(
+    kv: HeadView<'_>,
+    q: &[f32],
+    q_stride: usize,
+    q_off: usize,
+    t: usize,
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() && crate::Isa::current() != crate::Isa::Scalar {
+        return super::avx2::attend_head(kv, q, q_stride, q_off, t, pos0, scale, out);
+    }
+    attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
+}
+
+fn widen(bits: &[u16], dst: &mut [f32]) {
+    let n = bits.len().min(dst.len());
+    let src: &[f16] = bits[..n].reinterpret_cast();
+    src.convert_to_f32_slice(&mut dst[..n]);
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) fn attend_head_impl<'a>(
+    kv: HeadView<'a>,
+    q: &[f32],
+    q_stride: usize,
+    q_off: usize,
+    t: usize,
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = kv.hd;
+    let n_kv = pos0 + t;
+    let mut m = vec![f32::NEG_INFINITY; t];
+    let mut s = vec![0f32; t];
+    let mut kt = vec![0f32; hd * KV_TILE];
+    let mut krow = vec![0f32; hd];
+    let mut vt = vec![0f32; KV_TILE * hd];
+    let mut qv = vec![0f32; hd];
+    for o in out.iter_mut().take(t * hd) {
+        *o = 0.0;
+    }
+    let row = |c: &'a [u16], p: usize| -> &'a [u16] {
+        c.get(p * kv.stride + kv.off..p * kv.stride + kv.off + hd)
+            .unwrap_or(&[])
+    };
+    let mut ic = 0;
+    while ic < n_kv {
+        let kvt = KV_TILE.min(n_kv - ic);
+        for tk in 0..kvt {
+            krow.iter_mut().for_each(|x| *x = 0.0);
+            widen(row(kv.k, ic + tk), &mut krow);
+            for (dk, &x) in krow.iter().enumerate() {
+                kt[dk * KV_TILE + tk] = x;
+            }
+            widen(row(kv.v, ic + tk), &mut vt[tk * hd..(tk + 1) * hd]);
+        }
+        for i in 0..t {
+            let p = pos0 + i;
+            if ic > p {
+                continue;
+            }
+            for (dk, x) in qv.iter_mut().enumerate() {
+                *x = q.get(i * q_stride + q_off + dk).copied().unwrap_or(0.0);
+            }
+            let mut kq = [0f32; KV_TILE];
+            for (dk, &qd) in qv.iter().enumerate() {
+                let kr = &kt[dk * KV_TILE..(dk + 1) * KV_TILE];
+                for (a, &kk) in kq.iter_mut().zip(kr) {
+                    *a = kk.mul_add(qd, *a);
+                }
+            }
+            let visible = (p + 1 - ic).min(kvt);
+            let mut tile_max = f32::NEG_INFINITY;
+            for (tk, a) in kq.iter_mut().enumerate() {
+                *a = if tk < visible {
+                    *a * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                tile_max = tile_max.max(*a);
+            }
+            if tile_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let o = match out.get_mut(i * hd..(i + 1) * hd) {
+                Some(o) => o,
+                None => continue,
+            };
+            let mnew = m[i].max(tile_max);
+            if mnew > m[i] {
+                let ms = (m[i] - mnew).exp();
+                for x in o.iter_mut() {
+                    *x *= ms;
+                }
+                s[i] *= ms;
+            }
+            m[i] = mnew;
+            let mut sum = 0f64;
+            for g in kq.chunks_exact_mut(16) {
+                let mut e = [0f32; 16];
+                for (x, y) in e.iter_mut().zip(g.iter()) {
+                    *x = ggml_v_expf(*y - mnew);
+                }
+                g.copy_from_slice(&e);
+                sum += f64::from(lanes_sum(e));
+            }
+            s[i] = (f64::from(s[i]) + sum) as f32;
+            for (tk, &pw) in kq.iter().enumerate().take(visible) {
+                let vr = &vt[tk * hd..(tk + 1) * hd];
+                for (x, &vv) in o.iter_mut().zip(vr) {
+                    *x = vv.mul_add(pw, *x);
+                }
+            }
+        }
+        ic += KV_TILE;
+    }
+    for (i, o) in out.chunks_mut(hd.max(1)).take(t).enumerate() {
+        let inv = if s[i] == 0.0 { 0.0 } else { 1.0 / s[i] };
+        for x in o.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
