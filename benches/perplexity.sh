@@ -3,7 +3,7 @@
 # alternately (kiln, llama, kiln, llama ...) so that background load hits both alike.
 # Synthetic F16 GGUF of ~400M parameters (dim 2048, 4 layers, ffn 5504, vocab 55,296), quantized by
 # kiln to each type. Prints, per type: prompt tokens/s at -c CTX (best of REPS runs) for kiln and
-# llama-perplexity (its "prompt eval" rate) and their ratio, single-token decode tokens/s (-b 1,
+# llama-perplexity (n_ctx / its "seconds per pass" for the first chunk) and their ratio, single-token decode tokens/s (-b 1,
 # -c DCTX), peak RSS, both PPLs and their relative difference.
 #
 #   benches/perplexity.sh [THREADS] [TYPES...]
@@ -29,7 +29,8 @@ IN=$OUT/synth-400m.f16.gguf
 run() { /usr/bin/time -f "%e %M" -o "$OUT/time.txt" "$@" >"$OUT/log.txt" 2>&1 || { cat "$OUT/log.txt" >&2; exit 1; }; }
 ppl() { sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p' "$OUT/log.txt" | head -1; }
 kiln_tps() { sed -n 's/.*tokens in .* s (\([0-9.]*\) tokens\/s).*/\1/p' "$OUT/log.txt" | tail -1; }
-llama_tps() { sed -n 's/.*prompt eval time.* \([0-9.]*\) tokens per second.*/\1/p' "$OUT/log.txt" | tail -1; }
+# llama-perplexity times its first pass (one chunk of n_ctx tokens): "N seconds per pass"
+llama_tps() { sed -n 's/.*perplexity: \([0-9.]*\) seconds per pass.*/\1/p' "$OUT/log.txt" | head -1 | awk -v c="$1" '{ printf "%.2f", c/$1 }'; }
 rss() { awk '{ printf "%.0f", $2/1024 }' "$OUT/time.txt"; }
 max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a+0 > b+0) ? a : b }'; }
 
@@ -47,13 +48,13 @@ for t in "${TYPES[@]}"; do
     kp=$(max "$kp" "$(kiln_tps)"); kppl=$(ppl); krss=$(rss)
     # shellcheck disable=SC2086
     run "$BIN/llama-perplexity" -m "$M" -f "$TEXT" -c "$CTX" --chunks "$CHUNKS" -t "$THREADS" ${LLAMA_ARGS:-}
-    lp=$(max "$lp" "$(llama_tps)"); lppl=$(ppl); lrss=$(rss)
+    lp=$(max "$lp" "$(llama_tps "$CTX")"); lppl=$(ppl); lrss=$(rss)
   done
   run "$KILN" perplexity -m "$M" -f "$TEXT" -c "$DCTX" -b 1 --chunks 1 -t "$THREADS" -q
   kg=$(kiln_tps)
   # shellcheck disable=SC2086
   run "$BIN/llama-perplexity" -m "$M" -f "$TEXT" -c "$DCTX" -b 1 -ub 1 --chunks 1 -t "$THREADS" ${LLAMA_ARGS:-}
-  lg=$(llama_tps)
+  lg=$(llama_tps "$DCTX")
   awk -v t="$t" -v kp="$kp" -v lp="$lp" -v kg="$kg" -v lg="$lg" -v kr="$krss" -v lr="$lrss" \
     -v k="$kppl" -v l="$lppl" 'BEGIN {
       printf "| %s | %.1f | %.1f | %.2fx | %.1f | %.1f | %.2fx | %s | %s | %s | %s | %.1e |\n",

@@ -43,13 +43,6 @@ fn fits(w: &[u8], wbs: usize, a: &[u8], abs: usize, stride: usize, n: usize) -> 
 
 
 #[inline(always)]
-fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: callers pass pointers into validated blocks with two readable bytes.
-    let b = unsafe { [p.read(), p.add(1).read()] };
-    half::f16::from_bits(u16::from_le_bytes(b)).to_f32()
-}
-
-#[inline(always)]
 fn f32_at(p: *const u8) -> f32 {
     // SAFETY: callers pass pointers into validated blocks with four readable bytes.
     let b = unsafe { [p.read(), p.add(1).read(), p.add(2).read(), p.add(3).read()] };
@@ -76,16 +69,6 @@ unsafe fn store8(v: __m256) -> [f32; 8] {
     o
 }
 
-/// Eight i32 lanes, each the sum of four adjacent i8 products (signed × signed).
-#[inline(always)]
-unsafe fn dot_i8_signed(w: __m256i, q: __m256i) -> __m256i {
-    // SAFETY: AVX2 is enabled in every caller.
-    unsafe {
-        let u = _mm256_sign_epi8(w, w);
-        let s = _mm256_sign_epi8(q, w);
-        _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(u, s))
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Q4_0, Q5_0, Q8_0 (× Q8_0) and Q4_1, Q5_1 (× Q8_1)
@@ -142,64 +125,80 @@ unsafe fn dec_legacy<const TY: u8>(x: *const u8) -> __m256i {
     }
 }
 
-/// `_0` types: Σ over blocks of fma(dx*dy, lanes) in eight lanes, then hsum8.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q0_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
-    let nb = w.len() / wbs;
-    for (g, og) in out.chunks_mut(G).enumerate() {
-        let mut acc = [_mm256_setzero_ps(); G];
-        let base = g * G * stride;
+/// The f16 at `p` widened (F16C).
+#[inline(always)]
+unsafe fn h2f(p: *const u8) -> f32 {
+    // SAFETY: two readable bytes at `p`; F16C enabled in every caller.
+    unsafe {
+        let bits = i32::from(u16::from_le_bytes([p.read(), p.add(1).read()]));
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+}
+
+/// `R` activation rows (`a`, `stride` apart) against one legacy weight row, accumulators in
+/// registers. `ONE`: the `_1` types (unsigned weights, Q8_1 activations, fused min term).
+#[inline(always)]
+unsafe fn legacy_group<const TY: u8, const ONE: bool, const R: usize>(
+    wbs: usize,
+    nb: usize,
+    w: *const u8,
+    a: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: the caller validated nb blocks of the weight row and of the R activation rows.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut summs = [0f32; R];
+        let abs = if ONE { 36 } else { 34 };
+        let qo = if ONE { 4 } else { 2 };
         for b in 0..nb {
-            // SAFETY: block b of the weight row and of every activation row is in bounds (fits).
-            unsafe {
-                let x = w.as_ptr().add(b * wbs);
-                let xv = dec_legacy::<TY>(x);
-                let dx = f16_at(x);
-                for (j, c) in acc.iter_mut().enumerate().take(og.len()) {
-                    let y = a.as_ptr().add(base + j * stride + b * 34);
-                    let p = dot_i8_signed(xv, ld(y.add(2)));
-                    let d = _mm256_set1_ps(dx * f16_at(y));
-                    *c = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *c);
+            let x = w.add(b * wbs);
+            let xv = dec_legacy::<TY>(x);
+            let dx = h2f(x);
+            let mx = if ONE { h2f(x.add(2)) } else { 0.0 };
+            let u = if ONE { xv } else { _mm256_sign_epi8(xv, xv) };
+            for j in 0..R {
+                let y = a.add(j * stride + b * abs);
+                let q = ld(y.add(qo));
+                let s = if ONE { q } else { _mm256_sign_epi8(q, xv) };
+                let p = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(u, s));
+                if ONE {
+                    summs[j] = mx.mul_add(h2f(y.add(2)), summs[j]);
                 }
+                let d = _mm256_set1_ps(dx * h2f(y));
+                acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[j]);
             }
         }
-        for (o, c) in og.iter_mut().zip(acc) {
-            // SAFETY: AVX is enabled.
-            *o = hsum8(unsafe { store8(c) });
+        for j in 0..R {
+            out[j] = hsum8(store8(acc[j])) + if ONE { summs[j] } else { 0.0 };
         }
     }
 }
 
-/// `_1` types: as `_0` with unsigned weights, plus `summs = fma(m, s, summs)`.
+/// Legacy types: per dot, Σ over blocks of fma(dx*dy, lanes) in eight lanes, then hsum8 (plus
+/// `summs = fma(m, s, summs)` for the `_1` types).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q1_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+unsafe fn legacy_many<const TY: u8, const ONE: bool>(
+    wbs: usize,
+    w: &[u8],
+    a: &[u8],
+    stride: usize,
+    out: &mut [f32],
+) {
     let nb = w.len() / wbs;
-    for (g, og) in out.chunks_mut(G).enumerate() {
-        let mut acc = [_mm256_setzero_ps(); G];
-        let mut summs = [0f32; G];
-        let base = g * G * stride;
-        for b in 0..nb {
-            // SAFETY: as in q0_many.
-            unsafe {
-                let x = w.as_ptr().add(b * wbs);
-                let xv = dec_legacy::<TY>(x);
-                let dx = f16_at(x);
-                let mx = f16_at(x.add(2));
-                for j in 0..og.len() {
-                    let y = a.as_ptr().add(base + j * stride + b * 36);
-                    summs[j] = mx.mul_add(f16_at(y.add(2)), summs[j]);
-                    let p = _mm256_madd_epi16(
-                        _mm256_set1_epi16(1),
-                        _mm256_maddubs_epi16(xv, ld(y.add(4))),
-                    );
-                    let d = _mm256_set1_ps(dx * f16_at(y));
-                    acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[j]);
-                }
+    for (g, og) in out.chunks_mut(4).enumerate() {
+        // SAFETY: every activation row of the group lies in `a` (validated by `fits`).
+        unsafe {
+            let ap = a.as_ptr().add(g * 4 * stride);
+            let wp = w.as_ptr();
+            match og.len() {
+                4 => legacy_group::<TY, ONE, 4>(wbs, nb, wp, ap, stride, og),
+                3 => legacy_group::<TY, ONE, 3>(wbs, nb, wp, ap, stride, og),
+                2 => legacy_group::<TY, ONE, 2>(wbs, nb, wp, ap, stride, og),
+                _ => legacy_group::<TY, ONE, 1>(wbs, nb, wp, ap, stride, og),
             }
-        }
-        for (j, o) in og.iter_mut().enumerate() {
-            // SAFETY: AVX is enabled.
-            *o = hsum8(unsafe { store8(acc[j]) }) + summs[j];
         }
     }
 }
@@ -247,8 +246,8 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
                 }
                 let mins = _mm_and_si128(_mm_srli_epi16(ld128(x), 4), _mm_set1_epi8(15));
                 k.extra = _mm256_cvtepi8_epi16(mins);
-                k.d = f16_at(x.add(80));
-                k.dmin = f16_at(x.add(82));
+                k.d = h2f(x.add(80));
+                k.dmin = h2f(x.add(82));
             }
             3 => {
                 let mut kb = super::KBlock {
@@ -270,7 +269,7 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
                         k.s[4 * j + s] = scale_vec(kb.scales[g], kb.scales[g + 1]);
                     }
                 }
-                k.d = f16_at(x.add(108));
+                k.d = h2f(x.add(108));
             }
             4 | 5 => {
                 let five = TY == 5;
@@ -299,8 +298,8 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
                     k.v[2 * j] = lo;
                     k.v[2 * j + 1] = hi;
                 }
-                k.d = f16_at(x);
-                k.dmin = f16_at(x.add(2));
+                k.d = h2f(x);
+                k.dmin = h2f(x.add(2));
             }
             _ => {
                 let sc = bytes(192, 16);
@@ -326,7 +325,7 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
                     );
                 }
                 k.extra = _mm256_cvtepi8_epi16(ld128(x.add(192)));
-                k.d = f16_at(x.add(208));
+                k.d = h2f(x.add(208));
             }
         }
     }
@@ -430,7 +429,8 @@ unsafe fn k_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, ou
 // ---------------------------------------------------------------------------------------------
 // F16 × F16
 
-/// 16 f32 lanes (two registers) of fused products per dot, four dots per pass.
+/// F16 weights against f16-valued f32 activations: 16 f32 lanes (two registers) of fused
+/// products per dot, four dots per pass.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16_many(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
     let n = w.len() / 2;
@@ -447,9 +447,9 @@ unsafe fn f16_many(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
                 let w0 = _mm256_cvtph_ps(ld128(w.as_ptr().add(2 * i)));
                 let w1 = _mm256_cvtph_ps(ld128(w.as_ptr().add(2 * i + 16)));
                 for j in 0..m {
-                    let y = a.as_ptr().add(base + j * stride + 2 * i);
-                    lo[j] = _mm256_fmadd_ps(w0, _mm256_cvtph_ps(ld128(y)), lo[j]);
-                    hi[j] = _mm256_fmadd_ps(w1, _mm256_cvtph_ps(ld128(y.add(16))), hi[j]);
+                    let y = a.as_ptr().add(base + j * stride + 4 * i) as *const f32;
+                    lo[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(y), lo[j]);
+                    hi[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(y.add(8)), hi[j]);
                 }
             }
             i += 16;
@@ -464,8 +464,7 @@ unsafe fn f16_many(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
             let row = a.get(base + j * stride..).unwrap_or(&[]);
             let mut tail = 0f32;
             for e in full..n {
-                let x = super::rd_f16(w, 2 * e);
-                tail += x * super::rd_f16(row, 2 * e);
+                tail += super::rd_f16(w, 2 * e) * super::rd_f32(row, 4 * e);
             }
             og[j] = lanes_sum(l) + tail;
         }
@@ -486,19 +485,19 @@ macro_rules! many {
 }
 
 many!(q4_0, 18, 34, super::dot_q4_0_q8_0, |w, a, s, o| unsafe {
-    q0_many::<0>(18, w, a, s, o)
+    legacy_many::<0, false>(18, w, a, s, o)
 });
 many!(q5_0, 22, 34, super::dot_q5_0_q8_0, |w, a, s, o| unsafe {
-    q0_many::<1>(22, w, a, s, o)
+    legacy_many::<1, false>(22, w, a, s, o)
 });
 many!(q8_0, 34, 34, super::dot_q8_0_q8_0, |w, a, s, o| unsafe {
-    q0_many::<2>(34, w, a, s, o)
+    legacy_many::<2, false>(34, w, a, s, o)
 });
 many!(q4_1, 20, 36, super::dot_q4_1_q8_1, |w, a, s, o| unsafe {
-    q1_many::<3>(20, w, a, s, o)
+    legacy_many::<3, true>(20, w, a, s, o)
 });
 many!(q5_1, 24, 36, super::dot_q5_1_q8_1, |w, a, s, o| unsafe {
-    q1_many::<4>(24, w, a, s, o)
+    legacy_many::<4, true>(24, w, a, s, o)
 });
 many!(q2_k, 84, 292, super::dot_q2_k_q8_k, |w, a, s, o| unsafe {
     k_many::<2>(84, w, a, s, o)
@@ -519,11 +518,11 @@ many!(q6_k, 210, 292, super::dot_q6_k_q8_k, |w, a, s, o| unsafe {
 fn f16(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
     let n = w.len() / 2;
     let ok = w.len().is_multiple_of(2)
-        && stride >= 2 * n
+        && stride >= 4 * n
         && (out.is_empty()
             || (out.len() - 1)
                 .checked_mul(stride)
-                .and_then(|v| v.checked_add(2 * n))
+                .and_then(|v| v.checked_add(4 * n))
                 .is_some_and(|need| need <= a.len()));
     if !available() || !ok {
         return scalar_many(super::dot_f16_f16, w, a, stride, out);

@@ -34,7 +34,8 @@ pub enum ActFormat {
     /// f32 as is (F32 weights).
     F32,
     /// Rounded to f16 (F16 weights: ggml-cpu's `vec_dot_type` for F16 is F16, and llamafile's
-    /// tinyBLAS multiplies f16 by f16).
+    /// tinyBLAS multiplies f16 by f16), kept widened as f32 (4 bytes) so that kernels load them
+    /// directly: the values are exactly ggml's.
     F16,
     /// Rounded to bf16 (BF16 weights).
     BF16,
@@ -59,8 +60,8 @@ impl ActFormat {
     /// Bytes per block.
     pub const fn block_bytes(self) -> usize {
         match self {
-            ActFormat::F32 => 4,
-            ActFormat::F16 | ActFormat::BF16 => 2,
+            ActFormat::F32 | ActFormat::F16 => 4,
+            ActFormat::BF16 => 2,
             ActFormat::Q8_0 => 34,
             ActFormat::Q8_1 => 36,
             ActFormat::Q8K => 292,
@@ -194,8 +195,8 @@ pub fn quantize_act(f: ActFormat, x: &[f32], out: &mut [u8]) {
             }
         }
         ActFormat::F16 => {
-            for (o, &v) in out.chunks_exact_mut(2).zip(x) {
-                o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+            for (o, &v) in out.chunks_exact_mut(4).zip(x) {
+                o.copy_from_slice(&f16::from_f32(v).to_f32().to_le_bytes());
             }
         }
         ActFormat::BF16 => {
@@ -331,20 +332,23 @@ pub fn dot_f16_f32(w: &[u8], a: &[u8]) -> f32 {
     lanes_sum(acc) + tail
 }
 
-/// F16 weights · f16 activations: llamafile's `tinyBLAS<16, __m512>` order (16 f32 lanes of
+/// F16 weights · f16-valued activations (stored as f32, see [`ActFormat::F16`]): llamafile's `tinyBLAS<16, __m512>` order (16 f32 lanes of
 /// fused multiply-adds over the widened values, pairwise reduction); a tail that is not a whole
 /// 16 values is added in f32 after the reduction.
 pub fn dot_f16_f16(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = [0.0f32; LANES];
-    for (wc, ac) in w.chunks_exact(2 * LANES).zip(a.chunks_exact(2 * LANES)) {
+    for (wc, ac) in w.chunks_exact(2 * LANES).zip(a.chunks_exact(4 * LANES)) {
         for (l, s) in acc.iter_mut().enumerate() {
-            *s = rd_f16(wc, 2 * l).mul_add(rd_f16(ac, 2 * l), *s);
+            *s = rd_f16(wc, 2 * l).mul_add(rd_f32(ac, 4 * l), *s);
         }
     }
-    let done = (w.len().min(a.len()) / (2 * LANES)) * 2 * LANES;
+    let blocks = (w.len() / 2).min(a.len() / 4) / LANES * LANES;
     let mut tail = 0.0f32;
-    for (wc, ac) in w[done..].chunks_exact(2).zip(a[done..].chunks_exact(2)) {
-        tail += rd_f16(wc, 0) * rd_f16(ac, 0);
+    for (wc, ac) in w[2 * blocks..]
+        .chunks_exact(2)
+        .zip(a[4 * blocks..].chunks_exact(4))
+    {
+        tail += rd_f16(wc, 0) * rd_f32(ac, 0);
     }
     lanes_sum(acc) + tail
 }

@@ -25,7 +25,7 @@ fn deq_act(f: ActFormat, b: &[u8], n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n];
     match f {
         ActFormat::F32 => dequantize_row(GgmlType::F32, b, &mut out).unwrap(),
-        ActFormat::F16 => dequantize_row(GgmlType::F16, b, &mut out).unwrap(),
+        ActFormat::F16 => dequantize_row(GgmlType::F32, b, &mut out).unwrap(),
         ActFormat::BF16 => dequantize_row(GgmlType::BF16, b, &mut out).unwrap(),
         ActFormat::Q8_0 => dequantize_row(GgmlType::Q8_0, b, &mut out).unwrap(),
         ActFormat::Q8K => dequantize_row(GgmlType::Q8K, b, &mut out).unwrap(),
