@@ -198,8 +198,8 @@ impl Backend for CpuBackend {
         qa.par_chunks_mut(rb)
             .zip(x.data.par_chunks(k))
             .for_each(|(o, r)| quantize_act(af, r, o));
-        let wrow = |r: usize| {
-            wb.get(r * w.row_bytes..(r + 1) * w.row_bytes)
+        let wrows = |r: usize, nr: usize| {
+            wb.get(r * w.row_bytes..(r + nr) * w.row_bytes)
                 .unwrap_or(&[])
         };
         let mut data = vec![0f32; n * t];
@@ -213,12 +213,15 @@ impl Backend for CpuBackend {
                     let acts = qa
                         .get(gi * TOKEN_TILE * rb..(gi * TOKEN_TILE + nt) * rb)
                         .unwrap_or(&[]);
-                    let mut tmp = [0f32; TOKEN_TILE];
-                    let tmp = &mut tmp[..nt];
-                    for r in 0..n {
-                        many(wrow(r), acts, rb, tmp);
-                        for (j, &v) in tmp.iter().enumerate() {
-                            o[j * n + r] = v;
+                    let mut tmp = [0f32; ROW_TILE * TOKEN_TILE];
+                    for r0 in (0..n).step_by(ROW_TILE) {
+                        let nr = ROW_TILE.min(n - r0);
+                        let tmp = &mut tmp[..nr * nt];
+                        many(wrows(r0, nr), w.row_bytes, acts, rb, tmp);
+                        for (i, tr) in tmp.chunks_exact(nt).enumerate() {
+                            for (j, &v) in tr.iter().enumerate() {
+                                o[j * n + r0 + i] = v;
+                            }
                         }
                     }
                 });
@@ -233,9 +236,8 @@ impl Backend for CpuBackend {
                 .par_chunks_mut(ROW_TILE * t)
                 .enumerate()
                 .for_each(|(ci, o)| {
-                    for (r, orow) in o.chunks_mut(t).enumerate() {
-                        many(wrow(ci * ROW_TILE + r), &qa, rb, orow);
-                    }
+                    let nr = o.len() / t;
+                    many(wrows(ci * ROW_TILE, nr), w.row_bytes, &qa, rb, o);
                 });
             if t == 1 {
                 data = out_t;

@@ -22,23 +22,36 @@ pub(super) fn available() -> bool {
 /// Activation rows handled together (accumulators kept in stack arrays).
 const G: usize = 16;
 
-/// Checks the lengths of a many-row call: `w` is whole blocks of `wbs` bytes, every one of the
-/// `n` activation rows (`stride` apart) holds as many blocks of `abs` bytes.
-fn fits(w: &[u8], wbs: usize, a: &[u8], abs: usize, stride: usize, n: usize) -> bool {
-    if wbs == 0 || !w.len().is_multiple_of(wbs) || n == 0 {
-        return n == 0;
+/// Checks the lengths of a tile call: `w` is whole rows of `row_bytes` (whole blocks of `wbs`
+/// bytes), `out` holds `acts` values per row, and every one of the `acts` activation rows
+/// (`stride` apart) holds as many blocks of `abs` bytes. Returns `(rows, acts, blocks per row)`.
+pub(super) fn fits(
+    w: &[u8],
+    row_bytes: usize,
+    wbs: usize,
+    a: &[u8],
+    abs: usize,
+    stride: usize,
+    out: &[f32],
+) -> Option<(usize, usize, usize)> {
+    if wbs == 0 || row_bytes == 0 || !row_bytes.is_multiple_of(wbs) {
+        return None;
     }
-    let nb = w.len() / wbs;
-    let Some(row) = nb.checked_mul(abs) else {
-        return false;
-    };
-    if stride < row {
-        return false;
+    if !w.len().is_multiple_of(row_bytes) || w.is_empty() {
+        return None;
     }
-    (n - 1)
-        .checked_mul(stride)
-        .and_then(|v| v.checked_add(row))
-        .is_some_and(|need| need <= a.len())
+    let rows = w.len() / row_bytes;
+    if !out.len().is_multiple_of(rows) || out.is_empty() {
+        return None;
+    }
+    let acts = out.len() / rows;
+    let nb = row_bytes / wbs;
+    let need = nb.checked_mul(abs)?;
+    if stride < need {
+        return None;
+    }
+    let total = (acts - 1).checked_mul(stride)?.checked_add(need)?;
+    (total <= a.len()).then_some((rows, acts, nb))
 }
 
 
@@ -135,72 +148,138 @@ unsafe fn h2f(p: *const u8) -> f32 {
     }
 }
 
-/// `R` activation rows (`a`, `stride` apart) against one legacy weight row, accumulators in
-/// registers. `ONE`: the `_1` types (unsigned weights, Q8_1 activations, fused min term).
+/// An `RM`×`RN` register tile: weight rows `w + i*row_bytes`, activation rows `a + j*stride`,
+/// results to `out[i*acts + j]`. `ONE`: the `_1` types (unsigned weights, Q8_1 activations, fused
+/// min term).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn legacy_group<const TY: u8, const ONE: bool, const R: usize>(
+unsafe fn legacy_tile<const TY: u8, const ONE: bool, const RM: usize, const RN: usize>(
     wbs: usize,
     nb: usize,
     w: *const u8,
+    row_bytes: usize,
     a: *const u8,
     stride: usize,
     out: &mut [f32],
+    acts: usize,
 ) {
-    // SAFETY: the caller validated nb blocks of the weight row and of the R activation rows.
+    // SAFETY: the caller validated nb blocks of the RM weight rows and of the RN activation rows.
     unsafe {
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut summs = [0f32; R];
+        let mut acc = [[_mm256_setzero_ps(); RN]; RM];
+        let mut summs = [[0f32; RN]; RM];
         let abs = if ONE { 36 } else { 34 };
         let qo = if ONE { 4 } else { 2 };
         for b in 0..nb {
-            let x = w.add(b * wbs);
-            let xv = dec_legacy::<TY>(x);
-            let dx = h2f(x);
-            let mx = if ONE { h2f(x.add(2)) } else { 0.0 };
-            let u = if ONE { xv } else { _mm256_sign_epi8(xv, xv) };
-            for j in 0..R {
+            let mut xv = [_mm256_setzero_si256(); RM];
+            let mut u = [_mm256_setzero_si256(); RM];
+            let mut dx = [_mm256_setzero_ps(); RM];
+            let mut mx = [0f32; RM];
+            for i in 0..RM {
+                let x = w.add(i * row_bytes + b * wbs);
+                xv[i] = dec_legacy::<TY>(x);
+                u[i] = if ONE { xv[i] } else { _mm256_sign_epi8(xv[i], xv[i]) };
+                dx[i] = _mm256_set1_ps(h2f(x));
+                if ONE {
+                    mx[i] = h2f(x.add(2));
+                }
+            }
+            for j in 0..RN {
                 let y = a.add(j * stride + b * abs);
                 let q = ld(y.add(qo));
-                let s = if ONE { q } else { _mm256_sign_epi8(q, xv) };
-                let p = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(u, s));
-                if ONE {
-                    summs[j] = mx.mul_add(h2f(y.add(2)), summs[j]);
+                let dy = _mm256_set1_ps(h2f(y));
+                let sy = if ONE { h2f(y.add(2)) } else { 0.0 };
+                for i in 0..RM {
+                    let s = if ONE { q } else { _mm256_sign_epi8(q, xv[i]) };
+                    let p = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(u[i], s));
+                    let d = _mm256_mul_ps(dx[i], dy);
+                    acc[i][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[i][j]);
+                    if ONE {
+                        summs[i][j] = mx[i].mul_add(sy, summs[i][j]);
+                    }
                 }
-                let d = _mm256_set1_ps(dx * h2f(y));
-                acc[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[j]);
             }
         }
-        for j in 0..R {
-            out[j] = hsum8(store8(acc[j])) + if ONE { summs[j] } else { 0.0 };
+        for i in 0..RM {
+            for j in 0..RN {
+                out[i * acts + j] = hsum8(store8(acc[i][j])) + if ONE { summs[i][j] } else { 0.0 };
+            }
         }
     }
 }
 
-/// Legacy types: per dot, Σ over blocks of fma(dx*dy, lanes) in eight lanes, then hsum8 (plus
-/// `summs = fma(m, s, summs)` for the `_1` types).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy_many<const TY: u8, const ONE: bool>(
+/// Drives [`legacy_tile`] over all rows × activations: `RM`×4 tiles, smaller ones at the edges.
+#[inline(always)]
+unsafe fn legacy_drive<const TY: u8, const ONE: bool, const RM: usize>(
     wbs: usize,
     w: &[u8],
+    row_bytes: usize,
     a: &[u8],
     stride: usize,
     out: &mut [f32],
 ) {
-    let nb = w.len() / wbs;
-    for (g, og) in out.chunks_mut(4).enumerate() {
-        // SAFETY: every activation row of the group lies in `a` (validated by `fits`).
-        unsafe {
-            let ap = a.as_ptr().add(g * 4 * stride);
-            let wp = w.as_ptr();
-            match og.len() {
-                4 => legacy_group::<TY, ONE, 4>(wbs, nb, wp, ap, stride, og),
-                3 => legacy_group::<TY, ONE, 3>(wbs, nb, wp, ap, stride, og),
-                2 => legacy_group::<TY, ONE, 2>(wbs, nb, wp, ap, stride, og),
-                _ => legacy_group::<TY, ONE, 1>(wbs, nb, wp, ap, stride, og),
+    let rows = w.len() / row_bytes;
+    let acts = out.len() / rows;
+    let nb = row_bytes / wbs;
+    let mut r = 0;
+    while r < rows {
+        let rm = if rows - r >= RM { RM } else { 1 };
+        let mut j = 0;
+        while j < acts {
+            let rn = (acts - j).min(4);
+            // SAFETY: rows r..r+rm and activations j..j+rn lie inside the validated slices.
+            unsafe {
+                let wp = w.as_ptr().add(r * row_bytes);
+                let ap = a.as_ptr().add(j * stride);
+                let o = &mut out[r * acts + j..];
+                macro_rules! t {
+                    ($m:expr, $n:expr) => {
+                        legacy_tile::<TY, ONE, $m, $n>(wbs, nb, wp, row_bytes, ap, stride, o, acts)
+                    };
+                }
+                match (rm == RM, rn) {
+                    (true, 4) => t!(RM, 4),
+                    (true, 3) => t!(RM, 3),
+                    (true, 2) => t!(RM, 2),
+                    (true, _) => t!(RM, 1),
+                    (false, 4) => t!(1, 4),
+                    (false, 3) => t!(1, 3),
+                    (false, 2) => t!(1, 2),
+                    (false, _) => t!(1, 1),
+                }
             }
+            j += rn;
         }
+        r += rm;
     }
+}
+
+/// Legacy types on AVX2: 2×4 tiles (15 of the 16 vector registers).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy_many<const TY: u8, const ONE: bool>(
+    wbs: usize,
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: validated by the caller.
+    unsafe { legacy_drive::<TY, ONE, 2>(wbs, w, row_bytes, a, stride, out) }
+}
+
+/// Legacy types with AVX-512VL's 32 vector registers: 4×4 tiles, the same AVX2 operations.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn legacy_many_512<const TY: u8, const ONE: bool>(
+    wbs: usize,
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: validated by the caller.
+    unsafe { legacy_drive::<TY, ONE, 4>(wbs, w, row_bytes, a, stride, out) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,64 +550,216 @@ unsafe fn f16_many(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
     }
 }
 
-macro_rules! many {
-    ($name:ident, $wbs:expr, $abs:expr, $scalar:path, $body:expr) => {
-        fn $name(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
-            if !available() || !fits(w, $wbs, a, $abs, stride, out.len()) {
-                return scalar_many($scalar, w, a, stride, out);
+/// F16 weights against f16-valued f32 activations with AVX-512: one 16-lane register per dot
+/// (llamafile's `tinyBLAS<16, __m512>`), 4×4 tiles.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn f16_tile_512<const RM: usize, const RN: usize>(
+    n: usize,
+    w: *const u8,
+    row_bytes: usize,
+    a: *const u8,
+    stride: usize,
+    out: &mut [f32],
+    acts: usize,
+) {
+    // SAFETY: n elements of the RM weight rows and RN activation rows are readable.
+    unsafe {
+        let full = n / 16 * 16;
+        let mut acc = [[_mm512_setzero_ps(); RN]; RM];
+        let mut e = 0;
+        while e < full {
+            let mut wv = [_mm512_setzero_ps(); RM];
+            for (i, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_cvtph_ps(ld(w.add(i * row_bytes + 2 * e)));
             }
-            let f: unsafe fn(&[u8], &[u8], usize, &mut [f32]) = $body;
+            for j in 0..RN {
+                let av = _mm512_loadu_ps(a.add(j * stride + 4 * e) as *const f32);
+                for i in 0..RM {
+                    acc[i][j] = _mm512_fmadd_ps(wv[i], av, acc[i][j]);
+                }
+            }
+            e += 16;
+        }
+        for i in 0..RM {
+            for j in 0..RN {
+                let mut l = [0f32; 16];
+                _mm512_storeu_ps(l.as_mut_ptr(), acc[i][j]);
+                let mut tail = 0f32;
+                for k in full..n {
+                    let x = h2f(w.add(i * row_bytes + 2 * k));
+                    let p = a.add(j * stride + 4 * k);
+                    let y = f32::from_le_bytes([p.read(), p.add(1).read(), p.add(2).read(), p.add(3).read()]);
+                    tail += x * y;
+                }
+                out[i * acts + j] = lanes_sum(l) + tail;
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f16_many_512(w: &[u8], row_bytes: usize, a: &[u8], stride: usize, out: &mut [f32]) {
+    let rows = w.len() / row_bytes;
+    let acts = out.len() / rows;
+    let n = row_bytes / 2;
+    let mut r = 0;
+    while r < rows {
+        let rm = if rows - r >= 4 { 4 } else { 1 };
+        let mut j = 0;
+        while j < acts {
+            let rn = (acts - j).min(4);
+            // SAFETY: rows r..r+rm and activations j..j+rn lie inside the validated slices.
+            unsafe {
+                let wp = w.as_ptr().add(r * row_bytes);
+                let ap = a.as_ptr().add(j * stride);
+                let o = &mut out[r * acts + j..];
+                macro_rules! t {
+                    ($m:expr, $n:expr) => {
+                        f16_tile_512::<$m, $n>(n, wp, row_bytes, ap, stride, o, acts)
+                    };
+                }
+                match (rm, rn) {
+                    (4, 4) => t!(4, 4),
+                    (4, 3) => t!(4, 3),
+                    (4, 2) => t!(4, 2),
+                    (4, _) => t!(4, 1),
+                    (_, 4) => t!(1, 4),
+                    (_, 3) => t!(1, 3),
+                    (_, 2) => t!(1, 2),
+                    _ => t!(1, 1),
+                }
+            }
+            j += rn;
+        }
+        r += rm;
+    }
+}
+
+/// Whether this CPU runs the AVX-512 variants.
+pub(super) fn avx512_available() -> bool {
+    available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+}
+
+/// A one-weight-row kernel: `(row, activations, stride, out)`.
+type RowFn = unsafe fn(&[u8], &[u8], usize, &mut [f32]);
+/// A tile kernel: `(rows, row_bytes, activations, stride, out)`.
+type TileFn = unsafe fn(&[u8], usize, &[u8], usize, &mut [f32]);
+
+/// Calls the one-row kernel `f` for every weight row.
+///
+/// # Safety
+/// The CPU must run `f` and the lengths must have passed [`fits`].
+unsafe fn per_row(f: RowFn, w: &[u8], row_bytes: usize, a: &[u8], stride: usize, out: &mut [f32]) {
+    let rows = w.len() / row_bytes;
+    let acts = out.len() / rows;
+    for (wr, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(acts)) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { f(wr, a, stride, o) }
+    }
+}
+
+macro_rules! kernel {
+    ($name:ident, $name512:ident, $wbs:expr, $abs:expr, $scalar:path, $t2:expr, $t512:expr) => {
+        fn $name(w: &[u8], row_bytes: usize, a: &[u8], stride: usize, out: &mut [f32]) {
+            if !available() || fits(w, row_bytes, $wbs, a, $abs, stride, out).is_none() {
+                return scalar_many($scalar, w, row_bytes, a, stride, out);
+            }
+            let f: TileFn = $t2;
             // SAFETY: the CPU has AVX2/FMA/F16C and every length was validated by `fits`.
-            unsafe { f(w, a, stride, out) }
+            unsafe { f(w, row_bytes, a, stride, out) }
+        }
+        fn $name512(w: &[u8], row_bytes: usize, a: &[u8], stride: usize, out: &mut [f32]) {
+            if !avx512_available() || fits(w, row_bytes, $wbs, a, $abs, stride, out).is_none() {
+                return $name(w, row_bytes, a, stride, out);
+            }
+            let f: TileFn = $t512;
+            // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2, FMA, F16C; lengths validated by `fits`.
+            unsafe { f(w, row_bytes, a, stride, out) }
         }
     };
 }
 
-many!(q4_0, 18, 34, super::dot_q4_0_q8_0, |w, a, s, o| unsafe {
-    legacy_many::<0, false>(18, w, a, s, o)
-});
-many!(q5_0, 22, 34, super::dot_q5_0_q8_0, |w, a, s, o| unsafe {
-    legacy_many::<1, false>(22, w, a, s, o)
-});
-many!(q8_0, 34, 34, super::dot_q8_0_q8_0, |w, a, s, o| unsafe {
-    legacy_many::<2, false>(34, w, a, s, o)
-});
-many!(q4_1, 20, 36, super::dot_q4_1_q8_1, |w, a, s, o| unsafe {
-    legacy_many::<3, true>(20, w, a, s, o)
-});
-many!(q5_1, 24, 36, super::dot_q5_1_q8_1, |w, a, s, o| unsafe {
-    legacy_many::<4, true>(24, w, a, s, o)
-});
-many!(q2_k, 84, 292, super::dot_q2_k_q8_k, |w, a, s, o| unsafe {
-    k_many::<2>(84, w, a, s, o)
-});
-many!(q3_k, 110, 292, super::dot_q3_k_q8_k, |w, a, s, o| unsafe {
-    k_many::<3>(110, w, a, s, o)
-});
-many!(q4_k, 144, 292, super::dot_q4_k_q8_k, |w, a, s, o| unsafe {
-    k_many::<4>(144, w, a, s, o)
-});
-many!(q5_k, 176, 292, super::dot_q5_k_q8_k, |w, a, s, o| unsafe {
-    k_many::<5>(176, w, a, s, o)
-});
-many!(q6_k, 210, 292, super::dot_q6_k_q8_k, |w, a, s, o| unsafe {
-    k_many::<6>(210, w, a, s, o)
-});
+macro_rules! legacy {
+    ($name:ident, $name512:ident, $ty:expr, $one:expr, $wbs:expr, $abs:expr, $scalar:path) => {
+        kernel!(
+            $name,
+            $name512,
+            $wbs,
+            $abs,
+            $scalar,
+            |w, rb, a, s, o| unsafe { legacy_many::<$ty, $one>($wbs, w, rb, a, s, o) },
+            |w, rb, a, s, o| unsafe { legacy_many_512::<$ty, $one>($wbs, w, rb, a, s, o) }
+        );
+    };
+}
 
-fn f16(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
-    let n = w.len() / 2;
-    let ok = w.len().is_multiple_of(2)
-        && stride >= 4 * n
-        && (out.is_empty()
-            || (out.len() - 1)
-                .checked_mul(stride)
-                .and_then(|v| v.checked_add(4 * n))
-                .is_some_and(|need| need <= a.len()));
-    if !available() || !ok {
-        return scalar_many(super::dot_f16_f16, w, a, stride, out);
+macro_rules! kquant {
+    ($name:ident, $name512:ident, $ty:expr, $wbs:expr, $scalar:path) => {
+        kernel!(
+            $name,
+            $name512,
+            $wbs,
+            292,
+            $scalar,
+            |w, rb, a, s, o| unsafe {
+                per_row(|w, a, s, o| k_many::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
+            },
+            |w, rb, a, s, o| unsafe {
+                per_row(|w, a, s, o| k_many::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
+            }
+        );
+    };
+}
+
+legacy!(q4_0, q4_0_512, 0, false, 18, 34, super::dot_q4_0_q8_0);
+legacy!(q5_0, q5_0_512, 1, false, 22, 34, super::dot_q5_0_q8_0);
+legacy!(q8_0, q8_0_512, 2, false, 34, 34, super::dot_q8_0_q8_0);
+legacy!(q4_1, q4_1_512, 3, true, 20, 36, super::dot_q4_1_q8_1);
+legacy!(q5_1, q5_1_512, 4, true, 24, 36, super::dot_q5_1_q8_1);
+kquant!(q2_k, q2_k_512, 2, 84, super::dot_q2_k_q8_k);
+kquant!(q3_k, q3_k_512, 3, 110, super::dot_q3_k_q8_k);
+kquant!(q4_k, q4_k_512, 4, 144, super::dot_q4_k_q8_k);
+kquant!(q5_k, q5_k_512, 5, 176, super::dot_q5_k_q8_k);
+kquant!(q6_k, q6_k_512, 6, 210, super::dot_q6_k_q8_k);
+kernel!(
+    f16,
+    f16_512,
+    2,
+    4,
+    super::dot_f16_f16,
+    |w, rb, a, s, o| unsafe { per_row(|w, a, s, o| f16_many(w, a, s, o), w, rb, a, s, o) },
+    |w, rb, a, s, o| unsafe { f16_many_512(w, rb, a, s, o) }
+);
+
+/// The many-row kernel for weights of type `ty` (AVX-512 variants when `wide`), if there is one.
+pub(super) fn many_fn(ty: GgmlType, wide: bool) -> Option<DotManyFn> {
+    macro_rules! pick {
+        ($a:ident, $b:ident) => {
+            if wide {
+                $b
+            } else {
+                $a
+            }
+        };
     }
-    // SAFETY: the CPU has AVX2/FMA/F16C and every length was validated above.
-    unsafe { f16_many(w, a, stride, out) }
+    Some(match ty {
+        GgmlType::F16 => pick!(f16, f16_512),
+        GgmlType::Q4_0 => pick!(q4_0, q4_0_512),
+        GgmlType::Q5_0 => pick!(q5_0, q5_0_512),
+        GgmlType::Q8_0 => pick!(q8_0, q8_0_512),
+        GgmlType::Q4_1 => pick!(q4_1, q4_1_512),
+        GgmlType::Q5_1 => pick!(q5_1, q5_1_512),
+        GgmlType::Q2K => pick!(q2_k, q2_k_512),
+        GgmlType::Q3K => pick!(q3_k, q3_k_512),
+        GgmlType::Q4K => pick!(q4_k, q4_k_512),
+        GgmlType::Q5K => pick!(q5_k, q5_k_512),
+        GgmlType::Q6K => pick!(q6_k, q6_k_512),
+        _ => return None,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -563,22 +794,4 @@ pub(super) fn attend_head(
     }
     // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
     unsafe { attend_head_tf(kv, q, q_stride, q_off, t, pos0, scale, out) }
-}
-
-/// The AVX2 many-row kernel for weights of type `ty`, if there is one.
-pub(super) fn many_fn(ty: GgmlType) -> Option<DotManyFn> {
-    Some(match ty {
-        GgmlType::F16 => f16,
-        GgmlType::Q4_0 => q4_0,
-        GgmlType::Q5_0 => q5_0,
-        GgmlType::Q8_0 => q8_0,
-        GgmlType::Q4_1 => q4_1,
-        GgmlType::Q5_1 => q5_1,
-        GgmlType::Q2K => q2_k,
-        GgmlType::Q3K => q3_k,
-        GgmlType::Q4K => q4_k,
-        GgmlType::Q5K => q5_k,
-        GgmlType::Q6K => q6_k,
-        _ => return None,
-    })
 }

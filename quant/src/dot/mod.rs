@@ -213,43 +213,60 @@ pub fn quantize_act(f: ActFormat, x: &[f32], out: &mut [u8]) {
 /// A dot-product kernel: `(weight row bytes, activation row bytes) -> f32`.
 pub type DotFn = fn(&[u8], &[u8]) -> f32;
 
-/// A many-row kernel: `out[j] = dot(w, a[j*stride..])` for every `j < out.len()`, each dot in
-/// the arithmetic order of the scalar [`DotFn`] of the same type (bit-identical results).
+/// A tile kernel: `out[r * acts + j] = dot(w_r, a_j)` for the weight rows `w_r` (`w` holds whole
+/// rows of `row_bytes`) and `acts = out.len() / rows` activation rows `a_j = a[j*stride..]`, each
+/// dot in the arithmetic order of the scalar [`DotFn`] of the same type (bit-identical results).
 /// Mismatched lengths never panic: such calls use the scalar kernel on what is there.
-pub type DotManyFn = fn(&[u8], &[u8], usize, &mut [f32]);
+pub type DotManyFn = fn(&[u8], usize, &[u8], usize, &mut [f32]);
 
-/// The many-row kernel for weights of type `w` on instruction set `isa` (the scalar loop when
-/// `isa` is [`Isa::Scalar`], is unavailable, or has no kernel for `w`).
+/// The tile kernel for weights of type `w` on instruction set `isa` (the scalar loop when `isa`
+/// is [`Isa::Scalar`], is unavailable, or has no kernel for `w`).
 pub fn dot_many_fn(w: GgmlType, isa: Isa) -> Option<DotManyFn> {
     dot_fn(w)?;
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar && isa.is_available() && avx2::available() {
-        if let Some(f) = avx2::many_fn(w) {
+        let wide = isa == Isa::Avx512 && avx2::avx512_available();
+        if let Some(f) = avx2::many_fn(w, wide) {
             return Some(f);
         }
     }
     let _ = isa;
+    macro_rules! s {
+        ($f:path) => {
+            |w, rb, a, s, o| scalar_many($f, w, rb, a, s, o)
+        };
+    }
     Some(match w {
-        GgmlType::F32 => |w, a, s, o| scalar_many(dot_f32_f32, w, a, s, o),
-        GgmlType::F16 => |w, a, s, o| scalar_many(dot_f16_f16, w, a, s, o),
-        GgmlType::BF16 => |w, a, s, o| scalar_many(dot_bf16_bf16, w, a, s, o),
-        GgmlType::Q4_0 => |w, a, s, o| scalar_many(dot_q4_0_q8_0, w, a, s, o),
-        GgmlType::Q4_1 => |w, a, s, o| scalar_many(dot_q4_1_q8_1, w, a, s, o),
-        GgmlType::Q5_0 => |w, a, s, o| scalar_many(dot_q5_0_q8_0, w, a, s, o),
-        GgmlType::Q5_1 => |w, a, s, o| scalar_many(dot_q5_1_q8_1, w, a, s, o),
-        GgmlType::Q8_0 => |w, a, s, o| scalar_many(dot_q8_0_q8_0, w, a, s, o),
-        GgmlType::Q2K => |w, a, s, o| scalar_many(dot_q2_k_q8_k, w, a, s, o),
-        GgmlType::Q3K => |w, a, s, o| scalar_many(dot_q3_k_q8_k, w, a, s, o),
-        GgmlType::Q4K => |w, a, s, o| scalar_many(dot_q4_k_q8_k, w, a, s, o),
-        GgmlType::Q5K => |w, a, s, o| scalar_many(dot_q5_k_q8_k, w, a, s, o),
-        GgmlType::Q6K => |w, a, s, o| scalar_many(dot_q6_k_q8_k, w, a, s, o),
+        GgmlType::F32 => s!(dot_f32_f32),
+        GgmlType::F16 => s!(dot_f16_f16),
+        GgmlType::BF16 => s!(dot_bf16_bf16),
+        GgmlType::Q4_0 => s!(dot_q4_0_q8_0),
+        GgmlType::Q4_1 => s!(dot_q4_1_q8_1),
+        GgmlType::Q5_0 => s!(dot_q5_0_q8_0),
+        GgmlType::Q5_1 => s!(dot_q5_1_q8_1),
+        GgmlType::Q8_0 => s!(dot_q8_0_q8_0),
+        GgmlType::Q2K => s!(dot_q2_k_q8_k),
+        GgmlType::Q3K => s!(dot_q3_k_q8_k),
+        GgmlType::Q4K => s!(dot_q4_k_q8_k),
+        GgmlType::Q5K => s!(dot_q5_k_q8_k),
+        GgmlType::Q6K => s!(dot_q6_k_q8_k),
         GgmlType::Q8K => return None,
     })
 }
 
-fn scalar_many(dot: DotFn, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = dot(w, a.get(j.saturating_mul(stride)..).unwrap_or(&[]));
+fn scalar_many(dot: DotFn, w: &[u8], row_bytes: usize, a: &[u8], stride: usize, out: &mut [f32]) {
+    let rows = w.len().checked_div(row_bytes).unwrap_or(0).max(1);
+    let acts = out.len() / rows;
+    if acts == 0 {
+        return;
+    }
+    for (r, o) in out.chunks_mut(acts).enumerate() {
+        let wr = w
+            .get(r.saturating_mul(row_bytes)..(r + 1).saturating_mul(row_bytes))
+            .unwrap_or(&[]);
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = dot(wr, a.get(j.saturating_mul(stride)..).unwrap_or(&[]));
+        }
     }
 }
 

@@ -141,12 +141,16 @@ proptest! {
     }
 }
 
-/// Random weight rows (quantized from `w`) against `x.len() / n` activation rows: every ISA's
-/// many-row kernel equals the scalar kernel bit for bit.
-fn many_matches_scalar(ty: GgmlType, w: &[f32], x: &[f32], n: usize) {
-    let k = w.len();
-    let mut wb = vec![0u8; ty.row_size(k as u64).unwrap() as usize];
-    quantize_row_ref(ty, w, &mut wb).unwrap();
+/// Weight rows of `k` values (quantized from `w`, `w.len() / k` rows) against `x.len() / k`
+/// activation rows: every ISA's tile kernel equals the scalar kernel bit for bit.
+fn many_matches_scalar(ty: GgmlType, k: usize, w: &[f32], x: &[f32]) {
+    let rows = w.len() / k;
+    let n = x.len() / k;
+    let wrb = ty.row_size(k as u64).unwrap() as usize;
+    let mut wb = vec![0u8; wrb * rows];
+    for (o, r) in wb.chunks_exact_mut(wrb).zip(w.chunks_exact(k)) {
+        quantize_row_ref(ty, r, o).unwrap();
+    }
     let f = act_format(ty).unwrap();
     let rb = act_row_bytes(f, k).unwrap();
     let mut ab = vec![0u8; rb * n];
@@ -154,11 +158,14 @@ fn many_matches_scalar(ty: GgmlType, w: &[f32], x: &[f32], n: usize) {
         quantize_act(f, r, o);
     }
     let dot = dot_fn(ty).unwrap();
-    let want: Vec<u32> = ab.chunks_exact(rb).map(|a| dot(&wb, a).to_bits()).collect();
+    let mut want = Vec::new();
+    for wr in wb.chunks_exact(wrb) {
+        want.extend(ab.chunks_exact(rb).map(|a| dot(wr, a).to_bits()));
+    }
     for isa in Isa::ALL {
         let many = dot_many_fn(ty, isa).unwrap();
-        let mut got = vec![0f32; n];
-        many(&wb, &ab, rb, &mut got);
+        let mut got = vec![0f32; n * rows];
+        many(&wb, wrb, &ab, rb, &mut got);
         let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
         assert_eq!(got, want, "{ty} on {isa:?}");
     }
@@ -167,9 +174,9 @@ fn many_matches_scalar(ty: GgmlType, w: &[f32], x: &[f32], n: usize) {
 #[test]
 fn many_row_kernels_equal_scalar_on_signals() {
     for ty in WEIGHT_TYPES {
-        let w = signal(512, 3);
+        let w: Vec<f32> = (0..7).flat_map(|s| signal(512, 3 + s)).collect();
         let x: Vec<f32> = (0..19).flat_map(|s| signal(512, 40 + s)).collect();
-        many_matches_scalar(ty, &w, &x, 19);
+        many_matches_scalar(ty, 512, &w, &x);
     }
 }
 
@@ -179,10 +186,12 @@ fn many_row_kernels_never_panic_on_bad_lengths() {
         for isa in Isa::ALL {
             let many = dot_many_fn(ty, isa).unwrap();
             let mut o = vec![0f32; 3];
-            many(&[1, 2, 3], &[4, 5], 7, &mut o);
-            many(&[0; 400], &[0; 300], 0, &mut o);
-            many(&[0; 420], &[0; 100], 292, &mut o);
-            many(&[], &[], 0, &mut []);
+            many(&[1, 2, 3], 3, &[4, 5], 7, &mut o);
+            many(&[0; 400], 400, &[0; 300], 0, &mut o);
+            many(&[0; 420], 210, &[0; 100], 292, &mut o);
+            many(&[0; 420], 0, &[0; 100], 292, &mut o);
+            many(&[0; 420], 7, &[0; 100], 292, &mut o);
+            many(&[], 0, &[], 0, &mut []);
         }
     }
 }
@@ -192,11 +201,12 @@ proptest! {
     #[test]
     fn many_row_kernels_equal_scalar(
         ti in 0usize..WEIGHT_TYPES.len(),
-        n in 1usize..21,
-        w in proptest::collection::vec(-4.0f32..4.0, 512),
-        x in proptest::collection::vec(-8.0f32..8.0, 512 * 20),
+        n in 1usize..11,
+        rows in 1usize..10,
+        w in proptest::collection::vec(-4.0f32..4.0, 256 * 9),
+        x in proptest::collection::vec(-8.0f32..8.0, 256 * 10),
     ) {
-        many_matches_scalar(WEIGHT_TYPES[ti], &w, &x[..512 * n], n);
+        many_matches_scalar(WEIGHT_TYPES[ti], 256, &w[..256 * rows], &x[..256 * n]);
     }
 }
 
@@ -317,7 +327,7 @@ fn oracle_dots_equal_ggml() {
     let many = dot_many_fn(ty, Isa::current()).unwrap();
     for i in 0..rows {
         let mut row = vec![0f32; rows];
-        many(&w[i * wrs..(i + 1) * wrs], &a, ars, &mut row);
+        many(&w[i * wrs..(i + 1) * wrs], wrs, &a, ars, &mut row);
         for j in 0..rows {
             let got = vec_dot(ty, &w[i * wrs..(i + 1) * wrs], &a[j * ars..(j + 1) * ars]);
             if got.to_bits() != row[j].to_bits() {
