@@ -254,6 +254,148 @@ unsafe fn legacy_drive<const TY: u8, const ONE: bool, const RM: usize>(
     }
 }
 
+/// A legacy block as unsigned bytes for `vpdpbusd`: the `_0` types offset by `OFF` (Q4_0 8,
+/// Q5_0 16, Q8_0 128; the products are corrected by `OFF * Σq` per lane, exactly).
+#[inline(always)]
+unsafe fn dec_unsigned<const TY: u8>(x: *const u8) -> (__m256i, i8) {
+    // SAFETY: `x` points at a whole block of type `TY` (validated by the caller).
+    unsafe {
+        match TY {
+            0 => (nib(x.add(2)), 8),
+            1 => (_mm256_or_si256(nib(x.add(6)), bits16(x.add(2))), 16),
+            2 => (_mm256_xor_si256(ld(x.add(2)), _mm256_set1_epi8(-128)), -128),
+            3 => (nib(x.add(4)), 0),
+            _ => (_mm256_or_si256(nib(x.add(8)), bits16(x.add(4))), 0),
+        }
+    }
+}
+
+/// [`legacy_tile`] with AVX-512 VNNI: one `vpdpbusd` per block and pair (started from
+/// `-OFF * Σq`) yields the same eight exact i32 lanes as ggml's `maddubs` + `madd`; the scale
+/// products `dx*dy` are formed four rows at a time. Same f32 operations, same results.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn legacy_tile_vnni<const TY: u8, const ONE: bool, const RM: usize, const RN: usize>(
+    wbs: usize,
+    nb: usize,
+    w: *const u8,
+    row_bytes: usize,
+    a: *const u8,
+    stride: usize,
+    out: &mut [f32],
+    acts: usize,
+) {
+    // SAFETY: the caller validated nb blocks of the RM weight rows and of the RN activation rows;
+    // AVX-512 VNNI/VL enabled in the caller.
+    unsafe {
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_ps(); RN]; RM];
+        let mut summs = [[0f32; RN]; RM];
+        let abs = if ONE { 36 } else { 34 };
+        let qo = if ONE { 4 } else { 2 };
+        let idx: [__m256i; 4] = [
+            _mm256_set1_epi32(0),
+            _mm256_set1_epi32(1),
+            _mm256_set1_epi32(2),
+            _mm256_set1_epi32(3),
+        ];
+        for b in 0..nb {
+            let mut xu = [zero; RM];
+            let mut dxs = [0f32; 8];
+            let mut mx = [0f32; RM];
+            let mut off = 0i8;
+            for i in 0..RM {
+                let x = w.add(i * row_bytes + b * wbs);
+                let (v, o) = dec_unsigned::<TY>(x);
+                xu[i] = v;
+                off = o;
+                dxs[i] = h2f(x);
+                if ONE {
+                    mx[i] = h2f(x.add(2));
+                }
+            }
+            let dxv = _mm256_loadu_ps(dxs.as_ptr());
+            for j in 0..RN {
+                let y = a.add(j * stride + b * abs);
+                let q = ld(y.add(qo));
+                let dd = _mm256_mul_ps(dxv, _mm256_set1_ps(h2f(y)));
+                let base = if ONE {
+                    zero
+                } else {
+                    _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, _mm256_set1_epi8(off), q))
+                };
+                let sy = if ONE { h2f(y.add(2)) } else { 0.0 };
+                for i in 0..RM {
+                    let p = _mm256_dpbusd_epi32(base, xu[i], q);
+                    let d = _mm256_permutevar8x32_ps(dd, idx[i]);
+                    acc[i][j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[i][j]);
+                    if ONE {
+                        summs[i][j] = mx[i].mul_add(sy, summs[i][j]);
+                    }
+                }
+            }
+        }
+        for i in 0..RM {
+            for j in 0..RN {
+                out[i * acts + j] = hsum8(store8(acc[i][j])) + if ONE { summs[i][j] } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Legacy types with AVX-512 VNNI: 4×4 tiles.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn legacy_many_vnni<const TY: u8, const ONE: bool>(
+    wbs: usize,
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let rows = w.len() / row_bytes;
+    let acts = out.len() / rows;
+    let nb = row_bytes / wbs;
+    let mut r = 0;
+    while r < rows {
+        let rm = if rows - r >= 4 { 4 } else { 1 };
+        let mut j = 0;
+        while j < acts {
+            let rn = (acts - j).min(4);
+            // SAFETY: rows r..r+rm and activations j..j+rn lie inside the validated slices.
+            unsafe {
+                let wp = w.as_ptr().add(r * row_bytes);
+                let ap = a.as_ptr().add(j * stride);
+                let o = &mut out[r * acts + j..];
+                macro_rules! t {
+                    ($m:expr, $n:expr) => {
+                        legacy_tile_vnni::<TY, ONE, $m, $n>(
+                            wbs, nb, wp, row_bytes, ap, stride, o, acts,
+                        )
+                    };
+                }
+                match (rm, rn) {
+                    (4, 4) => t!(4, 4),
+                    (4, 3) => t!(4, 3),
+                    (4, 2) => t!(4, 2),
+                    (4, _) => t!(4, 1),
+                    (_, 4) => t!(1, 4),
+                    (_, 3) => t!(1, 3),
+                    (_, 2) => t!(1, 2),
+                    _ => t!(1, 1),
+                }
+            }
+            j += rn;
+        }
+        r += rm;
+    }
+}
+
+/// Whether this CPU runs the AVX-512 VNNI variants.
+fn vnni_available() -> bool {
+    avx512_available() && is_x86_feature_detected!("avx512vnni")
+}
+
 /// Legacy types on AVX2: 2×4 tiles (15 of the 16 vector registers).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn legacy_many<const TY: u8, const ONE: bool>(
@@ -692,7 +834,13 @@ macro_rules! legacy {
             $abs,
             $scalar,
             |w, rb, a, s, o| unsafe { legacy_many::<$ty, $one>($wbs, w, rb, a, s, o) },
-            |w, rb, a, s, o| unsafe { legacy_many_512::<$ty, $one>($wbs, w, rb, a, s, o) }
+            |w, rb, a, s, o| unsafe {
+                if vnni_available() {
+                    legacy_many_vnni::<$ty, $one>($wbs, w, rb, a, s, o)
+                } else {
+                    legacy_many_512::<$ty, $one>($wbs, w, rb, a, s, o)
+                }
+            }
         );
     };
 }
