@@ -554,7 +554,7 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
 
 /// The eight scaled i32 lanes of one block against one Q8_K block's values at `q8`.
 #[inline(always)]
-unsafe fn k_sumi(signed: bool, k: &KDec, q8: *const u8) -> __m256i {
+unsafe fn k_sumi<const VNNI: bool>(signed: bool, k: &KDec, q8: *const u8) -> __m256i {
     // SAFETY: 256 readable bytes at `q8`; AVX2 enabled in every caller.
     unsafe {
         let mut sumi = _mm256_setzero_si256();
@@ -565,7 +565,12 @@ unsafe fn k_sumi(signed: bool, k: &KDec, q8: *const u8) -> __m256i {
             } else {
                 _mm256_maddubs_epi16(k.v[v], q)
             };
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(k.s[v], p16));
+            sumi = if VNNI {
+                // the same exact i32 sums as madd + add (vpdpwssd does not saturate)
+                _mm256_dpwssd_epi32(sumi, k.s[v], p16)
+            } else {
+                _mm256_add_epi32(sumi, _mm256_madd_epi16(k.s[v], p16))
+            };
         }
         sumi
     }
@@ -573,6 +578,24 @@ unsafe fn k_sumi(signed: bool, k: &KDec, q8: *const u8) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn k_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+    // SAFETY: forwarded from the caller.
+    unsafe { k_body::<TY, false>(wbs, w, a, stride, out) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_many_vnni<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+    // SAFETY: forwarded from the caller.
+    unsafe { k_body::<TY, true>(wbs, w, a, stride, out) }
+}
+
+#[inline(always)]
+unsafe fn k_body<const TY: u8, const VNNI: bool>(
+    wbs: usize,
+    w: &[u8],
+    a: &[u8],
+    stride: usize,
+    out: &mut [f32],
+) {
     let nb = w.len() / wbs;
     let zero = _mm256_setzero_si256();
     let mut k = KDec {
@@ -595,7 +618,7 @@ unsafe fn k_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, ou
                     let y = a.as_ptr().add(base + j * stride + b * 292);
                     let yd = f32_at(y);
                     let bsums = ld(y.add(260));
-                    let mut sumi = k_sumi(TY == 3, &k, y.add(4));
+                    let mut sumi = k_sumi::<VNNI>(TY == 3, &k, y.add(4));
                     let d = yd * k.d;
                     match TY {
                         2 => {
@@ -857,7 +880,11 @@ macro_rules! kquant {
                 per_row(|w, a, s, o| k_many::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
             },
             |w, rb, a, s, o| unsafe {
-                per_row(|w, a, s, o| k_many::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
+                if vnni_available() {
+                    per_row(|w, a, s, o| k_many_vnni::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
+                } else {
+                    per_row(|w, a, s, o| k_many::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
+                }
             }
         );
     };
@@ -942,4 +969,32 @@ pub(super) fn attend_head(
     }
     // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
     unsafe { attend_head_tf(kv, q, q_stride, q_off, t, pos0, scale, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn swiglu_tf(x: &[f32], g: &[f32], out: &mut [f32]) {
+    super::swiglu_impl(x, g, out)
+}
+
+/// [`super::swiglu`] compiled for AVX2 + FMA (same operations).
+pub(super) fn swiglu(x: &[f32], g: &[f32], out: &mut [f32]) {
+    if !available() {
+        return super::swiglu_impl(x, g, out);
+    }
+    // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
+    unsafe { swiglu_tf(x, g, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_act_tf(f: super::ActFormat, x: &[f32], out: &mut [u8]) {
+    super::quantize_act_impl(f, x, out)
+}
+
+/// [`super::quantize_act`] compiled for AVX2 (same operations, same bytes).
+pub(super) fn quantize_act(f: super::ActFormat, x: &[f32], out: &mut [u8]) {
+    if !available() {
+        return super::quantize_act_impl(f, x, out);
+    }
+    // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
+    unsafe { quantize_act_tf(f, x, out) }
 }

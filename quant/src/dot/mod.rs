@@ -133,13 +133,13 @@ fn rd_f32(b: &[u8], off: usize) -> f32 {
 }
 
 /// `round()` of the x86 `_mm256_round_ps(_, _MM_ROUND_NEAREST)`: ties to even.
-#[inline]
+#[inline(always)]
 fn round_even(x: f32) -> f32 {
     x.round_ties_even()
 }
 
 /// Max |x| over a block, as ggml's SIMD max reduction computes it (NaN-free input assumed).
-#[inline]
+#[inline(always)]
 fn absmax(x: &[f32]) -> f32 {
     x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
@@ -147,6 +147,7 @@ fn absmax(x: &[f32]) -> f32 {
 /// ggml-cpu's x86 `quantize_row_q8_0`: `d = amax/127`, `id = 127/amax`, round half to even.
 /// (This is what the CPU backend uses for activations; it differs from `quantize_row_q8_0_ref` in
 /// `id` and in the rounding of ties.)
+#[inline(always)]
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [u8]) {
     for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
         let amax = absmax(xb);
@@ -160,6 +161,7 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [u8]) {
 }
 
 /// ggml-cpu's x86 `quantize_row_q8_1`: as [`quantize_row_q8_0`] plus `s = f16(d * Σq)`.
+#[inline(always)]
 pub fn quantize_row_q8_1(x: &[f32], out: &mut [u8]) {
     for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(36)) {
         let amax = absmax(xb);
@@ -188,6 +190,15 @@ pub fn quantize_row_q8_k(x: &[f32], out: &mut [u8]) {
 
 /// Converts one activation row `x` into `out` (exactly [`act_row_bytes`] long) in format `f`.
 pub fn quantize_act(f: ActFormat, x: &[f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() && Isa::current() != Isa::Scalar {
+        return avx2::quantize_act(f, x, out);
+    }
+    quantize_act_impl(f, x, out)
+}
+
+#[inline(always)]
+pub(crate) fn quantize_act_impl(f: ActFormat, x: &[f32], out: &mut [u8]) {
     match f {
         ActFormat::F32 => {
             for (o, v) in out.chunks_exact_mut(4).zip(x) {
@@ -799,7 +810,7 @@ pub fn dot_f32_slices(a: &[f32], b: &[f32]) -> f32 {
 /// a degree-5 polynomial on the reduced argument, scaled by `2^n`; flushes to 0 / infinity past
 /// |n| > 192. Differs from a correctly rounded exp by up to ~1.5 ulp, so kiln uses it wherever
 /// ggml does.
-#[inline]
+#[inline(always)]
 pub fn ggml_v_expf(x: f32) -> f32 {
     let c = f32::from_bits;
     let r = c(0x4b40_0000);
@@ -818,14 +829,24 @@ pub fn ggml_v_expf(x: f32) -> f32 {
     if n.is_nan() || j.is_nan() {
         return f32::NAN;
     }
-    // scalef: j * 2^n rounded once (exact in f64, then one rounding to f32)
-    (f64::from(j) * 2f64.powi(n as i32)) as f32
+    // scalef: j * 2^n rounded once (exact in f64, then one rounding to f32); |n| <= 192
+    let p2 = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+    (f64::from(j) * p2) as f32
 }
 
 /// ggml's `ggml_vec_swiglu_f32` on x86 with AVX-512: `out = x / (1 + v_expf(0 - x)) * g` over
 /// whole 16-lane groups, `x / (1 + expf(-x)) * g` (libm exp) on the tail. Stops at the shortest
 /// slice.
 pub fn swiglu(x: &[f32], g: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() && Isa::current() != Isa::Scalar {
+        return avx2::swiglu(x, g, out);
+    }
+    swiglu_impl(x, g, out)
+}
+
+#[inline(always)]
+pub(crate) fn swiglu_impl(x: &[f32], g: &[f32], out: &mut [f32]) {
     let n = x.len().min(g.len()).min(out.len());
     let full = n / 16 * 16;
     for i in 0..full {

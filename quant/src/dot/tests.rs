@@ -393,3 +393,24 @@ fn oracle_matmul_equals_ggml() {
     }
     assert_eq!(bad, 0, "{bad} of {} differ", m * n);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// The vectorized builds of the activation quantizers and of swiglu give the plain build's
+    /// bytes.
+    #[test]
+    fn vectorized_helpers_equal_plain(x in proptest::collection::vec(-50.0f32..50.0, 512)) {
+        for f in [ActFormat::F32, ActFormat::F16, ActFormat::BF16, ActFormat::Q8_0, ActFormat::Q8_1, ActFormat::Q8K] {
+            let n = act_row_bytes(f, 512).unwrap();
+            let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+            quantize_act(f, &x, &mut a);
+            quantize_act_impl(f, &x, &mut b);
+            prop_assert_eq!(&a, &b);
+        }
+        let g: Vec<f32> = x.iter().rev().copied().collect();
+        let (mut a, mut b) = (vec![0f32; 500], vec![0f32; 500]);
+        swiglu(&x[..500], &g[..500], &mut a);
+        swiglu_impl(&x[..500], &g[..500], &mut b);
+        prop_assert_eq!(a, b);
+    }
+}
