@@ -282,11 +282,11 @@ impl Backend for CpuBackend {
                 }
                 for h in row.chunks_exact_mut(head_dim).take(n_head) {
                     for (p, c) in h[..n_rot].chunks_exact_mut(2).zip(cache.chunks_exact(2)) {
-                        // ggml-cpu's vectorized rotate_pairs (GCC contracts it into
-                        // vfmaddsub): the cos products fused, the sin products rounded
+                        // ggml-cpu's rotate_pairs as GCC contracts it (checked bit for bit
+                        // against libggml-cpu): x0*cos and x0*sin fused, x1's products rounded
                         let (x0, x1) = (p[0], p[1]);
                         p[0] = x0.mul_add(c[0], -(x1 * c[1]));
-                        p[1] = x1.mul_add(c[0], x0 * c[1]);
+                        p[1] = x0.mul_add(c[1], x1 * c[0]);
                     }
                 }
             });
