@@ -10,6 +10,7 @@ use kiln_formats::gguf::{GgufFile, TensorInfo};
 use kiln_quant::dot::attn::{attend_head, HeadView};
 use kiln_quant::dot::{
     act_format, act_row_bytes, check_row, dot_many_fn, quantize_act, ActFormat, DotManyFn,
+    TILED_MIN_ROWS,
 };
 use kiln_quant::{GgmlType, Isa};
 use rayon::prelude::*;
@@ -36,7 +37,9 @@ pub struct CpuWeight {
     file: Arc<GgufFile>,
     info: TensorInfo,
     act: Option<ActFormat>,
-    many: Option<DotManyFn>,
+    /// Tile kernels in ggml-cpu's order for fewer than [`TILED_MIN_ROWS`] activation rows and
+    /// for more.
+    many: Option<(DotManyFn, DotManyFn)>,
     /// 1-D f32 vectors (norm weights), decoded once.
     dense: Option<Vec<f32>>,
 }
@@ -116,7 +119,8 @@ impl Backend for CpuBackend {
             file: Arc::clone(file),
             info: t.clone(),
             act: act_format(t.ty),
-            many: dot_many_fn(t.ty, Isa::current()),
+            many: dot_many_fn(t.ty, Isa::current(), false)
+                .zip(dot_many_fn(t.ty, Isa::current(), true)),
             dense,
         })
     }
@@ -186,12 +190,13 @@ impl Backend for CpuBackend {
                 w.cols
             );
         }
-        let (Some(af), Some(many)) = (w.act, w.many) else {
+        let (Some(af), Some((few, batch))) = (w.act, w.many) else {
             bail!("{} weights cannot be multiplied", w.ty);
         };
         let k = w.cols;
         let n = w.rows;
         let t = x.rows;
+        let many = if t >= TILED_MIN_ROWS { batch } else { few };
         let wb = w.bytes();
         let rb = act_row_bytes(af, k).context("activation row does not fit blocks")?;
         let mut qa = vec![0u8; rb * t];

@@ -577,19 +577,45 @@ unsafe fn k_sumi<const VNNI: bool>(signed: bool, k: &KDec, q8: *const u8) -> __m
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_many<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+unsafe fn k_many<const TY: u8, const TILED: bool>(
+    wbs: usize,
+    w: &[u8],
+    a: &[u8],
+    stride: usize,
+    out: &mut [f32],
+) {
     // SAFETY: forwarded from the caller.
-    unsafe { k_body::<TY, false>(wbs, w, a, stride, out) }
+    unsafe { k_body::<TY, false, TILED>(wbs, w, a, stride, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_many_vnni<const TY: u8>(wbs: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+unsafe fn k_many_vnni<const TY: u8, const TILED: bool>(
+    wbs: usize,
+    w: &[u8],
+    a: &[u8],
+    stride: usize,
+    out: &mut [f32],
+) {
     // SAFETY: forwarded from the caller.
-    unsafe { k_body::<TY, true>(wbs, w, a, stride, out) }
+    unsafe { k_body::<TY, true, TILED>(wbs, w, a, stride, out) }
 }
 
+/// Sum of the eight i32 lanes (exact).
 #[inline(always)]
-unsafe fn k_body<const TY: u8, const VNNI: bool>(
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    // SAFETY: AVX2 enabled in every caller.
+    unsafe {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+/// `TILED`: ggml-cpu's tiled order (one exact integer sum per super-block, then
+/// `fma(d·S1 [- dmin·S2], y.d, acc)`), else the vec_dot order (eight fused lanes).
+#[inline(always)]
+unsafe fn k_body<const TY: u8, const VNNI: bool, const TILED: bool>(
     wbs: usize,
     w: &[u8],
     a: &[u8],
@@ -619,6 +645,32 @@ unsafe fn k_body<const TY: u8, const VNNI: bool>(
                     let yd = f32_at(y);
                     let bsums = ld(y.add(260));
                     let mut sumi = k_sumi::<VNNI>(TY == 3, &k, y.add(4));
+                    if TILED {
+                        if TY == 6 {
+                            let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, k.extra), 5);
+                            sumi = _mm256_sub_epi32(sumi, sub);
+                        }
+                        let mut res = k.d * hsum_i32(sumi) as f32;
+                        match TY {
+                            2 => {
+                                let s2 = hsum_i32(_mm256_madd_epi16(k.extra, bsums));
+                                res = (-k.dmin).mul_add(s2 as f32, res);
+                            }
+                            4 | 5 => {
+                                let q8s = _mm_hadd_epi16(
+                                    _mm256_castsi256_si128(bsums),
+                                    _mm256_extracti128_si256(bsums, 1),
+                                );
+                                let p = _mm_madd_epi16(_mm256_castsi256_si128(k.extra), q8s);
+                                let p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0b01_00_11_10));
+                                let p = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0b10_11_00_01));
+                                res = (-k.dmin).mul_add(_mm_cvtsi128_si32(p) as f32, res);
+                            }
+                            _ => {}
+                        }
+                        summs[j] = res.mul_add(yd, summs[j]);
+                        continue;
+                    }
                     let d = yd * k.d;
                     match TY {
                         2 => {
@@ -662,6 +714,7 @@ unsafe fn k_body<const TY: u8, const VNNI: bool>(
                 (hsum8(store8(acc[j])), m)
             };
             *o = match TY {
+                _ if TILED => summs[j],
                 4 => h + ((m[0] + m[2]) + (m[1] + m[3])),
                 5 => h + summs[j],
                 _ => h,
@@ -869,7 +922,7 @@ macro_rules! legacy {
 }
 
 macro_rules! kquant {
-    ($name:ident, $name512:ident, $ty:expr, $wbs:expr, $scalar:path) => {
+    ($name:ident, $name512:ident, $tname:ident, $tname512:ident, $ty:expr, $wbs:expr, $scalar:path, $tscalar:path) => {
         kernel!(
             $name,
             $name512,
@@ -877,13 +930,30 @@ macro_rules! kquant {
             292,
             $scalar,
             |w, rb, a, s, o| unsafe {
-                per_row(|w, a, s, o| k_many::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
+                per_row(|w, a, s, o| k_many::<$ty, false>($wbs, w, a, s, o), w, rb, a, s, o)
             },
             |w, rb, a, s, o| unsafe {
                 if vnni_available() {
-                    per_row(|w, a, s, o| k_many_vnni::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
+                    per_row(|w, a, s, o| k_many_vnni::<$ty, false>($wbs, w, a, s, o), w, rb, a, s, o)
                 } else {
-                    per_row(|w, a, s, o| k_many::<$ty>($wbs, w, a, s, o), w, rb, a, s, o)
+                    per_row(|w, a, s, o| k_many::<$ty, false>($wbs, w, a, s, o), w, rb, a, s, o)
+                }
+            }
+        );
+        kernel!(
+            $tname,
+            $tname512,
+            $wbs,
+            292,
+            $tscalar,
+            |w, rb, a, s, o| unsafe {
+                per_row(|w, a, s, o| k_many::<$ty, true>($wbs, w, a, s, o), w, rb, a, s, o)
+            },
+            |w, rb, a, s, o| unsafe {
+                if vnni_available() {
+                    per_row(|w, a, s, o| k_many_vnni::<$ty, true>($wbs, w, a, s, o), w, rb, a, s, o)
+                } else {
+                    per_row(|w, a, s, o| k_many::<$ty, true>($wbs, w, a, s, o), w, rb, a, s, o)
                 }
             }
         );
@@ -895,11 +965,11 @@ legacy!(q5_0, q5_0_512, 1, false, 22, 34, super::dot_q5_0_q8_0);
 legacy!(q8_0, q8_0_512, 2, false, 34, 34, super::dot_q8_0_q8_0);
 legacy!(q4_1, q4_1_512, 3, true, 20, 36, super::dot_q4_1_q8_1);
 legacy!(q5_1, q5_1_512, 4, true, 24, 36, super::dot_q5_1_q8_1);
-kquant!(q2_k, q2_k_512, 2, 84, super::dot_q2_k_q8_k);
-kquant!(q3_k, q3_k_512, 3, 110, super::dot_q3_k_q8_k);
-kquant!(q4_k, q4_k_512, 4, 144, super::dot_q4_k_q8_k);
-kquant!(q5_k, q5_k_512, 5, 176, super::dot_q5_k_q8_k);
-kquant!(q6_k, q6_k_512, 6, 210, super::dot_q6_k_q8_k);
+kquant!(q2_k, q2_k_512, q2_k_t, q2_k_t512, 2, 84, super::dot_q2_k_q8_k, super::dot_q2_k_q8_k_tiled);
+kquant!(q3_k, q3_k_512, q3_k_t, q3_k_t512, 3, 110, super::dot_q3_k_q8_k, super::dot_q3_k_q8_k_tiled);
+kquant!(q4_k, q4_k_512, q4_k_t, q4_k_t512, 4, 144, super::dot_q4_k_q8_k, super::dot_q4_k_q8_k_tiled);
+kquant!(q5_k, q5_k_512, q5_k_t, q5_k_t512, 5, 176, super::dot_q5_k_q8_k, super::dot_q5_k_q8_k_tiled);
+kquant!(q6_k, q6_k_512, q6_k_t, q6_k_t512, 6, 210, super::dot_q6_k_q8_k, super::dot_q6_k_q8_k_tiled);
 kernel!(
     f16,
     f16_512,
@@ -911,7 +981,7 @@ kernel!(
 );
 
 /// The many-row kernel for weights of type `ty` (AVX-512 variants when `wide`), if there is one.
-pub(super) fn many_fn(ty: GgmlType, wide: bool) -> Option<DotManyFn> {
+pub(super) fn many_fn(ty: GgmlType, wide: bool, batch: bool) -> Option<DotManyFn> {
     macro_rules! pick {
         ($a:ident, $b:ident) => {
             if wide {
@@ -928,6 +998,11 @@ pub(super) fn many_fn(ty: GgmlType, wide: bool) -> Option<DotManyFn> {
         GgmlType::Q8_0 => pick!(q8_0, q8_0_512),
         GgmlType::Q4_1 => pick!(q4_1, q4_1_512),
         GgmlType::Q5_1 => pick!(q5_1, q5_1_512),
+        GgmlType::Q2K if batch => pick!(q2_k_t, q2_k_t512),
+        GgmlType::Q3K if batch => pick!(q3_k_t, q3_k_t512),
+        GgmlType::Q4K if batch => pick!(q4_k_t, q4_k_t512),
+        GgmlType::Q5K if batch => pick!(q5_k_t, q5_k_t512),
+        GgmlType::Q6K if batch => pick!(q6_k_t, q6_k_t512),
         GgmlType::Q2K => pick!(q2_k, q2_k_512),
         GgmlType::Q3K => pick!(q3_k, q3_k_512),
         GgmlType::Q4K => pick!(q4_k, q4_k_512),

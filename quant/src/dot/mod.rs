@@ -231,17 +231,28 @@ pub type DotFn = fn(&[u8], &[u8]) -> f32;
 pub type DotManyFn = fn(&[u8], usize, &[u8], usize, &mut [f32]);
 
 /// The tile kernel for weights of type `w` on instruction set `isa` (the scalar loop when `isa`
-/// is [`Isa::Scalar`], is unavailable, or has no kernel for `w`).
-pub fn dot_many_fn(w: GgmlType, isa: Isa) -> Option<DotManyFn> {
+/// is [`Isa::Scalar`], is unavailable, or has no kernel for `w`), computing each dot as
+/// [`dot_fn_for`]`(w, batch)` does.
+pub fn dot_many_fn(w: GgmlType, isa: Isa, batch: bool) -> Option<DotManyFn> {
     dot_fn(w)?;
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar && isa.is_available() && avx2::available() {
         let wide = isa == Isa::Avx512 && avx2::avx512_available();
-        if let Some(f) = avx2::many_fn(w, wide) {
+        if let Some(f) = avx2::many_fn(w, wide, batch) {
             return Some(f);
         }
     }
     let _ = isa;
+    if batch {
+        match w {
+            GgmlType::Q2K => return Some(|w, rb, a, s, o| scalar_many(dot_q2_k_q8_k_tiled, w, rb, a, s, o)),
+            GgmlType::Q3K => return Some(|w, rb, a, s, o| scalar_many(dot_q3_k_q8_k_tiled, w, rb, a, s, o)),
+            GgmlType::Q4K => return Some(|w, rb, a, s, o| scalar_many(dot_q4_k_q8_k_tiled, w, rb, a, s, o)),
+            GgmlType::Q5K => return Some(|w, rb, a, s, o| scalar_many(dot_q5_k_q8_k_tiled, w, rb, a, s, o)),
+            GgmlType::Q6K => return Some(|w, rb, a, s, o| scalar_many(dot_q6_k_q8_k_tiled, w, rb, a, s, o)),
+            _ => {}
+        }
+    }
     macro_rules! s {
         ($f:path) => {
             |w, rb, a, s, o| scalar_many($f, w, rb, a, s, o)
@@ -787,6 +798,99 @@ pub fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
     }
     hsum8(acc)
 }
+
+/// The K-quant dot products of ggml-cpu's tiled matrix product (`ggml_compute_forward_mul_mat_
+/// tiled`, what ggml uses for K-quant weights against 8 or more activation rows): per super-block
+/// the exact integer `S1 = Σ scale·value·q8` (and `S2 = Σ min·bsum` for the types with mins),
+/// `res = d·S1` (`res = fma(-dmin, S2, res)`), accumulated as `acc = fma(res, y.d, acc)`.
+/// `TY`: 2..=6 for Q2_K..Q6_K.
+fn dot_k_tiled<const TY: u8>(w: &[u8], a: &[u8]) -> f32 {
+    let wbs = match TY {
+        2 => 84,
+        3 => 110,
+        4 => 144,
+        5 => 176,
+        _ => 210,
+    };
+    let mut acc = 0f32;
+    let mut kb = KBlock {
+        vals: [0; QK_K],
+        scales: [0; 16],
+    };
+    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(292)) {
+        let y = q8k(y);
+        let (d, dmin, s2) = match TY {
+            2 => {
+                let mins = decode_q2_k(x, &mut kb);
+                let s2: i32 = (0..16).map(|k| mins[k] * y.bsums[k]).sum();
+                (rd_f16(x, 80), rd_f16(x, 82), s2)
+            }
+            3 => {
+                decode_q3_k(x, &mut kb);
+                (rd_f16(x, 108), 0.0, 0)
+            }
+            4 | 5 => {
+                let mins = decode_q45_k(x, TY == 5, &mut kb);
+                let s2: i32 = k4_min_prods(&mins, &y.bsums).iter().sum();
+                (rd_f16(x, 0), rd_f16(x, 2), s2)
+            }
+            _ => {
+                decode_q6_k(x, &mut kb);
+                (rd_f16(x, 208), 0.0, 0)
+            }
+        };
+        let mut s1: i32 = k_lanes(&kb.vals, y.qs, &kb.scales).iter().sum();
+        if TY == 6 {
+            s1 -= 32 * (0..16).map(|k| y.bsums[k] * kb.scales[k]).sum::<i32>();
+        }
+        let mut res = d * s1 as f32;
+        if TY == 2 || TY == 4 || TY == 5 {
+            res = (-dmin).mul_add(s2 as f32, res);
+        }
+        acc = res.mul_add(y.d, acc);
+    }
+    acc
+}
+
+/// Q2_K · Q8_K in ggml-cpu's tiled order (batches of 8 or more rows).
+pub fn dot_q2_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
+    dot_k_tiled::<2>(w, a)
+}
+/// Q3_K · Q8_K in ggml-cpu's tiled order.
+pub fn dot_q3_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
+    dot_k_tiled::<3>(w, a)
+}
+/// Q4_K · Q8_K in ggml-cpu's tiled order.
+pub fn dot_q4_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
+    dot_k_tiled::<4>(w, a)
+}
+/// Q5_K · Q8_K in ggml-cpu's tiled order.
+pub fn dot_q5_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
+    dot_k_tiled::<5>(w, a)
+}
+/// Q6_K · Q8_K in ggml-cpu's tiled order.
+pub fn dot_q6_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
+    dot_k_tiled::<6>(w, a)
+}
+
+/// The scalar kernel ggml-cpu's order calls for with `batch` activation rows or more... : for
+/// K-quant weights the tiled order when `batch` (8 or more rows), otherwise [`dot_fn`].
+pub fn dot_fn_for(w: GgmlType, batch: bool) -> Option<DotFn> {
+    if batch {
+        match w {
+            GgmlType::Q2K => return Some(dot_q2_k_q8_k_tiled),
+            GgmlType::Q3K => return Some(dot_q3_k_q8_k_tiled),
+            GgmlType::Q4K => return Some(dot_q4_k_q8_k_tiled),
+            GgmlType::Q5K => return Some(dot_q5_k_q8_k_tiled),
+            GgmlType::Q6K => return Some(dot_q6_k_q8_k_tiled),
+            _ => {}
+        }
+    }
+    dot_fn(w)
+}
+
+/// Activation rows from which ggml-cpu switches K-quant products to its tiled kernel.
+pub const TILED_MIN_ROWS: usize = 8;
 
 /// 16-lane f32 dot product of two f32 slices (the lanes and pairwise reduction of a 512-bit FMA
 /// loop); the common prefix is used when the lengths differ.

@@ -157,17 +157,19 @@ fn many_matches_scalar(ty: GgmlType, k: usize, w: &[f32], x: &[f32]) {
     for (o, r) in ab.chunks_exact_mut(rb).zip(x.chunks_exact(k)) {
         quantize_act(f, r, o);
     }
-    let dot = dot_fn(ty).unwrap();
-    let mut want = Vec::new();
-    for wr in wb.chunks_exact(wrb) {
-        want.extend(ab.chunks_exact(rb).map(|a| dot(wr, a).to_bits()));
-    }
-    for isa in Isa::ALL {
-        let many = dot_many_fn(ty, isa).unwrap();
-        let mut got = vec![0f32; n * rows];
-        many(&wb, wrb, &ab, rb, &mut got);
-        let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
-        assert_eq!(got, want, "{ty} on {isa:?}");
+    for batch in [false, true] {
+        let dot = dot_fn_for(ty, batch).unwrap();
+        let mut want = Vec::new();
+        for wr in wb.chunks_exact(wrb) {
+            want.extend(ab.chunks_exact(rb).map(|a| dot(wr, a).to_bits()));
+        }
+        for isa in Isa::ALL {
+            let many = dot_many_fn(ty, isa, batch).unwrap();
+            let mut got = vec![0f32; n * rows];
+            many(&wb, wrb, &ab, rb, &mut got);
+            let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "{ty} on {isa:?} (batch {batch})");
+        }
     }
 }
 
@@ -184,7 +186,7 @@ fn many_row_kernels_equal_scalar_on_signals() {
 fn many_row_kernels_never_panic_on_bad_lengths() {
     for ty in WEIGHT_TYPES {
         for isa in Isa::ALL {
-            let many = dot_many_fn(ty, isa).unwrap();
+            let many = dot_many_fn(ty, isa, true).unwrap();
             let mut o = vec![0f32; 3];
             many(&[1, 2, 3], 3, &[4, 5], 7, &mut o);
             many(&[0; 400], 400, &[0; 300], 0, &mut o);
@@ -324,7 +326,7 @@ fn oracle_dots_equal_ggml() {
             eprintln!("{ty}: dequantized row {i} differs");
         }
     }
-    let many = dot_many_fn(ty, Isa::current()).unwrap();
+    let many = dot_many_fn(ty, Isa::current(), false).unwrap();
     for i in 0..rows {
         let mut row = vec![0f32; rows];
         many(&w[i * wrs..(i + 1) * wrs], wrs, &a, ars, &mut row);
@@ -358,8 +360,13 @@ fn oracle_matmul_equals_ggml() {
         "1" => GgmlType::F16,
         "2" => GgmlType::Q4_0,
         "3" => GgmlType::Q4_1,
+        "6" => GgmlType::Q5_0,
+        "7" => GgmlType::Q5_1,
         "8" => GgmlType::Q8_0,
+        "10" => GgmlType::Q2K,
+        "11" => GgmlType::Q3K,
         "12" => GgmlType::Q4K,
+        "13" => GgmlType::Q5K,
         _ => GgmlType::Q6K,
     };
     let (k, m, n): (usize, usize, usize) =
@@ -379,9 +386,10 @@ fn oracle_matmul_equals_ggml() {
         quantize_act(f, r, o);
     }
     let mut bad = 0;
+    let dot = dot_fn_for(ty, n >= TILED_MIN_ROWS).unwrap();
     for i in 0..m {
         for j in 0..n {
-            let got = vec_dot(ty, &w[i * wrs..(i + 1) * wrs], &a[j * ars..(j + 1) * ars]);
+            let got = dot(&w[i * wrs..(i + 1) * wrs], &a[j * ars..(j + 1) * ars]);
             let want = y[j * m + i];
             if got.to_bits() != want.to_bits() {
                 bad += 1;
