@@ -20,7 +20,7 @@ use super::{AttnShape, Backend, Rope};
 /// Weight rows per parallel task of a matrix product with few tokens.
 const ROW_TILE: usize = 16;
 /// Tokens per parallel task of a matrix product over a prompt.
-const TOKEN_TILE: usize = 64;
+const TOKEN_TILE: usize = 128;
 /// Upper bound on one cache's size in bytes.
 const MAX_CACHE_BYTES: usize = 64 << 30;
 
@@ -56,14 +56,6 @@ pub struct CpuAct {
     pub data: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
-}
-
-impl CpuAct {
-    fn row(&self, i: usize) -> &[f32] {
-        self.data
-            .get(i * self.cols..(i + 1) * self.cols)
-            .unwrap_or(&[])
-    }
 }
 
 /// The f16 K and V rows of every layer.
@@ -119,8 +111,11 @@ impl Backend for CpuBackend {
             file: Arc::clone(file),
             info: t.clone(),
             act: act_format(t.ty),
-            many: dot_many_fn(t.ty, Isa::current(), false)
-                .zip(dot_many_fn(t.ty, Isa::current(), true)),
+            many: dot_many_fn(t.ty, Isa::current(), false).zip(dot_many_fn(
+                t.ty,
+                Isa::current(),
+                true,
+            )),
             dense,
         })
     }

@@ -54,7 +54,6 @@ pub(super) fn fits(
     (total <= a.len()).then_some((rows, acts, nb))
 }
 
-
 #[inline(always)]
 fn f32_at(p: *const u8) -> f32 {
     // SAFETY: callers pass pointers into validated blocks with four readable bytes.
@@ -81,7 +80,6 @@ unsafe fn store8(v: __m256) -> [f32; 8] {
     unsafe { _mm256_storeu_ps(o.as_mut_ptr(), v) };
     o
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Q4_0, Q5_0, Q8_0 (× Q8_0) and Q4_1, Q5_1 (× Q8_1)
@@ -178,7 +176,11 @@ unsafe fn legacy_tile<const TY: u8, const ONE: bool, const RM: usize, const RN: 
             for i in 0..RM {
                 let x = w.add(i * row_bytes + b * wbs);
                 xv[i] = dec_legacy::<TY>(x);
-                u[i] = if ONE { xv[i] } else { _mm256_sign_epi8(xv[i], xv[i]) };
+                u[i] = if ONE {
+                    xv[i]
+                } else {
+                    _mm256_sign_epi8(xv[i], xv[i])
+                };
                 dx[i] = _mm256_set1_ps(h2f(x));
                 if ONE {
                     mx[i] = h2f(x.add(2));
@@ -462,7 +464,8 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
                         let sh = _mm_cvtsi32_si128(2 * s as i32);
                         k.v[4 * j + s] = _mm256_and_si256(_mm256_srl_epi16(bits, sh), m3);
                         let g = 2 * (4 * j + s);
-                        k.s[4 * j + s] = scale_vec(i32::from(sc[g] & 15), i32::from(sc[g + 1] & 15));
+                        k.s[4 * j + s] =
+                            scale_vec(i32::from(sc[g] & 15), i32::from(sc[g + 1] & 15));
                     }
                 }
                 let mins = _mm_and_si128(_mm_srli_epi16(ld128(x), 4), _mm_set1_epi8(15));
@@ -503,7 +506,11 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
                 }
                 k.extra = _mm256_castsi128_si256(_mm_loadu_si128(mins.as_ptr() as *const __m128i));
                 let qs = x.add(if five { 48 } else { 16 });
-                let hb = if five { ld(x.add(16)) } else { _mm256_setzero_si256() };
+                let hb = if five {
+                    ld(x.add(16))
+                } else {
+                    _mm256_setzero_si256()
+                };
                 for j in 0..4 {
                     let bits = ld(qs.add(32 * j));
                     let mut lo = _mm256_and_si256(bits, m4);
@@ -540,10 +547,7 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
                         _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), h3);
                 }
                 for v in 0..8 {
-                    k.s[v] = scale_vec(
-                        i32::from(sc[2 * v] as i8),
-                        i32::from(sc[2 * v + 1] as i8),
-                    );
+                    k.s[v] = scale_vec(i32::from(sc[2 * v] as i8), i32::from(sc[2 * v + 1] as i8));
                 }
                 k.extra = _mm256_cvtepi8_epi16(ld128(x.add(192)));
                 k.d = h2f(x.add(208));
@@ -561,7 +565,10 @@ unsafe fn k_sumi<const VNNI: bool>(signed: bool, k: &KDec, q8: *const u8) -> __m
         for v in 0..8 {
             let q = ld(q8.add(32 * v));
             let p16 = if signed {
-                _mm256_maddubs_epi16(_mm256_sign_epi8(k.v[v], k.v[v]), _mm256_sign_epi8(q, k.v[v]))
+                _mm256_maddubs_epi16(
+                    _mm256_sign_epi8(k.v[v], k.v[v]),
+                    _mm256_sign_epi8(q, k.v[v]),
+                )
             } else {
                 _mm256_maddubs_epi16(k.v[v], q)
             };
@@ -676,8 +683,11 @@ unsafe fn k_body<const TY: u8, const VNNI: bool, const TILED: bool>(
                         2 => {
                             let dmin = -yd * k.dmin;
                             let prod = _mm256_madd_epi16(k.extra, bsums);
-                            acc[j] =
-                                _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(prod), acc[j]);
+                            acc[j] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(dmin),
+                                _mm256_cvtepi32_ps(prod),
+                                acc[j],
+                            );
                         }
                         4 | 5 => {
                             let dmin = -yd * k.dmin;
@@ -692,8 +702,8 @@ unsafe fn k_body<const TY: u8, const VNNI: bool, const TILED: bool>(
                             } else {
                                 let mut p = [0i32; 4];
                                 _mm_storeu_si128(p.as_mut_ptr() as *mut __m128i, prod);
-                                summs[j] =
-                                    (((p[0] + p[1]) + (p[2] + p[3])) as f32).mul_add(dmin, summs[j]);
+                                summs[j] = (((p[0] + p[1]) + (p[2] + p[3])) as f32)
+                                    .mul_add(dmin, summs[j]);
                             }
                         }
                         6 => {
@@ -807,7 +817,12 @@ unsafe fn f16_tile_512<const RM: usize, const RN: usize>(
                 for k in full..n {
                     let x = h2f(w.add(i * row_bytes + 2 * k));
                     let p = a.add(j * stride + 4 * k);
-                    let y = f32::from_le_bytes([p.read(), p.add(1).read(), p.add(2).read(), p.add(3).read()]);
+                    let y = f32::from_le_bytes([
+                        p.read(),
+                        p.add(1).read(),
+                        p.add(2).read(),
+                        p.add(3).read(),
+                    ]);
                     tail += x * y;
                 }
                 out[i * acts + j] = lanes_sum(l) + tail;
@@ -930,13 +945,34 @@ macro_rules! kquant {
             292,
             $scalar,
             |w, rb, a, s, o| unsafe {
-                per_row(|w, a, s, o| k_many::<$ty, false>($wbs, w, a, s, o), w, rb, a, s, o)
+                per_row(
+                    |w, a, s, o| k_many::<$ty, false>($wbs, w, a, s, o),
+                    w,
+                    rb,
+                    a,
+                    s,
+                    o,
+                )
             },
             |w, rb, a, s, o| unsafe {
                 if vnni_available() {
-                    per_row(|w, a, s, o| k_many_vnni::<$ty, false>($wbs, w, a, s, o), w, rb, a, s, o)
+                    per_row(
+                        |w, a, s, o| k_many_vnni::<$ty, false>($wbs, w, a, s, o),
+                        w,
+                        rb,
+                        a,
+                        s,
+                        o,
+                    )
                 } else {
-                    per_row(|w, a, s, o| k_many::<$ty, false>($wbs, w, a, s, o), w, rb, a, s, o)
+                    per_row(
+                        |w, a, s, o| k_many::<$ty, false>($wbs, w, a, s, o),
+                        w,
+                        rb,
+                        a,
+                        s,
+                        o,
+                    )
                 }
             }
         );
@@ -947,13 +983,34 @@ macro_rules! kquant {
             292,
             $tscalar,
             |w, rb, a, s, o| unsafe {
-                per_row(|w, a, s, o| k_many::<$ty, true>($wbs, w, a, s, o), w, rb, a, s, o)
+                per_row(
+                    |w, a, s, o| k_many::<$ty, true>($wbs, w, a, s, o),
+                    w,
+                    rb,
+                    a,
+                    s,
+                    o,
+                )
             },
             |w, rb, a, s, o| unsafe {
                 if vnni_available() {
-                    per_row(|w, a, s, o| k_many_vnni::<$ty, true>($wbs, w, a, s, o), w, rb, a, s, o)
+                    per_row(
+                        |w, a, s, o| k_many_vnni::<$ty, true>($wbs, w, a, s, o),
+                        w,
+                        rb,
+                        a,
+                        s,
+                        o,
+                    )
                 } else {
-                    per_row(|w, a, s, o| k_many::<$ty, true>($wbs, w, a, s, o), w, rb, a, s, o)
+                    per_row(
+                        |w, a, s, o| k_many::<$ty, true>($wbs, w, a, s, o),
+                        w,
+                        rb,
+                        a,
+                        s,
+                        o,
+                    )
                 }
             }
         );
@@ -965,11 +1022,56 @@ legacy!(q5_0, q5_0_512, 1, false, 22, 34, super::dot_q5_0_q8_0);
 legacy!(q8_0, q8_0_512, 2, false, 34, 34, super::dot_q8_0_q8_0);
 legacy!(q4_1, q4_1_512, 3, true, 20, 36, super::dot_q4_1_q8_1);
 legacy!(q5_1, q5_1_512, 4, true, 24, 36, super::dot_q5_1_q8_1);
-kquant!(q2_k, q2_k_512, q2_k_t, q2_k_t512, 2, 84, super::dot_q2_k_q8_k, super::dot_q2_k_q8_k_tiled);
-kquant!(q3_k, q3_k_512, q3_k_t, q3_k_t512, 3, 110, super::dot_q3_k_q8_k, super::dot_q3_k_q8_k_tiled);
-kquant!(q4_k, q4_k_512, q4_k_t, q4_k_t512, 4, 144, super::dot_q4_k_q8_k, super::dot_q4_k_q8_k_tiled);
-kquant!(q5_k, q5_k_512, q5_k_t, q5_k_t512, 5, 176, super::dot_q5_k_q8_k, super::dot_q5_k_q8_k_tiled);
-kquant!(q6_k, q6_k_512, q6_k_t, q6_k_t512, 6, 210, super::dot_q6_k_q8_k, super::dot_q6_k_q8_k_tiled);
+kquant!(
+    q2_k,
+    q2_k_512,
+    q2_k_t,
+    q2_k_t512,
+    2,
+    84,
+    super::dot_q2_k_q8_k,
+    super::dot_q2_k_q8_k_tiled
+);
+kquant!(
+    q3_k,
+    q3_k_512,
+    q3_k_t,
+    q3_k_t512,
+    3,
+    110,
+    super::dot_q3_k_q8_k,
+    super::dot_q3_k_q8_k_tiled
+);
+kquant!(
+    q4_k,
+    q4_k_512,
+    q4_k_t,
+    q4_k_t512,
+    4,
+    144,
+    super::dot_q4_k_q8_k,
+    super::dot_q4_k_q8_k_tiled
+);
+kquant!(
+    q5_k,
+    q5_k_512,
+    q5_k_t,
+    q5_k_t512,
+    5,
+    176,
+    super::dot_q5_k_q8_k,
+    super::dot_q5_k_q8_k_tiled
+);
+kquant!(
+    q6_k,
+    q6_k_512,
+    q6_k_t,
+    q6_k_t512,
+    6,
+    210,
+    super::dot_q6_k_q8_k,
+    super::dot_q6_k_q8_k_tiled
+);
 kernel!(
     f16,
     f16_512,

@@ -245,11 +245,21 @@ pub fn dot_many_fn(w: GgmlType, isa: Isa, batch: bool) -> Option<DotManyFn> {
     let _ = isa;
     if batch {
         match w {
-            GgmlType::Q2K => return Some(|w, rb, a, s, o| scalar_many(dot_q2_k_q8_k_tiled, w, rb, a, s, o)),
-            GgmlType::Q3K => return Some(|w, rb, a, s, o| scalar_many(dot_q3_k_q8_k_tiled, w, rb, a, s, o)),
-            GgmlType::Q4K => return Some(|w, rb, a, s, o| scalar_many(dot_q4_k_q8_k_tiled, w, rb, a, s, o)),
-            GgmlType::Q5K => return Some(|w, rb, a, s, o| scalar_many(dot_q5_k_q8_k_tiled, w, rb, a, s, o)),
-            GgmlType::Q6K => return Some(|w, rb, a, s, o| scalar_many(dot_q6_k_q8_k_tiled, w, rb, a, s, o)),
+            GgmlType::Q2K => {
+                return Some(|w, rb, a, s, o| scalar_many(dot_q2_k_q8_k_tiled, w, rb, a, s, o))
+            }
+            GgmlType::Q3K => {
+                return Some(|w, rb, a, s, o| scalar_many(dot_q3_k_q8_k_tiled, w, rb, a, s, o))
+            }
+            GgmlType::Q4K => {
+                return Some(|w, rb, a, s, o| scalar_many(dot_q4_k_q8_k_tiled, w, rb, a, s, o))
+            }
+            GgmlType::Q5K => {
+                return Some(|w, rb, a, s, o| scalar_many(dot_q5_k_q8_k_tiled, w, rb, a, s, o))
+            }
+            GgmlType::Q6K => {
+                return Some(|w, rb, a, s, o| scalar_many(dot_q6_k_q8_k_tiled, w, rb, a, s, o))
+            }
             _ => {}
         }
     }
@@ -922,10 +932,9 @@ pub fn ggml_v_expf(x: f32) -> f32 {
     let n = z - r;
     let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
     let u = b * b;
-    let j = c(0x3c07_2010).mul_add(b, c(0x3d2b_9f17)).mul_add(
-        u,
-        c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)),
-    );
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)));
     let j = j.mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
     if n.abs() > 192.0 {
         return if n <= 0.0 { 0.0 } else { f32::INFINITY };

@@ -236,7 +236,12 @@ fn naive_attention(k: &[u16], v: &[u16], q: &[f32], hd: usize, t: usize, pos0: u
     for i in 0..t {
         let n = pos0 + i + 1;
         let sc: Vec<f64> = (0..n)
-            .map(|j| (0..hd).map(|d| q[i * hd + d] as f64 * f(k[j * hd + d])).sum::<f64>() * 0.25)
+            .map(|j| {
+                (0..hd)
+                    .map(|d| q[i * hd + d] as f64 * f(k[j * hd + d]))
+                    .sum::<f64>()
+                    * 0.25
+            })
             .collect();
         let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
@@ -253,18 +258,33 @@ fn tiled_attention_matches_plain_softmax() {
     let hd = 16;
     for (t, pos0) in [(1usize, 0usize), (5, 70), (130, 0), (64, 64)] {
         let n = pos0 + t;
-        let k: Vec<u16> = signal(n * hd, 1).iter().map(|&x| f16::from_f32(x).to_bits()).collect();
-        let v: Vec<u16> = signal(n * hd, 2).iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+        let k: Vec<u16> = signal(n * hd, 1)
+            .iter()
+            .map(|&x| f16::from_f32(x).to_bits())
+            .collect();
+        let v: Vec<u16> = signal(n * hd, 2)
+            .iter()
+            .map(|&x| f16::from_f32(x).to_bits())
+            .collect();
         let q = signal(t * hd, 3);
         let want = naive_attention(&k, &v, &q, hd, t, pos0);
-        let view = attn::HeadView { k: &k, v: &v, stride: hd, off: 0, hd };
+        let view = attn::HeadView {
+            k: &k,
+            v: &v,
+            stride: hd,
+            off: 0,
+            hd,
+        };
         let mut got = vec![0f32; t * hd];
         attn::attend_head(view, &q, hd, 0, t, pos0, 0.25, &mut got);
         let mut plain = vec![0f32; t * hd];
         attn::attend_head_impl(view, &q, hd, 0, t, pos0, 0.25, &mut plain);
         assert_eq!(got, plain, "vectorized and plain builds differ");
         for (g, w) in got.iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-5, "t {t} pos0 {pos0}: {g} vs {w}");
+            assert!(
+                (*g as f64 - w).abs() < 1e-5,
+                "t {t} pos0 {pos0}: {g} vs {w}"
+            );
         }
     }
 }
@@ -369,8 +389,11 @@ fn oracle_matmul_equals_ggml() {
         "13" => GgmlType::Q5K,
         _ => GgmlType::Q6K,
     };
-    let (k, m, n): (usize, usize, usize) =
-        (p[2].parse().unwrap(), p[3].parse().unwrap(), p[4].parse().unwrap());
+    let (k, m, n): (usize, usize, usize) = (
+        p[2].parse().unwrap(),
+        p[3].parse().unwrap(),
+        p[4].parse().unwrap(),
+    );
     let rd = |f: &str| std::fs::read(format!("{}/{f}", p[0])).unwrap();
     let f32s = |b: Vec<u8>| -> Vec<f32> {
         b.chunks_exact(4)
