@@ -4,8 +4,9 @@
 # Synthetic F16 GGUF of ~400M parameters (dim 2048, 4 layers, ffn 5504, vocab 55,296), quantized by
 # kiln to each type. Per type it prints:
 #   - prompt processing tokens/s at -c CTX (best of REPS): kiln (tokens scored / wall of its
-#     evaluation), llama-perplexity with its default repacked weights and with -nr (no repack, the
-#     kernels kiln mirrors), each as n_ctx / llama's "seconds per pass" of the first chunk;
+#     evaluation), llama-perplexity (-b n_ctx: one chunk per pass, as kiln) with its default
+#     repacked weights and with -nr (no repack, the kernels kiln mirrors), each as
+#     n_ctx / llama's "seconds per pass" (its first chunk);
 #     ratios kiln/llama (> 1: kiln faster);
 #   - single-token decode tokens/s: kiln perplexity -b 1 -c DCTX (one token per forward; only the
 #     second half of each chunk computes logits) vs llama-bench tg DCTX (logits every token);
@@ -51,9 +52,9 @@ for t in "${TYPES[@]}"; do
   for _ in $(seq "$REPS"); do
     run "$KILN" perplexity -m "$M" -f "$TEXT" -c "$CTX" --chunks "$CHUNKS" -t "$THREADS" -q
     kp=$(max "$kp" "$(kiln_tps)"); kppl=$(ppl); krss=$(rss)
-    run "$BIN/llama-perplexity" -m "$M" -f "$TEXT" -c "$CTX" --chunks "$CHUNKS" -t "$THREADS"
+    run "$BIN/llama-perplexity" -m "$M" -f "$TEXT" -c "$CTX" -b "$CTX" --chunks "$CHUNKS" -t "$THREADS"
     lp=$(max "$lp" "$(llama_tps)"); dppl=$(ppl); lrss=$(rss)
-    run "$BIN/llama-perplexity" -m "$M" -f "$TEXT" -c "$CTX" --chunks "$CHUNKS" -t "$THREADS" -nr
+    run "$BIN/llama-perplexity" -m "$M" -f "$TEXT" -c "$CTX" -b "$CTX" --chunks "$CHUNKS" -t "$THREADS" -nr
     np=$(max "$np" "$(llama_tps)"); lppl=$(ppl)
   done
   run "$KILN" perplexity -m "$M" -f "$TEXT" -c "$DCTX" -b 1 --chunks 1 -t "$THREADS" -q
