@@ -93,6 +93,13 @@ impl Backend for CpuBackend {
                 data.len()
             );
         }
+        // fault the mapped pages in now (llama.cpp's warm-up run does the same), so the first
+        // evaluation does not pay for them
+        let mut touch = 0u8;
+        for page in data.chunks(4096) {
+            touch ^= page[0];
+        }
+        std::hint::black_box(touch);
         let dense = if t.shape.len() == 1 {
             let mut v = vec![0f32; cols];
             kiln_quant::dequantize_row(t.ty, data, &mut v)

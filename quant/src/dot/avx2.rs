@@ -619,6 +619,24 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     }
 }
 
+/// Lane t of the result: the (exact) sum of the eight lanes of `v[t]`.
+#[inline(always)]
+unsafe fn hsum8x8(v: &[__m256i; 8]) -> __m256i {
+    // SAFETY: AVX2 enabled in every caller.
+    unsafe {
+        let h01 = _mm256_hadd_epi32(v[0], v[1]);
+        let h23 = _mm256_hadd_epi32(v[2], v[3]);
+        let h45 = _mm256_hadd_epi32(v[4], v[5]);
+        let h67 = _mm256_hadd_epi32(v[6], v[7]);
+        let h0123 = _mm256_hadd_epi32(h01, h23);
+        let h4567 = _mm256_hadd_epi32(h45, h67);
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256(h0123, h4567, 0x20),
+            _mm256_permute2x128_si256(h0123, h4567, 0x31),
+        )
+    }
+}
+
 /// `TILED`: ggml-cpu's tiled order (one exact integer sum per super-block, then
 /// `fma(d·S1 [- dmin·S2], y.d, acc)`), else the vec_dot order (eight fused lanes).
 #[inline(always)]
@@ -643,11 +661,53 @@ unsafe fn k_body<const TY: u8, const VNNI: bool, const TILED: bool>(
         let mut accm = [_mm_setzero_ps(); G];
         let mut summs = [0f32; G];
         let base = g * G * stride;
+        // tiled order: whole groups of 8 activations reduce and scale together (as ggml's
+        // tiled kernel does, eight columns per vector); the rest one by one below
+        let grouped = if TILED { og.len() / 8 * 8 } else { 0 };
+        let mut accv = [_mm256_setzero_ps(); G / 8];
         for b in 0..nb {
             // SAFETY: block b of the weight row and of every activation row is in bounds (fits).
             unsafe {
                 dec_k::<TY>(w.as_ptr().add(b * wbs), &mut k);
-                for j in 0..og.len() {
+                for (gi, av) in accv.iter_mut().enumerate().take(grouped / 8) {
+                    let mut s1 = [zero; 8];
+                    let mut s2 = [zero; 8];
+                    let mut dy = [0f32; 8];
+                    for t in 0..8 {
+                        let y = a.as_ptr().add(base + (gi * 8 + t) * stride + b * 292);
+                        dy[t] = f32_at(y);
+                        let bsums = ld(y.add(260));
+                        let mut sumi = k_sumi::<VNNI>(TY == 3, &k, y.add(4));
+                        if TY == 6 {
+                            let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, k.extra), 5);
+                            sumi = _mm256_sub_epi32(sumi, sub);
+                        }
+                        s1[t] = sumi;
+                        s2[t] = match TY {
+                            2 => _mm256_madd_epi16(k.extra, bsums),
+                            4 | 5 => {
+                                let q8s = _mm_hadd_epi16(
+                                    _mm256_castsi256_si128(bsums),
+                                    _mm256_extracti128_si256(bsums, 1),
+                                );
+                                let p = _mm_madd_epi16(_mm256_castsi256_si128(k.extra), q8s);
+                                _mm256_zextsi128_si256(p)
+                            }
+                            _ => zero,
+                        };
+                    }
+                    let mut res =
+                        _mm256_mul_ps(_mm256_set1_ps(k.d), _mm256_cvtepi32_ps(hsum8x8(&s1)));
+                    if matches!(TY, 2 | 4 | 5) {
+                        res = _mm256_fnmadd_ps(
+                            _mm256_set1_ps(k.dmin),
+                            _mm256_cvtepi32_ps(hsum8x8(&s2)),
+                            res,
+                        );
+                    }
+                    *av = _mm256_fmadd_ps(res, _mm256_loadu_ps(dy.as_ptr()), *av);
+                }
+                for j in grouped..og.len() {
                     let y = a.as_ptr().add(base + j * stride + b * 292);
                     let yd = f32_at(y);
                     let bsums = ld(y.add(260));
@@ -715,6 +775,10 @@ unsafe fn k_body<const TY: u8, const VNNI: bool, const TILED: bool>(
                     acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[j]);
                 }
             }
+        }
+        for (gi, av) in accv.iter().enumerate().take(grouped / 8) {
+            // SAFETY: AVX is enabled.
+            summs[gi * 8..gi * 8 + 8].copy_from_slice(&unsafe { store8(*av) });
         }
         for (j, o) in og.iter_mut().enumerate() {
             // SAFETY: AVX is enabled; `m` has room for four f32.
