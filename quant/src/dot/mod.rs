@@ -883,8 +883,8 @@ pub fn dot_q6_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
     dot_k_tiled::<6>(w, a)
 }
 
-/// The scalar kernel ggml-cpu's order calls for with `batch` activation rows or more... : for
-/// K-quant weights the tiled order when `batch` (8 or more rows), otherwise [`dot_fn`].
+/// The scalar kernel in the order ggml-cpu uses for a product with `batch` = at least
+/// [`TILED_MIN_ROWS`] activation rows: the tiled order for K-quant weights, otherwise [`dot_fn`].
 pub fn dot_fn_for(w: GgmlType, batch: bool) -> Option<DotFn> {
     if batch {
         match w {
