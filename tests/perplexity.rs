@@ -22,14 +22,14 @@ const CHUNKS: &str = "4";
 /// kiln-vs-llama differences: 5e-5 .. 3.5e-4.
 const TYPES: [(&str, f64); 9] = [
     ("F16", 1e-4),
-    ("Q8_0", 1e-3),
-    ("Q4_0", 1e-3),
-    ("Q4_1", 1e-3),
-    ("Q5_K_M", 1e-3),
-    ("Q4_K_M", 1e-3),
-    ("Q6_K", 1e-3),
-    ("Q3_K_M", 1e-3),
-    ("Q2_K", 1e-3),
+    ("Q8_0", 1e-4),
+    ("Q4_0", 1e-4),
+    ("Q4_1", 1e-4),
+    ("Q5_K_M", 1e-4),
+    ("Q4_K_M", 1e-4),
+    ("Q6_K", 1e-4),
+    ("Q3_K_M", 1e-4),
+    ("Q2_K", 1e-4),
 ];
 
 fn text() -> Option<PathBuf> {
