@@ -170,10 +170,9 @@ fn imatrix_matches_llama_imatrix() {
         std::fs::read(&theirs_p).unwrap(),
     );
     assert_eq!(a.len(), b.len());
-    // Values: the inputs of layer 0's Q/K/V (RMSNorm of the embeddings) are bit-identical, so
-    // the accumulation itself is exact. Everything after the first attention differs because
-    // llama.cpp's CPU attention rounds Q and the softmax/V accumulation through f16 while kiln's
-    // is f32: measured max 1.4e-3, median ~1.5e-4 relative on this fixture.
+    // Values: kiln's CPU backend follows ggml-cpu's arithmetic (f16 activations for F16 weights,
+    // tiled flash attention), so the activations are llama.cpp's and every value must agree to the
+    // issue's 1e-4 relative (measured: max 3.6e-6 on the 400M benchmark model).
     let mut report = Vec::new();
     for (name, e) in &theirs.entries {
         let o = &ours.entries[name];
@@ -187,17 +186,12 @@ fn imatrix_matches_llama_imatrix() {
         rels.sort_by(f64::total_cmp);
         let (max, med) = (rels[rels.len() - 1], rels[rels.len() / 2]);
         report.push(format!("{name}: max {max:.2e} median {med:.2e}"));
-        let tol = if name.starts_with("blk.0.attn_") && !name.contains("output") {
-            1e-6
-        } else {
-            5e-3
-        };
+        let tol = 1e-4;
         assert!(
             max <= tol,
             "{name}: max rel {max:e} > {tol:e}\n{}",
             report.join("\n")
         );
-        assert!(med <= 1e-3, "{name}: median rel {med:e}");
     }
     eprintln!("{}", report.join("\n"));
     // llama-quantize loads kiln's files, GGUF and legacy
