@@ -743,3 +743,127 @@ fn imatrix_is_an_input_of_the_quantize_steps() {
         std::fs::read(out.join("model-q2_k.gguf")).unwrap()
     );
 }
+
+#[test]
+fn imatrix_text_quantizes_each_k_level_with_and_without_it() {
+    let f = finished();
+    let dir = tempfile::tempdir().unwrap();
+    let out = copy_of_finished(&dir.path().join("zh-demo"));
+    let text = f.inputs.join("demo-text.txt");
+    let mut a = pipeline_args(&f.inputs, &out);
+    let i = a.iter().position(|x| x == "--quants").unwrap();
+    a[i + 1] = "q4_k_m,q2_k_s".into();
+    a.extend(["--imatrix-text".to_string(), ps(&text).to_string()]);
+    let o = kiln().args(&a).output().unwrap();
+    assert_exit(&o, 0);
+    let e = stderr(&o);
+    assert!(e.contains("skip merge (up to date)"), "{e}");
+    for name in [
+        "imatrix.gguf",
+        "model-q4_k_m.gguf",
+        "model-q4_k_m-imatrix.gguf",
+        "model-q2_k_s-imatrix.gguf",
+        "eval/ppl-q4_k_m-imatrix-demo-text.json",
+        "eval/ppl-q2_k_s-imatrix-demo-text.json",
+    ] {
+        assert!(out.join(name).is_file(), "{name} missing:\n{e}");
+    }
+    // Q2_K_S needs an imatrix: only its +imatrix variant is made.
+    assert!(!out.join("model-q2_k_s.gguf").exists());
+
+    // imatrix.gguf is `kiln imatrix` with the same settings, byte for byte.
+    let m = out.join("model-f16.gguf");
+    let im = dir.path().join("hand-imatrix.gguf");
+    let o = run(&[
+        "imatrix",
+        "-m",
+        ps(&m),
+        "-f",
+        ps(&text),
+        "-o",
+        ps(&im),
+        "-c",
+        CTX,
+        "--chunks",
+        CHUNKS,
+        "--quiet",
+    ]);
+    assert_exit(&o, 0);
+    assert_eq!(
+        std::fs::read(&im).unwrap(),
+        std::fs::read(out.join("imatrix.gguf")).unwrap(),
+        "imatrix.gguf differs from kiln imatrix"
+    );
+    // model-q4_k_m-imatrix.gguf is `kiln quantize --imatrix <out>/imatrix.gguf`, byte for byte.
+    let hand = dir.path().join("q4_k_m-imatrix.gguf");
+    let o = run(&[
+        "quantize",
+        "--imatrix",
+        ps(&out.join("imatrix.gguf")),
+        ps(&m),
+        ps(&hand),
+        "Q4_K_M",
+        "--quiet",
+    ]);
+    assert_exit(&o, 0);
+    assert_eq!(
+        std::fs::read(&hand).unwrap(),
+        std::fs::read(out.join("model-q4_k_m-imatrix.gguf")).unwrap()
+    );
+    assert_ne!(
+        std::fs::read(out.join("model-q4_k_m.gguf")).unwrap(),
+        std::fs::read(out.join("model-q4_k_m-imatrix.gguf")).unwrap()
+    );
+
+    // The report has a row with and without the imatrix.
+    let r = report(&out);
+    let names: Vec<&str> = r["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["level"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["F16", "Q4_K_M", "Q4_K_M+imatrix", "Q2_K_S+imatrix"]);
+    let row = level(&r, "Q4_K_M+imatrix");
+    assert_eq!(row["file"], "model-q4_k_m-imatrix.gguf");
+    assert!(row["ppl"][0]["ppl"].as_f64().unwrap() > 1.0, "{row}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("Q4_K_M+imatrix") && md.contains("Q2_K_S+imatrix"));
+    let listed: Vec<&str> = r["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert!(listed.contains(&ps(&text)), "{listed:?}");
+    let s = sums(&out);
+    assert!(s.iter().any(|(_, n)| n == "imatrix.gguf"), "{s:?}");
+
+    // A rerun skips everything.
+    let o = kiln().args(&a).output().unwrap();
+    assert_exit(&o, 0);
+    let e = stderr(&o);
+    for id in [
+        "merge",
+        "imatrix",
+        "quantize q4_k_m",
+        "quantize q4_k_m-imatrix",
+        "quantize q2_k_s-imatrix",
+        "ppl q4_k_m-imatrix demo-text",
+        "ppl q2_k_s-imatrix demo-text",
+        "report",
+    ] {
+        assert!(e.contains(&format!("skip {id} (up to date)")), "{id}:\n{e}");
+    }
+    assert!(
+        !e.contains("] importance matrix")
+            && !e.contains("] quantize ")
+            && !e.contains("] perplexity "),
+        "{e}"
+    );
+
+    // --imatrix and --imatrix-text conflict.
+    a.extend(["--imatrix".to_string(), ps(&im).to_string()]);
+    let o = kiln().args(&a).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -86,6 +86,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         quiet: a.quiet,
         expect_sha256: None,
         imatrix: None,
+        imatrix_text: None,
         name: Some("kiln-demo".into()),
         command: crate::cmd::pipeline::command_line(),
         device: "cpu".into(),

@@ -14,7 +14,7 @@ kiln pipeline --base Llama-2-7b-hf --lora chinese-llama-2-lora-7b --out zh-7b \\
 --quants q4_0,q4_k_m,q5_k_m,q6_k,q8_0 --eval-text wiki.test.raw --eval-text zh-eval.txt\n  \
 kiln pipeline --model zh-7b/model-f16.gguf --out zh-7b-eval --quants q4_k_m --eval-text zh-eval.txt -c 512 --chunks 40\n\n\
 Writes into --out: model-f16.gguf, model-<level>.gguf, eval/*.json, report.md, report.json, report.svg,\n\
-SHA256SUMS and kiln-manifest.json. Rerunning skips every step that is up to date; --force redoes all.")]
+SHA256SUMS and kiln-manifest.json (and imatrix.gguf, model-<level>-imatrix.gguf with --imatrix-text). Rerunning skips every step that is up to date; --force redoes all.")]
 pub struct Args {
     /// Base model: HF Llama folder (as for kiln merge).
     #[arg(long, required_unless_present = "model", conflicts_with = "model")]
@@ -71,6 +71,11 @@ pub struct Args {
     /// Importance matrix for the quantizers (from kiln imatrix or llama-imatrix).
     #[arg(long, value_name = "FILE")]
     pub imatrix: Option<PathBuf>,
+    /// Compute an importance matrix (--out/imatrix.gguf) from the F16 model on this text (with -c
+    /// and --chunks) and quantize every K level a second time with it (model-<level>-imatrix.gguf,
+    /// reported as <LEVEL>+imatrix); Q2_K_S is made only this way.
+    #[arg(long, value_name = "FILE", conflicts_with = "imatrix")]
+    pub imatrix_text: Option<PathBuf>,
     /// general.name of the merged GGUF (default: the --out folder's name).
     #[arg(long)]
     pub name: Option<String>,
@@ -97,7 +102,7 @@ pub fn parse_quants(list: &[String]) -> Result<Vec<Ftype>> {
             Ftype::parse(s).ok_or_else(|| {
                 anyhow!(
                     "--quants: unknown level {s:?} (use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_S, Q3_K_M, \
-                     Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K)"
+                     Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q2_K_S with an imatrix)"
                 )
             })
         })
@@ -159,6 +164,7 @@ pub fn settings(a: Args) -> Result<Settings> {
         quiet: a.quiet,
         expect_sha256: a.expect_sha256,
         imatrix: a.imatrix,
+        imatrix_text: a.imatrix_text,
         name: a.name,
         command: command_line(),
         device,

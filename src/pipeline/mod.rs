@@ -36,6 +36,10 @@ pub const STAGING: &str = ".kiln-staging";
 pub const EVAL_DIR: &str = "eval";
 /// The F16 GGUF's file name inside --out.
 pub const F16_FILE: &str = "model-f16.gguf";
+/// The importance matrix made with --imatrix-text, inside --out.
+pub const IMATRIX_FILE: &str = "imatrix.gguf";
+/// Suffix of the level names quantized with the --imatrix-text matrix ("Q4_K_M+imatrix").
+pub const IMATRIX_SUFFIX: &str = "+imatrix";
 
 /// Where the F16 model comes from.
 #[derive(Clone, Debug)]
@@ -64,6 +68,9 @@ pub struct Settings {
     pub expect_sha256: Option<PathBuf>,
     /// Importance matrix for the quantizers (llama-imatrix or kiln imatrix output).
     pub imatrix: Option<PathBuf>,
+    /// Calibration text: compute `--out/imatrix.gguf` from the F16 model on it (with n_ctx and
+    /// chunks) and quantize every K level a second time with it.
+    pub imatrix_text: Option<PathBuf>,
     /// general.name of the merged GGUF (default: the --out folder's name).
     pub name: Option<String>,
     /// The exact command line, for the report.
@@ -79,9 +86,41 @@ pub enum RunEnd {
     ExpectMismatch,
 }
 
-/// Quant level name used in step ids and file names ("q4_k_m", "f16").
+/// Quant level name used in step ids and file names ("q4_k_m", "f16", "q4_k_m-imatrix").
 pub fn level_file_name(level: &str) -> String {
-    level.to_ascii_lowercase()
+    level.to_ascii_lowercase().replace('+', "-")
+}
+
+/// Whether a level is a K-quant mix (Q2_K_S..Q6_K), quantized again with --imatrix-text's matrix.
+pub fn is_k_level(ft: Ftype) -> bool {
+    matches!(
+        ft,
+        Ftype::Q2K
+            | Ftype::Q2KS
+            | Ftype::Q3KS
+            | Ftype::Q3KM
+            | Ftype::Q3KL
+            | Ftype::Q4KS
+            | Ftype::Q4KM
+            | Ftype::Q5KS
+            | Ftype::Q5KM
+            | Ftype::Q6K
+    )
+}
+
+/// The quantizations of a run: (level name, file type, uses the --imatrix-text matrix). With
+/// `imatrix_text`, each K level is listed twice (plain, then "+imatrix"), Q2_K_S only with it.
+pub fn quant_jobs(quants: &[Ftype], imatrix_text: bool) -> Vec<(String, Ftype, bool)> {
+    let mut jobs = Vec::new();
+    for &q in quants {
+        if !(imatrix_text && q == Ftype::Q2KS) {
+            jobs.push((q.name().to_string(), q, false));
+        }
+        if imatrix_text && is_k_level(q) {
+            jobs.push((format!("{}{IMATRIX_SUFFIX}", q.name()), q, true));
+        }
+    }
+    jobs
 }
 
 /// The CPU model from /proc/cpuinfo, else the architecture.
@@ -368,6 +407,51 @@ fn input_key(out: &Path, p: &Path) -> String {
     }
 }
 
+/// The importance matrix of `m` on the text at `text_path` (chunks of `s.n_ctx`, at most
+/// `s.chunks`), as `kiln imatrix -m MODEL -f TEXT -c N --chunks M` writes it (dataset: `dataset`).
+fn make_imatrix(
+    m: &eval::Loaded,
+    text_path: &Path,
+    dataset: &str,
+    s: &Settings,
+    log: &Log,
+) -> Result<Vec<u8>> {
+    use crate::eval::imatrix::{collect, CollectParams, Collector};
+    let text = eval::read_text(text_path)?;
+    let (tokens, bos) = eval::tokenize(&m.tok, &text)?;
+    let params = PplParams {
+        n_ctx: s.n_ctx,
+        n_batch: s.n_ctx,
+        max_chunks: s.chunks,
+    };
+    let n_chunk = eval::check_length(text_path, tokens.len(), &params)?;
+    let chunk_size = u32::try_from(s.n_ctx).context("-c is too large")?;
+    let mut col = Collector::new(chunk_size, false);
+    let pb = log.bar(n_chunk as u64, "chunks");
+    let r = collect(
+        &m.model,
+        &tokens,
+        bos,
+        CollectParams {
+            n_ctx: s.n_ctx,
+            n_chunk,
+            compute_ppl: true,
+        },
+        &mut col,
+        |k, _, _| {
+            pb.set_position(k as u64);
+            Ok(())
+        },
+    )?;
+    pb.finish_and_clear();
+    eprintln!(
+        "  {} entries from {n_chunk} chunks, PPL {:.4}",
+        col.entries.len(),
+        r.ppl
+    );
+    col.gguf_bytes(Some(dataset))
+}
+
 /// Loads the model at `path` unless it is already loaded.
 fn load_once<'a>(slot: &'a mut Option<eval::Loaded>, path: &Path) -> Result<&'a eval::Loaded> {
     if slot.is_none() {
@@ -488,6 +572,20 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
             n_chunk,
         });
     }
+    if let Some(path) = &s.imatrix_text {
+        if s.imatrix.is_some() {
+            bail!("--imatrix and --imatrix-text conflict: give one importance matrix source");
+        }
+        // Checked now, before anything is written: readable and long enough for one chunk.
+        let text = eval::read_text(path)?;
+        let (tokens, _) = eval::tokenize(&tok, &text)?;
+        let p = PplParams {
+            n_ctx: s.n_ctx,
+            n_batch: s.n_ctx,
+            max_chunks: s.chunks,
+        };
+        eval::check_length(path, tokens.len(), &p)?;
+    }
     drop(tok);
 
     // 2. Hashes of every input and text (cached in the manifest by size and mtime).
@@ -506,6 +604,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         .cloned()
         .chain(texts.iter().map(|t| t.path.clone()))
         .chain(s.imatrix.iter().cloned())
+        .chain(s.imatrix_text.iter().cloned())
         .collect();
     let total: u64 = to_hash
         .iter()
@@ -536,6 +635,11 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         .imatrix
         .as_ref()
         .and_then(|_| hashes.get(input_files.len() + texts.len()).cloned());
+    let imatrix_text: Option<(PathBuf, String)> = s.imatrix_text.as_ref().and_then(|_| {
+        hashes
+            .get(input_files.len() + texts.len() + usize::from(s.imatrix.is_some()))
+            .cloned()
+    });
 
     // 3. --expect-sha256: a published list, checked before anything is written.
     if let Some(list_path) = &s.expect_sha256 {
@@ -595,11 +699,13 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
     }
 
     let has_merge = matches!(s.source, Source::Merge { .. });
+    let jobs = quant_jobs(&s.quants, s.imatrix_text.is_some());
     let levels: Vec<String> = std::iter::once("F16".to_string())
-        .chain(s.quants.iter().map(|q| q.name().to_string()))
+        .chain(jobs.iter().map(|j| j.0.clone()))
         .collect();
     log.n_steps = usize::from(has_merge)
-        + s.quants.len()
+        + usize::from(s.imatrix_text.is_some())
+        + jobs.len()
         + levels.len() * texts.len()
         + if s.kld { levels.len() * texts.len() } else { 0 }
         + if s.bench { levels.len() } else { 0 }
@@ -699,23 +805,78 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         }
     };
 
-    // 6. Quantize each level from the F16 GGUF.
+    // 6a. --imatrix-text: the importance matrix of the F16 model on that text.
+    let made_imatrix: Option<(PathBuf, String)> = match &imatrix_text {
+        None => None,
+        Some((text_path, text_sha)) => {
+            let id = "imatrix";
+            let rel = IMATRIX_FILE;
+            let dataset = text_path.to_string_lossy().into_owned();
+            let settings = json!({
+                "n_ctx": s.n_ctx,
+                "max_chunks": s.chunks,
+                "dataset": dataset,
+                "process_output": false,
+            });
+            let inputs: BTreeMap<String, String> = [
+                (input_key(&out, &f16_path), f16_sha.clone()),
+                (text_path.display().to_string(), text_sha.clone()),
+            ]
+            .into();
+            if man.up_to_date(&out, id, &settings, &inputs) {
+                log.skip(id);
+            } else {
+                log.step(&format!("importance matrix of F16 on {dataset} → {rel}"));
+                let t0 = Instant::now();
+                let m = eval::load(&f16_path)?;
+                let bytes = make_imatrix(&m, text_path, &dataset, s, &log)?;
+                drop(m);
+                space::check_dir(&out, rel, bytes.len() as u64)?;
+                kiln_formats::imatrix::write_file(&staging.join(rel), &bytes)?;
+                publish(&out, rel)?;
+                man.steps.insert(
+                    id.into(),
+                    StepRecord {
+                        settings,
+                        inputs,
+                        outputs: vec![record_output(&out, rel)?],
+                    },
+                );
+                man.save(&out)?;
+                eprintln!("  done in {:.1}s", t0.elapsed().as_secs_f64());
+            }
+            let sha = man
+                .output(id, rel)
+                .map(|o| o.file.sha256.clone())
+                .ok_or_else(|| anyhow!("the manifest lost {rel}"))?;
+            run_steps.push(id.to_string());
+            Some((out.join(rel), sha))
+        }
+    };
+
+    // 6b. Quantize each level from the F16 GGUF.
     let mut level_files: Vec<(String, PathBuf, String, String)> =
         vec![("F16".into(), f16_path.clone(), f16_rel, f16_sha.clone())];
-    for q in &s.quants {
-        let lname = level_file_name(q.name());
+    for (level, ft, own_imatrix) in &jobs {
+        let q = ft;
+        let imatrix = if *own_imatrix {
+            made_imatrix.as_ref().map(|(p, h)| (p.clone(), h.clone()))
+        } else {
+            imatrix.clone()
+        };
+        let lname = level_file_name(level);
         let id = format!("quantize {lname}");
         let rel = format!("model-{lname}.gguf");
         let settings = json!({"ftype": q.name(), "imatrix": imatrix.is_some()});
         let mut inputs: BTreeMap<String, String> =
             [(input_key(&out, &f16_path), f16_sha.clone())].into();
         if let Some((p, h)) = &imatrix {
-            inputs.insert(p.display().to_string(), h.clone());
+            inputs.insert(input_key(&out, p), h.clone());
         }
         if man.up_to_date(&out, &id, &settings, &inputs) {
             log.skip(&id);
         } else {
-            log.step(&format!("quantize {} → {rel}", q.name()));
+            log.step(&format!("quantize {level} → {rel}"));
             let need = {
                 let f = GgufFile::open(&f16_path)
                     .with_context(|| format!("reading {}", f16_path.display()))?;
@@ -759,7 +920,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
             .map(|o| o.file.sha256.clone())
             .ok_or_else(|| anyhow!("the manifest lost {rel}"))?;
         run_steps.push(id);
-        level_files.push((q.name().to_string(), out.join(&rel), rel, sha));
+        level_files.push((level.clone(), out.join(&rel), rel, sha));
     }
 
     // 7. Perplexity of every level on every text; KLD against F16 and speed with --kld / --bench.
@@ -984,6 +1145,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         inputs: hashes[..input_files.len()]
             .iter()
             .chain(imatrix.iter())
+            .chain(imatrix_text.iter())
             .map(|(p, h)| InputInfo {
                 path: p.display().to_string(),
                 size: std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
@@ -1062,6 +1224,34 @@ mod tests {
             PathBuf::from("/c/中文 text.txt"),
         ]);
         assert_eq!(v, ["wiki.test", "wiki.test-2", "中文_text"]);
+    }
+
+    #[test]
+    fn imatrix_text_doubles_the_k_levels() {
+        let names = quant_jobs;
+        let q = [Ftype::Q4_0, Ftype::Q4KM, Ftype::Q2KS, Ftype::Q6K];
+        assert_eq!(
+            names(&q, false),
+            [
+                ("Q4_0".to_string(), Ftype::Q4_0, false),
+                ("Q4_K_M".into(), Ftype::Q4KM, false),
+                ("Q2_K_S".into(), Ftype::Q2KS, false),
+                ("Q6_K".into(), Ftype::Q6K, false),
+            ]
+        );
+        assert_eq!(
+            names(&q, true),
+            [
+                ("Q4_0".to_string(), Ftype::Q4_0, false),
+                ("Q4_K_M".into(), Ftype::Q4KM, false),
+                ("Q4_K_M+imatrix".into(), Ftype::Q4KM, true),
+                ("Q2_K_S+imatrix".into(), Ftype::Q2KS, true),
+                ("Q6_K".into(), Ftype::Q6K, false),
+                ("Q6_K+imatrix".into(), Ftype::Q6K, true),
+            ]
+        );
+        assert_eq!(level_file_name("Q4_K_M+imatrix"), "q4_k_m-imatrix");
+        assert!(!is_k_level(Ftype::Q8_0) && is_k_level(Ftype::Q3KL));
     }
 
     #[test]
