@@ -34,6 +34,17 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
 
 /// `make_qx_quants(n, nmax, x, L, rmse_type = 1, qw = NULL)`: weights `x*x`. `l.len() == x.len() <= 32`.
 fn make_qx_quants(nmax: i32, x: &[f32], big_l: &mut [i8]) -> f32 {
+    let mut w = [0f32; 32];
+    let w = &mut w[..x.len().min(32)];
+    for (o, &v) in w.iter_mut().zip(x) {
+        *o = v * v;
+    }
+    make_qx_quants_weighted(nmax, x, w, big_l)
+}
+
+/// `make_qx_quants(n, nmax, x, L, rmse_type = 1, qw)` with explicit weights `qw`; L in `0..2*nmax`.
+/// (Without an importance matrix ggml uses `qw = x*x`: [`make_qx_quants`].)
+pub(super) fn make_qx_quants_weighted(nmax: i32, x: &[f32], qw: &[f32], big_l: &mut [i8]) -> f32 {
     let (max, amax) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         big_l.fill(0);
@@ -44,9 +55,8 @@ fn make_qx_quants(nmax: i32, x: &[f32], big_l: &mut [i8]) -> f32 {
     let sums = |iscale: f32| {
         let mut sumlx = 0f32;
         let mut suml2 = 0f32;
-        for &v in x {
+        for (&v, &w) in x.iter().zip(qw) {
             let l = quant(iscale, v) as f32;
-            let w = v * v;
             sumlx += w * v * l;
             suml2 += w * l * l;
         }

@@ -15,8 +15,8 @@ use half::f16;
 
 use super::float::f32_to_f16_bits;
 use super::kquants::{
-    finish_q6_k, get_scale_min_k4, pack_q2_k, pack_q3_k, pack_q4_k, pack_q5_k, requant_ref,
-    Requant, GROUP_MAX_EPS,
+    finish_q6_k, get_scale_min_k4, make_qx_quants_weighted, pack_q2_k, pack_q3_k, pack_q4_k,
+    pack_q5_k, requant_ref, Requant, GROUP_MAX_EPS,
 };
 use super::{bytes_for, check_len, nearest_int, quantize_row_ref};
 use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, QK, QK_K};
@@ -65,58 +65,6 @@ fn sigma_weights(x: &[f32], qw: &[f32], sigma2: f32, out: &mut [f32]) {
     for ((o, &v), &q) in out.iter_mut().zip(x).zip(qw) {
         *o = q * (sigma2 + v * v).sqrt();
     }
-}
-
-/// `make_qx_quants(n, nmax, x, L, rmse_type = 1, qw)` with explicit weights; L in `0..2*nmax`.
-fn make_qx_quants_w(nmax: i32, x: &[f32], qw: &[f32], big_l: &mut [i8]) -> f32 {
-    let mut max = 0f32;
-    let mut amax = 0f32;
-    for &v in x {
-        let ax = v.abs();
-        if ax > amax {
-            amax = ax;
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
-        big_l.fill(0);
-        return 0.0;
-    }
-    let nmaxf = nmax as f32;
-    let quant = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let sums = |iscale: f32| {
-        let mut sumlx = 0f32;
-        let mut suml2 = 0f32;
-        for (&v, &w) in x.iter().zip(qw) {
-            let l = quant(iscale, v) as f32;
-            sumlx += w * v * l;
-            suml2 += w * l * l;
-        }
-        (sumlx, suml2)
-    };
-    let fill = |iscale: f32, big_l: &mut [i8]| {
-        for (q, &v) in big_l.iter_mut().zip(x) {
-            *q = (nmax + quant(iscale, v)) as i8;
-        }
-    };
-    let iscale = -nmaxf / max;
-    fill(iscale, big_l);
-    let (sumlx, suml2) = sums(iscale);
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
-    for is in -9i32..=9 {
-        if is == 0 {
-            continue;
-        }
-        let iscale = -(nmaxf + 0.1 * is as f32) / max;
-        let (sumlx, suml2) = sums(iscale);
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            fill(iscale, big_l);
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    scale
 }
 
 /// `make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, -0.9, 0.05, 36, false)`: returns
@@ -313,7 +261,7 @@ fn legacy_row(ty: GgmlType, x: &[f32], qw: &[f32], dst: &mut [u8]) {
             GgmlType::Q4_0 | GgmlType::Q5_0 => {
                 let nmax = if ty == GgmlType::Q4_0 { 8 } else { 16 };
                 let mut l = [0i8; QK];
-                let d = make_qx_quants_w(nmax, xb, &weight, &mut l);
+                let d = make_qx_quants_weighted(nmax, xb, &weight, &mut l);
                 let l = l.map(|v| v as u8);
                 if ty == GgmlType::Q4_0 {
                     let b = BlockQ4_0 {
@@ -418,10 +366,10 @@ fn q3_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; 110] {
         let mut weight = [0f32; 16];
         sigma_weights(xs, ws, sigma2, &mut weight);
         sw[j] = sum(&weight);
-        scales[j] = make_qx_quants_w(4, xs, &weight, ls);
+        scales[j] = make_qx_quants_weighted(4, xs, &weight, ls);
     }
     let mut lsc = [0i8; 16];
-    let d_block = make_qx_quants_w(32, &scales, &sw, &mut lsc);
+    let d_block = make_qx_quants_weighted(32, &scales, &sw, &mut lsc);
     let mut sc = [0u8; 12];
     for (j, &l) in lsc.iter().enumerate() {
         let l = i32::from(l);
@@ -525,7 +473,7 @@ fn q6_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; 210] {
         .zip(big_l.chunks_exact_mut(16))
         .enumerate()
     {
-        scales[j] = make_qx_quants_w(32, xs, ws, ls);
+        scales[j] = make_qx_quants_weighted(32, xs, ws, ls);
     }
     finish_q6_k(x, &scales, &mut big_l.map(|v| v as u8)).to_bytes()
 }
