@@ -718,42 +718,15 @@ mod tests {
         }
     }
 
-    // ---- a tiny protobuf writer for synthetic models ----
-    fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-    fn put_key(out: &mut Vec<u8>, field: u32, wt: u8) {
-        put_varint(out, (u64::from(field) << 3) | u64::from(wt));
-    }
-    fn put_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
-        put_key(out, field, WT_LEN);
-        put_varint(out, b.len() as u64);
-        out.extend_from_slice(b);
-    }
-    fn put_int(out: &mut Vec<u8>, field: u32, v: i64) {
-        put_key(out, field, WT_VARINT);
-        put_varint(out, v as u64);
-    }
-    fn put_float(out: &mut Vec<u8>, field: u32, v: f32) {
-        put_key(out, field, WT_I32);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    // ---- synthetic models, written with the module's protobuf writer ----
     fn piece_msg(piece: &[u8], score: Option<f32>, kind: Option<i64>) -> Vec<u8> {
         let mut p = Vec::new();
-        put_bytes(&mut p, 1, piece);
+        w_bytes(&mut p, 1, piece);
         if let Some(s) = score {
-            put_float(&mut p, 2, s);
+            w_float(&mut p, 2, s);
         }
         if let Some(k) = kind {
-            put_int(&mut p, 3, k);
+            w_int(&mut p, 3, k);
         }
         p
     }
@@ -767,36 +740,36 @@ mod tests {
     fn synthetic_with_boundaries() -> (Vec<u8>, Vec<usize>) {
         let mut m = Vec::new();
         let mut ends = Vec::new();
-        put_bytes(&mut m, 1, &piece_msg(b"<unk>", Some(0.0), Some(2)));
+        w_bytes(&mut m, 1, &piece_msg(b"<unk>", Some(0.0), Some(2)));
         ends.push(m.len());
-        put_bytes(&mut m, 1, &piece_msg(b"<s>", None, Some(3)));
+        w_bytes(&mut m, 1, &piece_msg(b"<s>", None, Some(3)));
         ends.push(m.len());
-        put_bytes(&mut m, 1, &piece_msg("▁a".as_bytes(), Some(-1.5), None));
+        w_bytes(&mut m, 1, &piece_msg("▁a".as_bytes(), Some(-1.5), None));
         ends.push(m.len());
-        put_bytes(&mut m, 1, &piece_msg(b"<0x41>", Some(0.0), Some(6)));
+        w_bytes(&mut m, 1, &piece_msg(b"<0x41>", Some(0.0), Some(6)));
         ends.push(m.len());
         let mut t = Vec::new();
-        put_int(&mut t, 3, 2);
-        put_int(&mut t, 4, 4);
-        put_bytes(&mut t, 2, b"prefix"); // unknown to us: skipped
-        put_int(&mut t, 35, 1);
-        put_int(&mut t, 43, 3);
-        put_int(&mut t, 41, -1);
-        put_key(&mut t, 51, WT_I32); // float, skipped
+        w_int(&mut t, 3, 2);
+        w_int(&mut t, 4, 4);
+        w_bytes(&mut t, 2, b"prefix"); // unknown to us: skipped
+        w_int(&mut t, 35, 1);
+        w_int(&mut t, 43, 3);
+        w_int(&mut t, 41, -1);
+        w_key(&mut t, 51, WT_I32); // float, skipped
         t.extend_from_slice(&0.5f32.to_le_bytes());
-        put_key(&mut t, 52, WT_I64); // uint64 as fixed? skipped either way
+        w_key(&mut t, 52, WT_I64); // uint64 as fixed? skipped either way
         t.extend_from_slice(&[0; 8]);
-        put_bytes(&mut m, 2, &t);
+        w_bytes(&mut m, 2, &t);
         ends.push(m.len());
         let mut n = Vec::new();
-        put_bytes(&mut n, 1, b"identity");
-        put_int(&mut n, 3, 0);
-        put_bytes(&mut m, 3, &n);
+        w_bytes(&mut n, 1, b"identity");
+        w_int(&mut n, 3, 0);
+        w_bytes(&mut m, 3, &n);
         ends.push(m.len());
         // an unknown extension field with a group inside
-        put_key(&mut m, 200, WT_SGROUP);
-        put_int(&mut m, 1, 5);
-        put_key(&mut m, 200, WT_EGROUP);
+        w_key(&mut m, 200, WT_SGROUP);
+        w_int(&mut m, 1, 5);
+        w_key(&mut m, 200, WT_EGROUP);
         ends.push(m.len());
         (m, ends)
     }
@@ -1004,7 +977,7 @@ mod tests {
     #[test]
     fn bare_pieces_use_proto_defaults() {
         let mut m = Vec::new();
-        put_bytes(&mut m, 1, &piece_msg(b"x", None, None));
+        w_bytes(&mut m, 1, &piece_msg(b"x", None, None));
         let m = SpModel::parse(&m).unwrap();
         assert_eq!(m.pieces[0].kind, PieceType::Normal);
         assert_eq!(m.pieces[0].score, 0.0);
@@ -1060,7 +1033,7 @@ mod tests {
         let p = piece_msg(b"abc", Some(1.0), Some(1));
         for n in 1..p.len() {
             let mut m = Vec::new();
-            put_bytes(&mut m, 1, &p[..n]);
+            w_bytes(&mut m, 1, &p[..n]);
             let r = SpModel::parse(&m);
             // Only cuts after the piece string (5) or the score (10) are valid.
             assert_eq!(r.is_ok(), n == 5 || n == 10, "inner cut at {n}: {r:?}");
@@ -1071,17 +1044,17 @@ mod tests {
     fn hostile_inputs() {
         // Huge length prefix.
         let mut m = Vec::new();
-        put_key(&mut m, 1, WT_LEN);
-        put_varint(&mut m, u64::MAX >> 1);
+        w_key(&mut m, 1, WT_LEN);
+        w_varint(&mut m, u64::MAX >> 1);
         assert!(matches!(SpModel::parse(&m), Err(SpError::Truncated { .. })));
         // Huge length in an unknown field.
         let mut m = Vec::new();
-        put_key(&mut m, 99, WT_LEN);
-        put_varint(&mut m, 1 << 40);
+        w_key(&mut m, 99, WT_LEN);
+        w_varint(&mut m, 1 << 40);
         assert!(matches!(SpModel::parse(&m), Err(SpError::Truncated { .. })));
         // Over-long varint.
         let mut m = Vec::new();
-        put_key(&mut m, 99, WT_VARINT);
+        w_key(&mut m, 99, WT_VARINT);
         m.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
         assert!(matches!(SpModel::parse(&m), Err(SpError::BadVarint { .. })));
         // Wire types 6 and 7 do not exist.
@@ -1106,37 +1079,37 @@ mod tests {
         // Score as varint.
         let mut m = Vec::new();
         let mut p = Vec::new();
-        put_bytes(&mut p, 1, b"a");
-        put_int(&mut p, 2, 1);
-        put_bytes(&mut m, 1, &p);
+        w_bytes(&mut p, 1, b"a");
+        w_int(&mut p, 2, 1);
+        w_bytes(&mut m, 1, &p);
         assert!(matches!(
             SpModel::parse(&m),
             Err(SpError::WrongWireType { field: 2, .. })
         ));
         // Non-UTF-8 piece names its index.
         let mut m = Vec::new();
-        put_bytes(&mut m, 1, &piece_msg(b"ok", None, None));
-        put_bytes(&mut m, 1, &piece_msg(b"\xff\xfe", None, None));
+        w_bytes(&mut m, 1, &piece_msg(b"ok", None, None));
+        w_bytes(&mut m, 1, &piece_msg(b"\xff\xfe", None, None));
         let e = SpModel::parse(&m).unwrap_err();
         assert!(matches!(e, SpError::PieceNotUtf8 { index: 1 }), "{e}");
         assert!(e.to_string().contains("piece 1"));
         // Unknown piece type 7.
         let mut m = Vec::new();
-        put_bytes(&mut m, 1, &piece_msg(b"a", None, Some(7)));
+        w_bytes(&mut m, 1, &piece_msg(b"a", None, Some(7)));
         assert!(matches!(
             SpModel::parse(&m),
             Err(SpError::UnknownPieceType { index: 0, value: 7 })
         ));
         // Empty and duplicate pieces.
         let mut m = Vec::new();
-        put_bytes(&mut m, 1, &piece_msg(b"", None, None));
+        w_bytes(&mut m, 1, &piece_msg(b"", None, None));
         assert!(matches!(
             SpModel::parse(&m),
             Err(SpError::EmptyPiece { index: 0 })
         ));
         let mut m = Vec::new();
-        put_bytes(&mut m, 1, &piece_msg(b"a", None, None));
-        put_bytes(&mut m, 1, &piece_msg(b"a", None, None));
+        w_bytes(&mut m, 1, &piece_msg(b"a", None, None));
+        w_bytes(&mut m, 1, &piece_msg(b"a", None, None));
         assert!(matches!(
             SpModel::parse(&m),
             Err(SpError::DuplicatePiece {
@@ -1147,19 +1120,19 @@ mod tests {
         ));
         // Only a trainer spec: no pieces.
         let mut m = Vec::new();
-        put_bytes(&mut m, 2, &[]);
+        w_bytes(&mut m, 2, &[]);
         assert!(matches!(SpModel::parse(&m), Err(SpError::NoPieces)));
         // Unbalanced and deeply nested groups.
         let mut m = Vec::new();
-        put_key(&mut m, 9, WT_SGROUP);
-        put_key(&mut m, 8, WT_EGROUP);
+        w_key(&mut m, 9, WT_SGROUP);
+        w_key(&mut m, 8, WT_EGROUP);
         assert!(matches!(SpModel::parse(&m), Err(SpError::BadGroup { .. })));
         let mut m = Vec::new();
-        put_key(&mut m, 9, WT_EGROUP);
+        w_key(&mut m, 9, WT_EGROUP);
         assert!(matches!(SpModel::parse(&m), Err(SpError::BadGroup { .. })));
         let mut m = Vec::new();
         for _ in 0..10_000 {
-            put_key(&mut m, 9, WT_SGROUP);
+            w_key(&mut m, 9, WT_SGROUP);
         }
         assert!(matches!(SpModel::parse(&m), Err(SpError::BadGroup { .. })));
     }
