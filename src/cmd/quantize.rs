@@ -190,60 +190,123 @@ pub fn load_quant_weights(
     Ok(QuantWeights { weights, metadata })
 }
 
-/// Quantizes a tensor with importance weights: each row is decoded to f32 and quantized with
-/// the weights of its matrix (`weights` holds `cols` values per matrix of `rows_per_mat` rows).
-#[allow(clippy::too_many_arguments)]
-fn transcode_weighted(
-    tensor: &str,
+/// One tensor to re-encode: its source bytes, what it becomes, and its importance weights
+/// (`cols` values per matrix of `rows_per_mat` rows) when the target type uses them.
+struct Job<'a> {
+    tensor: &'a str,
     src_ty: GgmlType,
-    src: &[u8],
+    src: &'a [u8],
     dst_ty: GgmlType,
     rows: usize,
     cols: usize,
+    in_row: usize,
+    out_row: usize,
     rows_per_mat: usize,
-    weights: &[f32],
-    out: &mut Vec<u8>,
-) -> Result<()> {
-    let in_row = src_ty
-        .row_size(cols as u64)
-        .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {src_ty}"))?
-        as usize;
-    let out_row = dst_ty
-        .row_size(cols as u64)
-        .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {dst_ty}"))?
-        as usize;
-    if src.len() != rows * in_row {
-        bail!(
-            "tensor {tensor}: {} bytes of data, expected {}",
-            src.len(),
-            rows * in_row
-        );
+    weights: Option<&'a [f32]>,
+}
+
+/// Output bytes per chunk handed from the encoder to the writer: small enough that a few chunks in
+/// flight keep the resident set low, large enough that every thread gets many rows.
+const CHUNK_BYTES: usize = 8 << 20;
+
+impl<'a> Job<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        tensor: &'a str,
+        src_ty: GgmlType,
+        src: &'a [u8],
+        dst_ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        rows_per_mat: usize,
+        weights: Option<&'a [f32]>,
+    ) -> Result<Job<'a>> {
+        let in_row = src_ty
+            .row_size(cols as u64)
+            .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {src_ty}"))?
+            as usize;
+        let out_row = dst_ty
+            .row_size(cols as u64)
+            .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {dst_ty}"))?
+            as usize;
+        if Some(src.len()) != rows.checked_mul(in_row) {
+            bail!(
+                "tensor {tensor}: {} bytes of data, expected {} ({rows} rows of {cols} {src_ty})",
+                src.len(),
+                rows.saturating_mul(in_row)
+            );
+        }
+        Ok(Job {
+            tensor,
+            src_ty,
+            src,
+            dst_ty,
+            rows,
+            cols,
+            in_row,
+            out_row,
+            rows_per_mat: rows_per_mat.max(1),
+            weights,
+        })
     }
-    out.clear();
-    out.resize(rows * out_row, 0);
-    out.par_chunks_mut(out_row)
-        .zip(src.par_chunks(in_row))
-        .enumerate()
-        .try_for_each_init(
-            || vec![0f32; cols],
-            |buf, (r, (dst, s))| -> Result<()> {
-                kiln_quant::dequantize_row(src_ty, s, buf)?;
-                if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
-                    bail!(
-                        "tensor {tensor}: row {r}, column {i} holds {}; llama.cpp refuses to quantize \
-                         non-finite values, and so does kiln",
-                        buf[i]
-                    );
-                }
-                let m = r / rows_per_mat.max(1);
-                let w = weights
-                    .get(m * cols..(m + 1) * cols)
-                    .ok_or_else(|| anyhow!("tensor {tensor}: no importance weights for row {r}"))?;
-                kiln_quant::quantize_row_weighted(dst_ty, buf, w, dst)?;
-                Ok(())
-            },
-        )?;
-    Ok(())
+
+    /// Row ranges of about [`CHUNK_BYTES`] of input or output each, in order.
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let per = (CHUNK_BYTES / self.in_row.max(self.out_row).max(1)).max(1);
+        let rows = self.rows;
+        (0..rows.div_ceil(per)).map(move |c| (c * per, ((c + 1) * per).min(rows)))
+    }
+
+    /// Encodes rows `r0..r1` into `out` (resized to fit; its old contents are all overwritten),
+    /// rows in parallel: each row is decoded to f32, checked finite when the target is quantized
+    /// (llama.cpp's quantizers would write NaN or Inf scales its own loader then rejects), and
+    /// quantized, with the importance weights of its matrix when there are any.
+    fn encode_rows(&self, r0: usize, r1: usize, out: &mut Vec<u8>) -> Result<()> {
+        let n = (r1 - r0) * self.out_row;
+        out.truncate(n);
+        out.resize(n, 0);
+        let src = &self.src[r0 * self.in_row..r1 * self.in_row];
+        out.par_chunks_mut(self.out_row)
+            .zip(src.par_chunks(self.in_row))
+            .enumerate()
+            .try_for_each_init(
+                || vec![0f32; self.cols],
+                |buf, (i, (dst, s))| -> Result<()> {
+                    let r = r0 + i;
+                    let tensor = self.tensor;
+                    if self.src_ty == self.dst_ty {
+                        dst.copy_from_slice(s);
+                        return Ok(());
+                    }
+                    kiln_quant::dequantize_row(self.src_ty, s, buf)?;
+                    if self.dst_ty.is_quantized() {
+                        // A branch-free fold vectorizes; the position is looked up only on failure.
+                        let finite = buf.iter().fold(true, |ok, v| ok & v.is_finite());
+                        if let Some(c) = (!finite)
+                            .then(|| buf.iter().position(|v| !v.is_finite()))
+                            .flatten()
+                        {
+                            bail!(
+                                "tensor {tensor}: row {r}, column {c} holds {}; llama.cpp refuses to \
+                                 quantize non-finite values, and so does kiln",
+                                buf[c]
+                            );
+                        }
+                    }
+                    match self.weights {
+                        Some(w) => {
+                            let m = r / self.rows_per_mat;
+                            let w = w.get(m * self.cols..(m + 1) * self.cols).ok_or_else(|| {
+                                anyhow!("tensor {tensor}: no importance weights for row {r}")
+                            })?;
+                            kiln_quant::quantize_row_weighted(self.dst_ty, buf, w, dst)?;
+                        }
+                        None => kiln_quant::quantize_row(self.dst_ty, buf, dst)?,
+                    }
+                    Ok(())
+                },
+            )
+    }
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
@@ -401,27 +464,20 @@ pub fn run(a: Args) -> Result<Outcome> {
         .collect();
     let mut w = GgufWriter::create(out_path, &meta, &infos)
         .with_context(|| format!("creating {}", out_path.display()))?;
-    let in_file =
-        std::fs::File::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
-    let pb = progress::bytes_bar(total_in, a.quiet);
-    let mut bytes = Vec::new();
+    // Every check first (importance weights, row sizes), so a bad tensor stops the run before
+    // anything is written.
+    let mut jobs = Vec::with_capacity(order.len());
     for (t, ty) in order.iter().zip(&types) {
-        pb.set_message(format!("{} {} -> {}", t.name, t.ty, ty));
-        let src = input.tensor_data(t);
-        let rows = (t.n_elements() / t.row_len().max(1)) as usize;
         if t.ty == *ty {
-            // A tensor that keeps its type is copied file to file by the kernel.
-            w.write_tensor_from_file(&t.name, &in_file, input.data_offset + t.offset, t.n_bytes())
-                .with_context(|| format!("writing {}", out_path.display()))?;
-            input.release(t);
-            pb.inc(t.n_bytes());
+            jobs.push(None);
             continue;
         }
         let cols = t.row_len() as usize;
+        let rows = (t.n_elements() / t.row_len().max(1)) as usize;
         let rows_per_mat = t.shape.get(1).copied().unwrap_or(1) as usize;
         let n_mat = t.shape.get(2).copied().unwrap_or(1) as usize;
         let tw = match weights.and_then(|w| w.get(&t.name)) {
-            Some(w) if w.len() == cols * n_mat => Some(w),
+            Some(w) if w.len() == cols * n_mat => Some(w.as_slice()),
             Some(w) if t.name != "token_embd.weight" => bail!(
                 "imatrix size {} is different from tensor size {} for {}",
                 w.len(),
@@ -437,34 +493,91 @@ pub fn run(a: Args) -> Result<Outcome> {
                 t.name
             );
         }
-        match tw {
-            Some(w) if kiln_quant::uses_weights(*ty) => transcode_weighted(
-                &t.name,
-                t.ty,
-                src,
-                *ty,
-                rows,
-                cols,
-                rows_per_mat,
-                w,
-                &mut bytes,
-            )?,
-            _ => crate::transcode::transcode_into(
-                &t.name,
-                t.ty,
-                src,
-                *ty,
-                rows,
-                cols,
-                &crate::transcode::same_row,
-                &mut bytes,
-            )?,
-        }
-        w.write_tensor(&t.name, &bytes)
-            .with_context(|| format!("writing {}", out_path.display()))?;
-        input.release(t);
-        pb.inc(t.n_bytes());
+        let tw = tw.filter(|_| kiln_quant::uses_weights(*ty));
+        let src = input.tensor_data(t);
+        jobs.push(Some(Job::new(
+            &t.name,
+            t.ty,
+            src,
+            *ty,
+            rows,
+            cols,
+            rows_per_mat,
+            tw,
+        )?));
     }
+
+    let in_file =
+        std::fs::File::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    let pb = progress::bytes_bar(total_in, a.quiet);
+    // An encoder thread quantizes chunk after chunk (rows in parallel on the rayon pool) while this
+    // thread writes the previous chunk, so the file write overlaps the arithmetic. Three buffers
+    // circulate: one being filled, one queued, one being written.
+    std::thread::scope(|scope| -> Result<()> {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<(Vec<u8>, u64)>>(1);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..3 {
+            let _ = free_tx.send(Vec::new());
+        }
+        let todo = &jobs;
+        scope.spawn(move || {
+            for job in todo.iter().flatten() {
+                for (r0, r1) in job.chunks() {
+                    let Ok(mut buf) = free_rx.recv() else { return };
+                    let done = job
+                        .encode_rows(r0, r1, &mut buf)
+                        .map(|()| (buf, ((r1 - r0) * job.in_row) as u64));
+                    let failed = done.is_err();
+                    if full_tx.send(done).is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        });
+        for ((t, ty), job) in order.iter().zip(&types).zip(&jobs) {
+            pb.set_message(format!("{} {} -> {}", t.name, t.ty, ty));
+            let Some(job) = job else {
+                // A tensor that keeps its type is copied file to file by the kernel.
+                w.write_tensor_from_file(
+                    &t.name,
+                    &in_file,
+                    input.data_offset + t.offset,
+                    t.n_bytes(),
+                )
+                .with_context(|| format!("writing {}", out_path.display()))?;
+                input.release(t);
+                pb.inc(t.n_bytes());
+                continue;
+            };
+            let mut failure = None;
+            let n_bytes = (job.rows * job.out_row) as u64;
+            let written = w.write_tensor_streamed(&t.name, n_bytes, |out| {
+                let mut left = n_bytes;
+                while left > 0 {
+                    match full_rx.recv() {
+                        Ok(Ok((buf, in_bytes))) => {
+                            out.write_all(&buf)?;
+                            left = left.saturating_sub(buf.len() as u64);
+                            pb.inc(in_bytes);
+                            let _ = free_tx.send(buf);
+                        }
+                        Ok(Err(e)) => {
+                            failure = Some(e);
+                            return Err(std::io::Error::other("encoding failed"));
+                        }
+                        Err(_) => return Err(std::io::Error::other("the encoder stopped")),
+                    }
+                }
+                Ok(())
+            });
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            written.with_context(|| format!("writing {}", out_path.display()))?;
+            input.release(t);
+        }
+        Ok(())
+    })?;
     w.finish()
         .with_context(|| format!("finishing {}", out_path.display()))?;
     pb.finish_and_clear();

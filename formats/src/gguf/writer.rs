@@ -160,6 +160,23 @@ pub fn serialize_header(
 
 const ZEROS: [u8; 4096] = [0; 4096];
 
+/// A writer that counts the bytes passed through it.
+struct Counted<'a, W: Write> {
+    out: &'a mut W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.out.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// A GGUF file being written: header at creation, then every tensor's data in header order.
 /// Nothing appears at the output path until [`GgufWriter::finish`] succeeds.
 pub struct GgufWriter {
@@ -222,6 +239,32 @@ impl GgufWriter {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     format!("source ended after {copied} of {n_bytes} bytes"),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    /// Next tensor's bytes written by `fill` in as many pieces as it likes, so a producer can
+    /// encode the tensor in chunks while earlier chunks are being written. `fill` must write exactly
+    /// `n_bytes` (the tensor's size); fewer or more poisons the writer and nothing reaches the output
+    /// path. An error `fill` returns is passed on (the writer is then poisoned too).
+    pub fn write_tensor_streamed(
+        &mut self,
+        name: &str,
+        n_bytes: u64,
+        fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), GgufError> {
+        self.write_tensor_with(name, n_bytes, |out| {
+            let mut counted = Counted { out, n: 0 };
+            fill(&mut counted)?;
+            if counted.n != n_bytes {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "tensor {name}: {} bytes written, expected {n_bytes}",
+                        counted.n
+                    ),
                 ));
             }
             Ok(())
@@ -368,6 +411,61 @@ mod tests {
         assert_eq!(f.tensor_data(&f.tensors[1]), b);
         assert_eq!(f.file_size(), f.data_offset + 32 + 96);
         assert_eq!(f.path(), p);
+    }
+
+    #[test]
+    fn streamed_tensor_in_pieces_equals_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (md, ts) = small();
+        let a: Vec<u8> = (0..16).collect();
+        let b: Vec<u8> = (0..68).map(|i| i as u8 ^ 0x5a).collect();
+        let whole = dir.path().join("whole.gguf");
+        let mut w = GgufWriter::create(&whole, &md, &ts).unwrap();
+        w.write_tensor("a", &a).unwrap();
+        w.write_tensor("b", &b).unwrap();
+        w.finish().unwrap();
+        let parts = dir.path().join("parts.gguf");
+        let mut w = GgufWriter::create(&parts, &md, &ts).unwrap();
+        w.write_tensor_streamed("a", 16, |out| out.write_all(&a))
+            .unwrap();
+        w.write_tensor_streamed("b", 68, |out| {
+            for piece in b.chunks(7) {
+                out.write_all(piece)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        w.finish().unwrap();
+        assert_eq!(
+            std::fs::read(&whole).unwrap(),
+            std::fs::read(&parts).unwrap()
+        );
+    }
+
+    #[test]
+    fn streamed_tensor_short_or_failed_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        let (md, ts) = small();
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        let e = w
+            .write_tensor_streamed("a", 16, |out| out.write_all(&[1; 15]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("15 bytes written, expected 16"),
+            "{e}"
+        );
+        assert!(w.write_tensor("b", &[0; 68]).is_err());
+        assert!(w.finish().is_err());
+        assert!(empty_dir(dir.path()));
+
+        let mut w = GgufWriter::create(&p, &md, &ts).unwrap();
+        let e = w
+            .write_tensor_streamed("a", 16, |_| Err(std::io::Error::other("producer failed")))
+            .unwrap_err();
+        assert!(e.to_string().contains("producer failed"), "{e}");
+        drop(w);
+        assert!(empty_dir(dir.path()));
     }
 
     #[test]
