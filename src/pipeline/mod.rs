@@ -224,6 +224,33 @@ fn text_names(texts: &[PathBuf]) -> Vec<String> {
     names
 }
 
+/// Takes the --out folder's lock (an advisory `flock` on the folder itself, released when the
+/// returned handle is dropped or the process dies), so a second pipeline on the same folder stops
+/// with a clear error instead of both writing the same files. Where folders cannot be locked
+/// (a file system without locks, a platform that cannot open folders) there is only a warning.
+fn lock_out(out: &Path) -> Result<Option<std::fs::File>> {
+    let warn = |e: &dyn std::fmt::Display| {
+        eprintln!(
+            "warning: cannot lock {} ({e}); make sure no other pipeline uses this folder",
+            out.display()
+        );
+        Ok(None)
+    };
+    let f = match std::fs::File::open(out) {
+        Ok(f) => f,
+        Err(e) => return warn(&e),
+    };
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "--out {}: another kiln pipeline is working in this folder; wait for it to finish or \
+             choose another --out",
+            out.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => warn(&e),
+    }
+}
+
 /// Removes what an interrupted run left: the staging folder and temporary files of atomic writes.
 fn clean_leftovers(out: &Path) -> Result<()> {
     let staging = out.join(STAGING);
@@ -683,6 +710,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
     // 4. The output folder.
     std::fs::create_dir_all(&out)
         .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    let _lock = lock_out(&out)?;
     clean_leftovers(&out)?;
     let staging = out.join(STAGING);
     std::fs::create_dir_all(staging.join(EVAL_DIR)).with_context(|| {
@@ -1274,5 +1302,16 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(left, ["model-q4_0.gguf"]);
+    }
+
+    #[test]
+    fn second_pipeline_on_one_folder_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let held = lock_out(d.path()).unwrap();
+        assert!(held.is_some());
+        let e = lock_out(d.path()).unwrap_err().to_string();
+        assert!(e.contains("another kiln pipeline"), "{e}");
+        drop(held);
+        assert!(lock_out(d.path()).unwrap().is_some());
     }
 }
