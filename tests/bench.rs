@@ -3,26 +3,12 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
-
-fn f16_model(fx: &Path, dir: &Path) -> PathBuf {
-    let out = dir.join("gqa-zh.f16.gguf");
-    let o = run_kiln(&[
-        "convert",
-        fx.join("gqa-zh/st").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-q",
-    ]);
-    assert_exit(&o, 0);
-    out
-}
 
 #[test]
 fn bench_prints_a_table_and_json() {
     let Some(fx) = fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let f16 = f16_model(&fx, tmp.path());
+    let f16 = gqa_f16(&fx, tmp.path());
     let m = f16.to_str().unwrap();
     let o = run_kiln(&["bench", "-m", m, "-p", "8", "-n", "3", "-r", "2", "-t", "1"]);
     assert_exit(&o, 0);
@@ -84,7 +70,7 @@ fn bench_prints_a_table_and_json() {
 fn bench_refuses_bad_arguments() {
     let Some(fx) = fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let f16 = f16_model(&fx, tmp.path());
+    let f16 = gqa_f16(&fx, tmp.path());
     let m = f16.to_str().unwrap();
     for args in [
         vec!["bench", "-m", m, "-r", "0", "-q"],

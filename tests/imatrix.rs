@@ -11,28 +11,6 @@ use std::process::Command;
 const CTX: &str = "128";
 const CHUNKS: &str = "4";
 
-fn text() -> Option<PathBuf> {
-    let t = shared_dir()?.join("fixtures/texts/zh-libai.txt");
-    if !t.is_file() {
-        eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
-        return None;
-    }
-    Some(t)
-}
-
-fn f16_model(fx: &Path, dir: &Path) -> PathBuf {
-    let out = dir.join("gqa-zh.f16.gguf");
-    let o = run_kiln(&[
-        "convert",
-        fx.join("gqa-zh/st").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-q",
-    ]);
-    assert_exit(&o, 0);
-    out
-}
-
 fn llama_imatrix(bin: &Path, model: &Path, text: &Path, out: &Path, extra: &[&str]) {
     let o = Command::new(bin.join("llama-imatrix"))
         .args(["-m", model.to_str().unwrap(), "-f"])
@@ -85,10 +63,10 @@ fn llama_quantize(bin: &Path, args: &[&str]) -> String {
 fn quantize_with_imatrix_is_byte_identical() {
     let Some(fx) = fixtures() else { return };
     let Some(bin) = llamacpp_bin() else { return };
-    let Some(text) = text() else { return };
+    let Some(text) = zh_text() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let f16 = f16_model(&fx, d);
+    let f16 = gqa_f16(&fx, d);
     let im = d.join("llama.gguf");
     llama_imatrix(&bin, &f16, &text, &im, &[]);
     let dat = d.join("llama.dat");
@@ -141,10 +119,10 @@ fn quantize_with_imatrix_is_byte_identical() {
 fn imatrix_matches_llama_imatrix() {
     let Some(fx) = fixtures() else { return };
     let Some(bin) = llamacpp_bin() else { return };
-    let Some(text) = text() else { return };
+    let Some(text) = zh_text() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let f16 = f16_model(&fx, d);
+    let f16 = gqa_f16(&fx, d);
     let theirs_p = d.join("llama.gguf");
     llama_imatrix(&bin, &f16, &text, &theirs_p, &[]);
     let ours_p = d.join("kiln.gguf");

@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use kiln_formats::gguf::{GgufFile, GgufValue, GgufWriter};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const CTX: &str = "128";
@@ -30,24 +30,6 @@ const TYPES: [(&str, f64); 9] = [
     ("Q2_K", 1e-4),
 ];
 
-fn text() -> Option<PathBuf> {
-    let t = shared_dir()?.join("fixtures/texts/zh-libai.txt");
-    t.is_file().then_some(t)
-}
-
-fn f16_model(fx: &Path, dir: &Path) -> PathBuf {
-    let out = dir.join("gqa-zh.f16.gguf");
-    let o = run_kiln(&[
-        "convert",
-        fx.join("gqa-zh/st").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "-q",
-    ]);
-    assert_exit(&o, 0);
-    out
-}
-
 /// The number after `Final estimate: PPL = `.
 fn final_ppl(s: &str) -> Option<f64> {
     let rest = s.split("Final estimate: PPL = ").nth(1)?;
@@ -58,12 +40,12 @@ fn final_ppl(s: &str) -> Option<f64> {
 fn same_ppl_as_llama_perplexity() {
     let Some(fx) = fixtures() else { return };
     let Some(bin) = llamacpp_bin() else { return };
-    let Some(text) = text() else {
+    let Some(text) = zh_text() else {
         eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let f16 = f16_model(&fx, tmp.path());
+    let f16 = gqa_f16(&fx, tmp.path());
     let mut report = Vec::new();
     for (ty, tol) in TYPES {
         let model = if ty == "F16" {
@@ -144,7 +126,7 @@ fn edited(src: &Path, dst: &Path, edit: impl Fn(&mut Vec<(String, GgufValue)>)) 
 fn hostile_inputs_fail_cleanly() {
     let Some(fx) = fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let f16 = f16_model(&fx, tmp.path());
+    let f16 = gqa_f16(&fx, tmp.path());
     let m = f16.to_str().unwrap();
     let ids = tmp.path().join("few.txt");
     std::fs::write(&ids, "[1, 100, 200, 300]").unwrap();
@@ -221,7 +203,7 @@ fn hostile_inputs_fail_cleanly() {
         "{err}"
     );
     // real text shorter than 2*ctx names the text file
-    if let Some(t) = text() {
+    if let Some(t) = zh_text() {
         let o = ppl(&["-m", m, "-f", t.to_str().unwrap(), "-c", "2048"]);
         assert_exit(&o, 2);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -353,12 +335,12 @@ fn decode_base(p: &Path) -> (Vec<u8>, Vec<Vec<f32>>) {
 fn kld_files_and_statistics_match_llama_perplexity() {
     let Some(fx) = fixtures() else { return };
     let Some(bin) = llamacpp_bin() else { return };
-    let Some(text) = text() else {
+    let Some(text) = zh_text() else {
         eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let f16 = f16_model(&fx, tmp.path());
+    let f16 = gqa_f16(&fx, tmp.path());
     let (kiln_base, llama_base) = (tmp.path().join("kiln.kld"), tmp.path().join("llama.kld"));
     let common = ["-f", text.to_str().unwrap(), "-c", CTX, "--chunks", CHUNKS];
     let mut a = vec!["perplexity", "-q", "-m", f16.to_str().unwrap()];
@@ -545,12 +527,12 @@ fn with_context_length(src: &Path, dst: &Path, n: u32) {
 fn ntk_and_linear_rope_match_llama_perplexity() {
     let Some(fx) = fixtures() else { return };
     let Some(bin) = llamacpp_bin() else { return };
-    let Some(text) = text() else {
+    let Some(text) = zh_text() else {
         eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let f16 = f16_model(&fx, tmp.path());
+    let f16 = gqa_f16(&fx, tmp.path());
     let short = tmp.path().join("ctx64.gguf");
     with_context_length(&f16, &short, 64);
     let m = short.to_str().unwrap();

@@ -223,3 +223,28 @@ pub fn assert_same_gguf(a: &Path, b: &Path) {
         }
     }
 }
+
+/// `../shared/fixtures/texts/zh-libai.txt`, the Chinese evaluation text (None, with a note, when
+/// ../shared is missing).
+pub fn zh_text() -> Option<PathBuf> {
+    let t = shared_dir()?.join("fixtures/texts/zh-libai.txt");
+    if !t.is_file() {
+        eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
+        return None;
+    }
+    Some(t)
+}
+
+/// The GQA fixture model (55,296 vocabulary) converted to F16 GGUF in `dir` by `kiln convert`.
+pub fn gqa_f16(fx: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join("gqa-zh.f16.gguf");
+    let o = run_kiln(&[
+        "convert",
+        fx.join("gqa-zh/st").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_exit(&o, 0);
+    out
+}
