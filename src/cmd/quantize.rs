@@ -520,13 +520,18 @@ pub fn run(a: Args) -> Result<Outcome> {
             let _ = free_tx.send(Vec::new());
         }
         let todo = &jobs;
+        let input = &input;
+        let tensors = &order;
         scope.spawn(move || {
-            for job in todo.iter().flatten() {
+            for (t, job) in tensors.iter().zip(todo) {
+                let Some(job) = job else { continue };
                 for (r0, r1) in job.chunks() {
                     let Ok(mut buf) = free_rx.recv() else { return };
                     let done = job
                         .encode_rows(r0, r1, &mut buf)
                         .map(|()| (buf, ((r1 - r0) * job.in_row) as u64));
+                    // the input rows are not read again: their pages can go
+                    input.release_part(t, (r0 * job.in_row) as u64, (r1 * job.in_row) as u64);
                     let failed = done.is_err();
                     if full_tx.send(done).is_err() || failed {
                         return;

@@ -551,6 +551,22 @@ impl GgufFile {
             self.map.release(s, e - s);
         }
     }
+
+    /// Drops the resident pages of bytes `from..to` of tensor `t`'s data (a part already consumed
+    /// by a pass that goes through a large tensor in chunks). Out-of-range spans are clipped.
+    pub fn release_part(&self, t: &TensorInfo, from: u64, to: u64) {
+        if let Some((s, e)) = self.span(t) {
+            let a = s
+                .saturating_add(usize::try_from(from).unwrap_or(usize::MAX))
+                .min(e);
+            let b = s
+                .saturating_add(usize::try_from(to).unwrap_or(usize::MAX))
+                .min(e);
+            if a < b {
+                self.map.release(a, b - a);
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for GgufFile {
