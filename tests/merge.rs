@@ -431,3 +431,80 @@ fn out_folder_holding_another_model_needs_force() {
     py.extend(["--out".into(), out.into()]);
     py_check("expected_merge.py", &py);
 }
+
+/// Every line of `dir/SHA256SUMS` names a file there whose sha256 on disk is the one listed.
+fn sums_match_files(dir: &Path) -> usize {
+    let text = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    let mut n = 0;
+    for line in text.lines() {
+        let (h, name) = line.split_once("  ").unwrap();
+        assert_eq!(
+            sha256_file(&dir.join(name)),
+            h,
+            "{name} in {}",
+            dir.display()
+        );
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn sha256sums_equal_the_files_on_disk() {
+    let Some(fx) = lora_fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fx.join("base/st");
+    let zh = fx.join("lora/zh-st");
+    // --out alone, several shards (written in file order), then --out with --gguf (the GGUF order
+    // drives the pass, so shards are written out of order), then --gguf alone, f16 and q4_k_m.
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let g = tmp.path().join("g");
+    std::fs::create_dir(&g).unwrap();
+    let (g16, gq) = (g.join("m.f16.gguf"), g.join("m.q4_k_m.gguf"));
+    let (gb, common) = (
+        tmp.path().join("b.gguf"),
+        ["--base", s(&base), "--lora", s(&zh)],
+    );
+    let o = merge(&[&common[..], &["--out", s(&a), "--max-shard-size", "100KB"]].concat());
+    assert_exit(&o, 0);
+    assert!(
+        o.stderr.is_empty(),
+        "-q printed {:?}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let shards = std::fs::read_dir(&a)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".safetensors")
+        })
+        .count();
+    assert!(shards > 2, "{shards} shards");
+    assert!(sums_match_files(&a) > shards);
+    let both = [
+        "--out",
+        s(&b),
+        "--max-shard-size",
+        "100KB",
+        "--gguf",
+        s(&gb),
+    ];
+    assert_exit(&merge(&[&common[..], &both].concat()), 0);
+    assert!(sums_match_files(&b) > shards);
+    assert_eq!(sums_match_files(tmp.path()), 1);
+    for (p, t) in [(&g16, "f16"), (&gq, "q4_k_m")] {
+        assert_exit(
+            &merge(&[&common[..], &["--gguf", s(p), "--outtype", t]].concat()),
+            0,
+        );
+    }
+    assert_eq!(sums_match_files(&g), 2);
+    // the same bytes whichever order wrote them
+    for f in std::fs::read_dir(&a).unwrap() {
+        let n = f.unwrap().file_name();
+        assert_eq!(sha256_file(&a.join(&n)), sha256_file(&b.join(&n)), "{n:?}");
+    }
+}

@@ -1,7 +1,7 @@
 //! `kiln merge`: a Llama base + one or more PEFT LoRA adapters → an HF folder (sharded safetensors)
 //! and/or a GGUF file, in one streaming pass, one tensor in memory at a time.
 
-use crate::convert::{self, LlamaDims, OutType, TensorJob};
+use crate::convert::{self, LlamaDims, OutType};
 use crate::merge::{self, Adapter, Plan, Planned, TOKENIZER_FILES};
 use crate::progress;
 use crate::quant_plan::{Ftype, ModelShape, Overrides, PlanTensor, Planner};
@@ -13,10 +13,13 @@ use kiln_formats::gguf::GgufWriter;
 use kiln_formats::hf::LlamaConfig;
 use kiln_quant::GgmlType;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Arguments of `kiln merge`.
@@ -87,6 +90,10 @@ fn parse_outtype(s: &str) -> Result<GgufKind> {
     }
 }
 
+fn hex(h: Sha256) -> String {
+    format!("{:x}", h.finalize())
+}
+
 fn sha256_of(path: &Path) -> Result<String> {
     let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut h = Sha256::new();
@@ -100,7 +107,7 @@ fn sha256_of(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(format!("{:x}", h.finalize()))
+    Ok(hex(h))
 }
 
 /// What is already at the --out path.
@@ -179,11 +186,47 @@ fn check_out_dir(out: &Path, new_cfg: &LlamaConfig, force: bool) -> Result<OutSt
 /// Staged file names and their (name, sha256) pairs.
 type Staged = (Vec<String>, Vec<(String, String)>);
 
-/// One safetensors shard being written.
+/// One safetensors shard being written, hashed as its bytes are written.
+///
+/// `hasher` has seen exactly the bytes `[0, hashed)` of the file, in order. A tensor written at
+/// `hashed` is hashed from memory; one written further on is noted in `pending` and hashed when
+/// the gap before it closes (read back from the file: only when tensors arrive out of data
+/// order, which happens when the GGUF order drives the pass). Every tensor is written once, so
+/// once `hashed == end` the hash is that of the file on disk.
 struct Shard {
     file_name: String,
     file: File,
     path: PathBuf,
+    hasher: Sha256,
+    hashed: u64,
+    end: u64,
+    /// offset -> length of tensors written beyond `hashed`
+    pending: BTreeMap<u64, u64>,
+}
+
+impl Shard {
+    fn write_at(&mut self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, off)?;
+        if off != self.hashed {
+            self.pending.insert(off, bytes.len() as u64);
+            return Ok(());
+        }
+        self.hasher.update(bytes);
+        self.hashed += bytes.len() as u64;
+        let mut buf = Vec::new();
+        while let Some(len) = self.pending.remove(&self.hashed) {
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(1 << 22) as usize;
+                buf.resize(n, 0);
+                self.file.read_exact_at(&mut buf, self.hashed)?;
+                self.hasher.update(&buf);
+                self.hashed += n as u64;
+                left -= n as u64;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The HF output: shards in a staging folder beside --out, moved into place at the end.
@@ -192,10 +235,14 @@ struct HfOut {
     state: OutState,
     staging: tempfile::TempDir,
     shards: Vec<Shard>,
-    /// tensor name -> (shard, absolute offset)
-    loc: HashMap<String, (usize, u64)>,
+    /// tensor name -> (shard, absolute offset, bytes); removed once written
+    loc: HashMap<String, (usize, u64, u64)>,
+    /// plan indices in file order (shard by shard, each in its data order)
+    order: Vec<usize>,
     weight_map: BTreeMap<String, String>,
     total_size: u64,
+    /// sha256 of each staged file
+    sums: HashMap<String, String>,
 }
 
 impl HfOut {
@@ -229,6 +276,7 @@ impl HfOut {
         let n = groups.len();
         let mut shards = Vec::new();
         let mut loc = HashMap::new();
+        let mut file_order = Vec::new();
         let mut weight_map = BTreeMap::new();
         for (si, g) in groups.iter().enumerate() {
             let file_name = if n == 1 {
@@ -248,12 +296,20 @@ impl HfOut {
                     (t.name.as_str(), t.dtype, t.shape.as_slice())
                 })
                 .collect();
+            file_order.extend(order.iter().map(|&k| g[k]));
             let (header, offsets) = merge::safetensors_header(&ordered)?;
             let path = staging.path().join(&file_name);
-            let mut file =
-                File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            // read too: tensors written out of order are read back to be hashed
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
             file.write_all(&header)
                 .with_context(|| format!("writing {}", path.display()))?;
+            let mut hasher = Sha256::new();
+            hasher.update(&header);
             let end = offsets.last().copied().unwrap_or(header.len() as u64)
                 + ordered
                     .last()
@@ -261,14 +317,19 @@ impl HfOut {
                     .unwrap_or(0);
             file.set_len(end)
                 .with_context(|| format!("writing {}", path.display()))?;
-            for ((name, _, _), off) in ordered.iter().zip(offsets) {
-                loc.insert(name.to_string(), (si, off));
+            for ((name, dt, shape), off) in ordered.iter().zip(offsets) {
+                let len = shape.iter().product::<usize>() as u64 * dt.size() as u64;
+                loc.insert(name.to_string(), (si, off, len));
                 weight_map.insert(name.to_string(), file_name.clone());
             }
             shards.push(Shard {
                 file_name,
                 file,
                 path,
+                hashed: header.len() as u64,
+                hasher,
+                end,
+                pending: BTreeMap::new(),
             });
         }
         Ok(HfOut {
@@ -277,38 +338,58 @@ impl HfOut {
             staging,
             shards,
             loc,
+            order: file_order,
             weight_map,
             total_size: sizes.iter().sum(),
+            sums: HashMap::new(),
         })
     }
 
+    /// Writes a tensor's bytes at its place in its shard (each tensor exactly once).
     fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let &(si, off) = self
+        let (si, off, len) = self
             .loc
-            .get(name)
-            .ok_or_else(|| anyhow!("tensor {name} has no shard"))?;
+            .remove(name)
+            .ok_or_else(|| anyhow!("tensor {name}: not in the shard plan, or written twice"))?;
         let sh = self
             .shards
             .get_mut(si)
             .ok_or_else(|| anyhow!("shard {si} missing"))?;
-        sh.file
-            .seek(SeekFrom::Start(off))
-            .and_then(|_| sh.file.write_all(bytes))
-            .with_context(|| format!("writing {}", sh.path.display()))
+        if bytes.len() as u64 != len {
+            bail!(
+                "writing {}: tensor {name} has {} bytes, expected {len}",
+                sh.path.display(),
+                bytes.len()
+            );
+        }
+        sh.write_at(off, bytes)
+            .with_context(|| format!("writing {} (tensor {name})", sh.path.display()))
     }
 
-    fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+    fn write_file(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let p = self.staging.path().join(name);
-        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))
+        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
+        let mut h = Sha256::new();
+        h.update(bytes);
+        self.sums.insert(name.to_string(), hex(h));
+        Ok(())
     }
 
     /// Writes the index, config, generation config, tokenizer files and SHA256SUMS into the
-    /// staging folder; returns the file names and their hashes.
-    fn prepare(&self, cfg: &LlamaConfig, base_dir: &Path, tok_dir: &Path) -> Result<Staged> {
-        for sh in &self.shards {
-            sh.file
-                .sync_all()
-                .with_context(|| format!("writing {}", sh.path.display()))?;
+    /// staging folder; returns the file names and their hashes (all hashed as written, none
+    /// read back). No fsync, as for every kiln output (see `AtomicFile::commit`).
+    fn prepare(&mut self, cfg: &LlamaConfig, base_dir: &Path, tok_dir: &Path) -> Result<Staged> {
+        for sh in &mut self.shards {
+            if sh.hashed != sh.end || !sh.pending.is_empty() {
+                bail!(
+                    "writing {}: only {} of {} bytes were written in order",
+                    sh.path.display(),
+                    sh.hashed,
+                    sh.end
+                );
+            }
+            let h = hex(std::mem::take(&mut sh.hasher));
+            self.sums.insert(sh.file_name.clone(), h);
         }
         let mut names: Vec<String> = self.shards.iter().map(|s| s.file_name.clone()).collect();
         if self.shards.len() > 1 {
@@ -339,9 +420,10 @@ impl HfOut {
                 names.push(f.to_string());
             }
         }
-        let mut sums = HashMap::new();
-        for n in &names {
-            sums.insert(n.clone(), sha256_of(&self.staging.path().join(n))?);
+        let sums = std::mem::take(&mut self.sums);
+        let missing: Vec<&String> = names.iter().filter(|n| !sums.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            bail!("no hash of {missing:?}");
         }
         self.write_file("SHA256SUMS", merge::sha256sums(&sums).as_bytes())?;
         names.push("SHA256SUMS".into());
@@ -420,9 +502,47 @@ fn update_sums_beside(file: &Path, hash: &str) -> Result<()> {
 /// The GGUF output being written in the same pass.
 struct GgufOut {
     w: GgufWriter,
-    jobs: Vec<TensorJob>,
-    /// Final type of each job (the quant plan), when quantizing.
-    quant: Option<Vec<GgmlType>>,
+    /// sha256 of the bytes written so far (fed by the writer's tee)
+    hash: Arc<Mutex<Sha256>>,
+}
+
+/// One tensor on its way from the compute side to the writer thread.
+struct Item<'a> {
+    /// index in the plan
+    ti: usize,
+    /// the merged tensor for --out
+    hf: Option<Cow<'a, [u8]>>,
+    /// the GGUF tensor's name and encoded bytes
+    gguf: Option<(&'a str, Vec<u8>)>,
+}
+
+/// Writes (and hashes) what the compute side sends, one tensor at a time; hands the outputs back.
+fn write_items(
+    rx: std::sync::mpsc::Receiver<Item<'_>>,
+    mut hf: Option<HfOut>,
+    mut gg: Option<(PathBuf, GgufOut)>,
+    plan: &Plan,
+    base: &Checkpoint,
+    adapters: &[Adapter],
+    pb: &indicatif::ProgressBar,
+) -> Result<(Option<HfOut>, Option<(PathBuf, GgufOut)>)> {
+    for it in rx {
+        let t = plan
+            .tensors
+            .get(it.ti)
+            .ok_or_else(|| anyhow!("tensor {} missing from the plan", it.ti))?;
+        if let (Some(h), Some(bytes)) = (hf.as_mut(), it.hf.as_deref()) {
+            h.write_tensor(&t.name, bytes)?;
+        }
+        if let (Some((path, g)), Some((name, enc))) = (gg.as_mut(), it.gguf.as_ref()) {
+            g.w.write_tensor(name, enc)
+                .with_context(|| format!("writing {} (tensor {name})", path.display()))?;
+        }
+        drop(it);
+        merge::release(t, base, adapters);
+        pb.inc(t.n_bytes());
+    }
+    Ok((hf, gg))
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
@@ -554,22 +674,26 @@ pub fn run(a: Args) -> Result<Outcome> {
     for ad in &adapters {
         inputs.extend(ad.files());
     }
-    let hasher = std::thread::spawn(move || -> Vec<(PathBuf, Result<String>)> {
-        inputs
-            .into_iter()
-            .map(|p| {
-                let h = sha256_of(&p);
-                (p, h)
-            })
-            .collect()
+    // Only printed (never stored), so not computed under -q.
+    let hasher = (!a.quiet).then(|| {
+        std::thread::spawn(move || -> Vec<(PathBuf, Result<String>)> {
+            inputs
+                .into_iter()
+                .map(|p| {
+                    let h = sha256_of(&p);
+                    (p, h)
+                })
+                .collect()
+        })
     });
 
     // Outputs.
-    let mut hf = match (&a.out, out_state) {
+    let hf = match (&a.out, out_state) {
         (Some(o), Some(st)) => Some(HfOut::create(o, st, &plan, max_shard)?),
         _ => None,
     };
-    let mut gg = match gguf_plan {
+    let mut jobs_quant = None;
+    let gg = match gguf_plan {
         Some((path, jobs, meta, quant)) => {
             let infos: Vec<(String, Vec<u64>, GgmlType)> = jobs
                 .iter()
@@ -582,17 +706,23 @@ pub fn run(a: Args) -> Result<Outcome> {
                     )
                 })
                 .collect();
-            let w = GgufWriter::create(&path, &meta, &infos)
+            let hash = Arc::new(Mutex::new(Sha256::new()));
+            let h2 = Arc::clone(&hash);
+            let tee = Box::new(move |b: &[u8]| {
+                h2.lock().unwrap_or_else(|e| e.into_inner()).update(b);
+            });
+            let w = GgufWriter::create_with_tee(&path, &meta, &infos, tee)
                 .with_context(|| format!("creating {}", path.display()))?;
-            Some((path, GgufOut { w, jobs, quant }))
+            jobs_quant = Some((jobs, quant));
+            Some((path, GgufOut { w, hash }))
         }
         None => None,
     };
 
-    // The pass: GGUF order when writing GGUF (its writer is sequential), else state-dict order.
-    let order: Vec<usize> = match &gg {
-        Some((_, g)) => g
-            .jobs
+    // The pass: GGUF order when writing GGUF (its writer is sequential), else the shards' file
+    // order (so each shard is written and hashed front to back).
+    let order: Vec<usize> = match (&jobs_quant, &hf) {
+        (Some((jobs, _)), _) => jobs
             .iter()
             .map(|j| {
                 by_name
@@ -601,56 +731,84 @@ pub fn run(a: Args) -> Result<Outcome> {
                     .ok_or_else(|| anyhow!("no plan for {}", j.hf_name))
             })
             .collect::<Result<_>>()?,
-        None => (0..plan.tensors.len()).collect(),
+        (None, Some(h)) => h.order.clone(),
+        (None, None) => (0..plan.tensors.len()).collect(),
     };
     let total: u64 = plan.tensors.iter().map(Planned::n_bytes).sum();
     let pb = progress::bytes_bar(total, a.quiet);
-    for (k, &ti) in order.iter().enumerate() {
-        let t = &plan.tensors[ti];
-        pb.set_message(t.name.clone());
-        let bytes = merge::materialize(t, &base, &adapters)?;
-        if let Some(h) = hf.as_mut() {
-            h.write_tensor(&t.name, &bytes)?;
-        }
-        if let Some((path, g)) = gg.as_mut() {
-            let job = &g.jobs[k];
-            let data = TensorData {
-                dtype: t.dtype,
-                shape: &t.shape,
-                bytes: &bytes,
-            };
-            let enc = convert::encode_tensor(job, &data)?;
-            let enc = match &g.quant {
-                Some(types) => crate::transcode::transcode(
-                    &job.gguf_name,
-                    job.ty,
-                    &enc,
-                    types[k],
-                    job.rows(),
-                    job.cols(),
-                    &crate::transcode::same_row,
-                )?,
-                None => enc,
-            };
-            g.w.write_tensor(&job.gguf_name, &enc)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        drop(bytes);
-        merge::release(t, &base, &adapters);
-        pb.inc(t.n_bytes());
-    }
+    // Compute (rayon, all cores) tensor k+1 while a writer thread writes and hashes tensor k; a
+    // rendezvous channel keeps at most two tensors in memory.
+    let want_hf = hf.is_some();
+    let (plan_r, base_r, adapters_r, pb_r) = (&plan, &base, &adapters[..], &pb);
+    let (hf, gg) = std::thread::scope(|s| -> Result<_> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Item>(0);
+        let writer = s.spawn(move || write_items(rx, hf, gg, plan_r, base_r, adapters_r, pb_r));
+        let produced = (|| -> Result<()> {
+            for (k, &ti) in order.iter().enumerate() {
+                let t = plan
+                    .tensors
+                    .get(ti)
+                    .ok_or_else(|| anyhow!("tensor {ti} missing from the plan"))?;
+                pb.set_message(t.name.clone());
+                let bytes = merge::materialize(t, &base, &adapters)
+                    .with_context(|| format!("merging tensor {}", t.name))?;
+                let gguf = match &jobs_quant {
+                    Some((jobs, quant)) => {
+                        let job = jobs
+                            .get(k)
+                            .ok_or_else(|| anyhow!("no GGUF job for {}", t.name))?;
+                        let data = TensorData {
+                            dtype: t.dtype,
+                            shape: &t.shape,
+                            bytes: &bytes,
+                        };
+                        let enc = convert::encode_tensor(job, &data)?;
+                        let enc = match (quant, quant.as_ref().and_then(|q| q.get(k))) {
+                            (Some(_), Some(&ty)) => crate::transcode::transcode(
+                                &job.gguf_name,
+                                job.ty,
+                                &enc,
+                                ty,
+                                job.rows(),
+                                job.cols(),
+                                &crate::transcode::same_row,
+                            )?,
+                            (Some(_), None) => bail!("no quant type for {}", job.gguf_name),
+                            (None, _) => enc,
+                        };
+                        Some((job.gguf_name.as_str(), enc))
+                    }
+                    None => None,
+                };
+                let hf = if want_hf { Some(bytes) } else { None };
+                if tx.send(Item { ti, hf, gguf }).is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer
+            .join()
+            .map_err(|_| anyhow!("the writer thread panicked"))?;
+        produced?;
+        written
+    })?;
     pb.finish_and_clear();
 
     // Everything staged first, then moved into place, so a failure leaves nothing behind.
     let mut report = Vec::new();
-    let staged = match &hf {
+    let mut hf = hf;
+    let staged = match hf.as_mut() {
         Some(h) => Some(h.prepare(&cfg, &a.base, &plan.tokenizer_dir)?),
         None => None,
     };
     if let Some((path, g)) = gg {
         g.w.finish()
             .with_context(|| format!("finishing {}", path.display()))?;
-        let h = sha256_of(&path)?;
+        let h = hex(std::mem::take(
+            &mut *g.hash.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
         update_sums_beside(&path, &h)?;
         report.push(format!("wrote {} (sha256 {h})", path.display()));
     }
@@ -663,8 +821,9 @@ pub fn run(a: Args) -> Result<Outcome> {
             sums.len()
         ));
     }
-    match hasher.join() {
-        Ok(v) => {
+    match hasher.map(|h| h.join()) {
+        None => {}
+        Some(Ok(v)) => {
             for (p, h) in v {
                 match h {
                     Ok(h) => eprintln!("input sha256 {h}  {}", p.display()),
@@ -672,7 +831,10 @@ pub fn run(a: Args) -> Result<Outcome> {
                 }
             }
         }
-        Err(_) => eprintln!("warning: hashing the inputs failed"),
+        Some(Err(_)) => eprintln!("warning: hashing the inputs failed"),
+    }
+    if a.quiet {
+        return Ok(Outcome::Ok);
     }
     for r in report {
         eprintln!("{r}");
@@ -704,5 +866,41 @@ mod tests {
         let e = parse_outtype("Q2_K_S").err().map(|e| e.to_string());
         assert!(e.is_some_and(|m| m.contains("importance matrix")));
         assert!(parse_outtype("q7").is_err());
+    }
+
+    #[test]
+    fn shard_hash_is_the_files_whatever_the_write_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // header [0,8), then pieces written in a scrambled order
+        let cuts = [8usize, 100, 5000, 5001, 20_000, 39_999, 40_000];
+        let order = [3usize, 0, 5, 1, 4, 2];
+        let path = dir.path().join("s");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.write_all_at(&data[..8], 0).unwrap();
+        let mut h = Sha256::new();
+        h.update(&data[..8]);
+        let mut sh = Shard {
+            file_name: "s".into(),
+            file,
+            path: path.clone(),
+            hasher: h,
+            hashed: 8,
+            end: 40_000,
+            pending: BTreeMap::new(),
+        };
+        for &i in &order {
+            sh.write_at(cuts[i] as u64, &data[cuts[i]..cuts[i + 1]])
+                .unwrap();
+        }
+        assert_eq!(sh.hashed, sh.end);
+        assert!(sh.pending.is_empty());
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert_eq!(hex(sh.hasher), sha256_of(&path).unwrap());
     }
 }

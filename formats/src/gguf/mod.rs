@@ -15,7 +15,7 @@ mod writer;
 
 pub use reader::{GgufFile, GgufHeader, TensorInfo};
 pub use value::{GgufArray, GgufValue, GgufValueType};
-pub use writer::{serialize_header, GgufWriter};
+pub use writer::{serialize_header, GgufWriter, Tee};
 
 /// A tensor to write: name, ggml shape (`ne`, innermost first) and type.
 pub type TensorSpec = (String, Vec<u64>, GgmlType);

@@ -177,10 +177,32 @@ impl<W: Write> Write for Counted<'_, W> {
     }
 }
 
+/// A callback that sees every byte of the file, in file order, as it is written.
+pub type Tee = Box<dyn FnMut(&[u8]) + Send>;
+
+/// The temporary file, with the optional tee that sees each byte written to it.
+struct Sink {
+    file: AtomicFile,
+    tee: Option<Tee>,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        if let (Some(t), Some(done)) = (self.tee.as_mut(), buf.get(..n)) {
+            t(done);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// A GGUF file being written: header at creation, then every tensor's data in header order.
 /// Nothing appears at the output path until [`GgufWriter::finish`] succeeds.
 pub struct GgufWriter {
-    out: BufWriter<AtomicFile>,
+    out: BufWriter<Sink>,
     path: PathBuf,
     infos: Vec<TensorInfo>,
     alignment: u64,
@@ -196,13 +218,33 @@ impl GgufWriter {
         metadata: &[(String, GgufValue)],
         tensors: &[(String, Vec<u64>, GgmlType)],
     ) -> Result<GgufWriter, GgufError> {
+        Self::create_inner(path, metadata, tensors, None)
+    }
+
+    /// As [`GgufWriter::create`], with `tee` called on every byte of the file in order as it is
+    /// written (header, tensor data, padding), e.g. to hash the file without reading it back.
+    pub fn create_with_tee(
+        path: &Path,
+        metadata: &[(String, GgufValue)],
+        tensors: &[(String, Vec<u64>, GgmlType)],
+        tee: Tee,
+    ) -> Result<GgufWriter, GgufError> {
+        Self::create_inner(path, metadata, tensors, Some(tee))
+    }
+
+    fn create_inner(
+        path: &Path,
+        metadata: &[(String, GgufValue)],
+        tensors: &[(String, Vec<u64>, GgmlType)],
+        tee: Option<Tee>,
+    ) -> Result<GgufWriter, GgufError> {
         let (header, infos, alignment) = build(metadata, tensors).map_err(|e| e.in_file(path))?;
         let io = |source| GgufError::Io {
             path: path.to_path_buf(),
             source,
         };
         let file = AtomicFile::create(path).map_err(io)?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut out = BufWriter::with_capacity(1 << 20, Sink { file, tee });
         out.write_all(&header).map_err(io)?;
         Ok(GgufWriter {
             out,
@@ -234,7 +276,13 @@ impl GgufWriter {
             out.flush()?;
             let mut from = src;
             from.seek(SeekFrom::Start(offset))?;
-            let copied = std::io::copy(&mut from.take(n_bytes), out.get_mut().file())?;
+            let sink = out.get_mut();
+            let copied = if sink.tee.is_some() {
+                // through the tee, so it sees these bytes too
+                std::io::copy(&mut from.take(n_bytes), sink)?
+            } else {
+                std::io::copy(&mut from.take(n_bytes), sink.file.file())?
+            };
             if copied != n_bytes {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -275,7 +323,7 @@ impl GgufWriter {
         &mut self,
         name: &str,
         len: u64,
-        write: impl FnOnce(&mut BufWriter<AtomicFile>) -> std::io::Result<()>,
+        write: impl FnOnce(&mut BufWriter<Sink>) -> std::io::Result<()>,
     ) -> Result<(), GgufError> {
         if self.poisoned {
             return Err(GgufError::Poisoned.in_file(&self.path));
@@ -353,8 +401,8 @@ impl GgufWriter {
             path: path.clone(),
             source,
         };
-        let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.commit().map_err(io)
+        let sink = self.out.into_inner().map_err(|e| io(e.into_error()))?;
+        sink.file.commit().map_err(io)
     }
 }
 
@@ -609,6 +657,29 @@ mod tests {
             .is_err());
         drop(w);
         assert!(!c.exists());
+    }
+
+    #[test]
+    fn tee_sees_every_byte_of_the_file_in_order() {
+        use std::sync::{Arc, Mutex};
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.bin");
+        std::fs::write(&src, (0u8..=255).cycle().take(5000).collect::<Vec<u8>>()).unwrap();
+        let (meta, _) = small();
+        let infos = vec![
+            ("a".to_string(), vec![3u64], GgmlType::F32),
+            ("b".to_string(), vec![1000u64], GgmlType::F32),
+        ];
+        let p = dir.path().join("t.gguf");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&seen);
+        let tee: Tee = Box::new(move |b: &[u8]| s2.lock().unwrap().extend_from_slice(b));
+        let mut w = GgufWriter::create_with_tee(&p, &meta, &infos, tee).unwrap();
+        w.write_tensor("a", &[7u8; 12]).unwrap();
+        w.write_tensor_from_file("b", &std::fs::File::open(&src).unwrap(), 3, 4000)
+            .unwrap();
+        w.finish().unwrap();
+        assert_eq!(*seen.lock().unwrap(), std::fs::read(&p).unwrap());
     }
 
     #[test]
