@@ -10,6 +10,7 @@
 //! gives the same bits and vectorizes, so that path is used; otherwise `f32::mul_add`.
 
 use anyhow::{anyhow, bail, Context, Result};
+use half::slice::HalfFloatSliceExt;
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
 use kiln_formats::hf::{AdapterConfig, LoraBias, TargetModules};
 use kiln_formats::sentencepiece::SpModel;
@@ -24,7 +25,7 @@ use crate::convert::{is_dropped, LlamaDims};
 /// PEFT's prefix of every adapter tensor name (`PeftModel.base_model.model`).
 const PEFT_PREFIX: &str = "base_model.model.";
 /// Rows per task of the delta product (a few hundred KiB of f32 for 7B widths).
-const DELTA_ROWS: usize = 16;
+const DELTA_ROWS: usize = 64;
 const EMBED: &str = "model.embed_tokens.weight";
 const HEAD: &str = "lm_head.weight";
 /// Tokenizer files copied from the folder that provides the vocabulary.
@@ -777,7 +778,22 @@ fn narrow_into(dtype: DType, src: &[f32], dst: &mut [u8]) {
             }
         }
         DType::F16 => {
-            for (v, o) in src.iter().zip(dst.chunks_exact_mut(2)) {
+            // blocks through half's slice conversion (F16C where present), same rounding as
+            // f16::from_f32
+            let mut s = src.chunks_exact(CVT);
+            let mut d = dst.chunks_exact_mut(2 * CVT);
+            let mut h = [half::f16::ZERO; CVT];
+            for (sc, dc) in (&mut s).zip(&mut d) {
+                h.convert_from_f32_slice(sc);
+                for (v, o) in h.iter().zip(dc.chunks_exact_mut(2)) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            for (v, o) in s
+                .remainder()
+                .iter()
+                .zip(d.into_remainder().chunks_exact_mut(2))
+            {
                 o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
             }
         }
@@ -789,6 +805,9 @@ fn narrow_into(dtype: DType, src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Values per block of the vectorized f16 conversions.
+const CVT: usize = 64;
+
 fn widen_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
     match dtype {
         DType::F32 => {
@@ -797,7 +816,16 @@ fn widen_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
             }
         }
         DType::F16 => {
-            for (c, o) in src.chunks_exact(2).zip(dst.iter_mut()) {
+            let mut s = src.chunks_exact(2 * CVT);
+            let mut d = dst.chunks_exact_mut(CVT);
+            for (sc, dc) in (&mut s).zip(&mut d) {
+                let mut h = [half::f16::ZERO; CVT];
+                for (v, c) in h.iter_mut().zip(sc.chunks_exact(2)) {
+                    *v = half::f16::from_le_bytes([c[0], c[1]]);
+                }
+                h.convert_to_f32_slice(dc);
+            }
+            for (c, o) in s.remainder().chunks_exact(2).zip(d.into_remainder()) {
                 *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
@@ -941,9 +969,13 @@ pub fn materialize<'a>(
     let es = t.dtype.size();
     let row_bytes = cols * es;
     let mut out = vec![0u8; rows * row_bytes];
-    // Source rows in the output dtype.
+    // Source rows in the output dtype (read straight from the input by the first delta when the
+    // dtypes agree, rather than copied first).
+    let direct = data.dtype == t.dtype && !t.deltas.is_empty();
     if data.dtype == t.dtype {
-        out[..src_rows * row_bytes].copy_from_slice(data.bytes);
+        if !direct {
+            out[..src_rows * row_bytes].copy_from_slice(data.bytes);
+        }
     } else {
         let in_row = cols * data.dtype.size();
         out[..src_rows * row_bytes]
@@ -958,7 +990,8 @@ pub fn materialize<'a>(
             );
     }
     // Deltas in adapter order, each rounded to the dtype (as merging one adapter at a time does).
-    for d in &t.deltas {
+    for (di, d) in t.deltas.iter().enumerate() {
+        let from_input = direct && di == 0;
         let ad = adapters
             .get(d.adapter)
             .ok_or_else(|| anyhow!("adapter {} missing", d.adapter))?;
@@ -978,7 +1011,17 @@ pub fn materialize<'a>(
                     let n = o.len() / row_bytes;
                     let i0 = ci * DELTA_ROWS;
                     let w = &mut w[..n * cols];
-                    for (src, dst) in o.chunks_exact(row_bytes).zip(w.chunks_exact_mut(cols)) {
+                    let src_rows: &[u8] = if from_input {
+                        data.bytes
+                            .get(i0 * row_bytes..(i0 + n) * row_bytes)
+                            .ok_or_else(|| anyhow!("tensor {}: input too short", t.name))?
+                    } else {
+                        o
+                    };
+                    for (src, dst) in src_rows
+                        .chunks_exact(row_bytes)
+                        .zip(w.chunks_exact_mut(cols))
+                    {
                         widen_row(dtype, src, dst);
                     }
                     let shape = LowRankShape { rows: n, cols, r };
@@ -1139,6 +1182,44 @@ pub fn sha256sums(entries: &HashMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_f16_conversions_equal_the_scalar_ones() {
+        // every f16 bit pattern (widen), then f32 values around every f16 (narrow: ties, halfway
+        // points, subnormals, overflow, NaN), in a length that leaves a remainder block
+        let bytes: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        let n = bytes.len() / 2 - 7;
+        let mut wide = vec![0f32; n];
+        widen_row(DType::F16, &bytes[..2 * n], &mut wide);
+        for (i, w) in wide.iter().enumerate() {
+            let want = half::f16::from_bits(i as u16).to_f32();
+            assert_eq!(w.to_bits(), want.to_bits(), "f16 {i:#06x}");
+        }
+        let mut vals: Vec<f32> = Vec::new();
+        for b in (0..=u16::MAX).step_by(3) {
+            let x = half::f16::from_bits(b).to_f32();
+            let u = x.to_bits();
+            vals.extend([
+                x,
+                f32::from_bits(u ^ 0x1000),
+                f32::from_bits(u.wrapping_add(0xfff)),
+            ]);
+            vals.push(f32::from_bits(u.wrapping_add(0x1000)));
+        }
+        vals.extend([1e9, -1e9, 65520.0, 65519.0, f32::NAN, 1e-9, -0.0]);
+        vals.truncate(vals.len() / 64 * 64 + 13);
+        let mut out = vec![0u8; vals.len() * 2];
+        narrow_into(DType::F16, &vals, &mut out);
+        for (v, o) in vals.iter().zip(out.chunks_exact(2)) {
+            let want = half::f16::from_f32(*v).to_bits();
+            assert_eq!(
+                u16::from_le_bytes([o[0], o[1]]),
+                want,
+                "f32 {v:e} ({:#x})",
+                v.to_bits()
+            );
+        }
+    }
 
     #[test]
     fn key_forms() {

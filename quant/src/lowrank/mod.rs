@@ -184,6 +184,43 @@ mod tests {
         }
     }
 
+    /// Throughput of the merge's shapes: `cargo test --release -p kiln-quant lowrank_gflops --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn lowrank_gflops() {
+        for (rows, cols) in [(64usize, 4096usize), (64, 11008)] {
+            let r = 64;
+            let shape = LowRankShape { rows, cols, r };
+            let mut w = vec![0.5f32; rows * cols];
+            let coef = vec![0.25f32; rows * r];
+            let basis = vec![0.125f32; r * cols];
+            // this thread's CPU seconds (the machine may be shared), from /proc where present
+            let cpu = || -> Option<f64> {
+                let st = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+                let f: Vec<&str> = st.rsplit_once(')')?.1.split_whitespace().collect();
+                let ticks: f64 =
+                    f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+                Some(ticks / 100.0)
+            };
+            let reps = 400;
+            let (t, c) = (std::time::Instant::now(), cpu());
+            for _ in 0..reps {
+                assert!(add_lowrank(shape, &mut w, &coef, &basis, 1e-9, true));
+            }
+            let s = match (c, cpu()) {
+                (Some(a), Some(b)) if b > a => b - a,
+                _ => t.elapsed().as_secs_f64(),
+            };
+            let flop = 2.0 * (rows * cols * r * reps) as f64;
+            println!(
+                "{rows}x{cols} r={r} {:?}: {:.1} GFLOP/s per CPU second (one thread)",
+                Isa::current(),
+                flop / s / 1e9
+            );
+        }
+    }
+
     #[test]
     fn mismatched_lengths_are_refused() {
         let shape = LowRankShape {
