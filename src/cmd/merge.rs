@@ -506,6 +506,9 @@ struct GgufOut {
     hash: Arc<Mutex<Sha256>>,
 }
 
+/// The outputs the writer thread hands back: the HF folder and the GGUF (with its path).
+type Outputs = (Option<HfOut>, Option<(PathBuf, GgufOut)>);
+
 /// One tensor on its way from the compute side to the writer thread.
 struct Item<'a> {
     /// index in the plan
@@ -525,7 +528,7 @@ fn write_items(
     base: &Checkpoint,
     adapters: &[Adapter],
     pb: &indicatif::ProgressBar,
-) -> Result<(Option<HfOut>, Option<(PathBuf, GgufOut)>)> {
+) -> Result<Outputs> {
     for it in rx {
         let t = plan
             .tensors
