@@ -154,8 +154,13 @@ impl Backend for CpuBackend {
             );
         }
         // weights the VNNI kernels take are repacked once (a heap copy; the mapped pages are
-        // released and only fault back in for products the original layout serves)
-        let packed = if t.shape.len() > 1 && repack::supported(t.ty, rows, cols) {
+        // released and only fault back in for products the original layout serves); not the
+        // embedding table, of which lookups touch only the rows they need (a tied output head,
+        // loaded from the same tensor, keeps the original layout)
+        let packed = if t.shape.len() > 1
+            && t.name != "token_embd.weight"
+            && repack::supported(t.ty, rows, cols)
+        {
             let p = repack::repack(t.ty, rows, cols, data);
             file.release(t);
             p
