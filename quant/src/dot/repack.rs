@@ -5,7 +5,7 @@
 //! same float operations, in the same order, as its scalar reference ([`super::dot_fn_for`]), so
 //! results are bit-identical (the integer block sums are exact whatever the instruction).
 //!
-//! Types: Q4_0 and Q8_0 (llamafile's tinyBLAS order: eight f32 lanes per output fused with
+//! Types: Q4_0, Q5_0 and Q8_0 (llamafile's tinyBLAS order: eight f32 lanes per output fused with
 //! `dx*dy` per block, then the x86 `hsum`), Q4_K and Q6_K in ggml-cpu's tiled order (one exact
 //! integer sum per super-block, `res = d·S1 [- dmin·S2]`, `acc = fma(res, y.d, acc)`; products
 //! with at least [`super::TILED_MIN_ROWS`] activation rows only).
@@ -13,6 +13,8 @@
 //! Group layouts (per 16-row group, per block, rows `r` = 0..16, little-endian):
 //! - Q4_0 (288 bytes): `d[r]` f16, then for m = 0..4 the dwords `qs_r[4m..4m+4]` of every row
 //!   (lane r; low nibbles are elements 4m.., high nibbles 16+4m..).
+//! - Q5_0 (352 bytes): `d[r]` f16; for m = 0..8 a 64-bit mask, bit 4r+k = the fifth bit of
+//!   element 4m+k of row r; then the Q4_0 nibble dwords.
 //! - Q8_0 (544 bytes): `d[r]` f16, then for m = 0..8 the dwords `qs_r[4m..4m+4] ^ 0x80`.
 //! - Q4_K (2368 bytes): `d[r]`, `dmin[r]` f16; scales `sc[j][r]` u8 (j = 0..8); mins as pairs
 //!   `min[p][r][2]` u8 (p = 0..4); then for chunk c = 0..4, m = 0..8 the dwords `q4_r[32c+4m..]`.
@@ -32,6 +34,7 @@ const PREP: usize = 68;
 fn group_block_bytes(ty: GgmlType) -> Option<usize> {
     Some(match ty {
         GgmlType::Q4_0 => 288,
+        GgmlType::Q5_0 => 352,
         GgmlType::Q8_0 => 544,
         GgmlType::Q4K => 2368,
         GgmlType::Q6K => 3616,
@@ -65,7 +68,7 @@ pub fn supported(ty: GgmlType, rows: usize, cols: usize) -> bool {
 /// repacked kernels for weights of type `ty`; otherwise the caller uses the original rows.
 pub fn handles(ty: GgmlType, batch: bool) -> bool {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 => true,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => true,
         GgmlType::Q4K | GgmlType::Q6K => batch,
         _ => false,
     }
@@ -118,6 +121,21 @@ fn lane(db: &mut [u8], at: usize, r: usize, x: &[u8], off: usize, xor: u8) {
 /// Writes row `r`'s block `x` into the group block `db`.
 fn pack_block(ty: GgmlType, x: &[u8], r: usize, db: &mut [u8]) {
     match ty {
+        GgmlType::Q5_0 => {
+            db[2 * r..2 * r + 2].copy_from_slice(&x[0..2]);
+            let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+            for m in 0..8 {
+                // bit 4r+k of mask m: the fifth bit of element 4m+k (byte k of lane r)
+                for k in 0..4 {
+                    if qh >> (4 * m + k) & 1 != 0 {
+                        db[32 + 8 * m + (4 * r + k) / 8] |= 1 << ((4 * r + k) % 8);
+                    }
+                }
+            }
+            for m in 0..4 {
+                lane(db, 96 + 64 * m, r, x, 6 + 4 * m, 0);
+            }
+        }
         GgmlType::Q4_0 | GgmlType::Q8_0 => {
             db[2 * r..2 * r + 2].copy_from_slice(&x[0..2]);
             if ty == GgmlType::Q4_0 {
@@ -167,7 +185,7 @@ fn pack_block(ty: GgmlType, x: &[u8], r: usize, db: &mut [u8]) {
 /// values per row (prepared Q8_0 blocks for Q4_0/Q8_0, the Q8_K row itself for K-quants).
 pub fn act_stride(ty: GgmlType, cols: usize) -> Option<usize> {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 => (cols / 32).checked_mul(PREP),
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (cols / 32).checked_mul(PREP),
         GgmlType::Q4K | GgmlType::Q6K => (cols / 256).checked_mul(292),
         _ => None,
     }
@@ -180,6 +198,7 @@ pub fn act_stride(ty: GgmlType, cols: usize) -> Option<usize> {
 pub fn prepare(ty: GgmlType, cols: usize, qa: &[u8], t: usize) -> Option<Vec<u8>> {
     let off: i32 = match ty {
         GgmlType::Q4_0 => 8,
+        GgmlType::Q5_0 => 16,
         GgmlType::Q8_0 => 128,
         _ => return None,
     };
@@ -282,9 +301,9 @@ mod vnni {
         unsafe { _mm_loadu_si128(p as *const __m128i) }
     }
 
-    /// Q4_0 (`Q8` false) or Q8_0 (`Q8` true): 16 rows × N tokens.
+    /// Q4_0 (`TY` 0), Q5_0 (1) or Q8_0 (2): 16 rows × N tokens.
     #[inline(always)]
-    unsafe fn legacy<const Q8: bool, const N: usize>(
+    unsafe fn legacy<const TY: u8, const N: usize>(
         nb: usize,
         wg: *const u8,
         a: *const u8,
@@ -294,22 +313,30 @@ mod vnni {
     ) {
         // SAFETY: callers pass nb group blocks at `wg`, N prepared rows at `a`, N output rows.
         unsafe {
-            let gb = if Q8 { 544 } else { 288 };
+            let gb = [288, 352, 544][usize::from(TY)];
             let m4 = _mm512_set1_epi8(0x0F);
+            let b16 = _mm512_set1_epi8(0x10);
             let mut acc = [[_mm512_setzero_ps(); 8]; N];
             for b in 0..nb {
                 let x = wg.add(b * gb);
                 let dx = _mm512_cvtph_ps(ld256(x));
                 let mut w = [_mm512_setzero_si512(); 8];
-                if Q8 {
+                if TY == 2 {
                     for (m, v) in w.iter_mut().enumerate() {
                         *v = ld512(x.add(32 + 64 * m));
                     }
                 } else {
+                    let q = x.add(if TY == 1 { 96 } else { 32 });
                     for m in 0..4 {
-                        let p = ld512(x.add(32 + 64 * m));
+                        let p = ld512(q.add(64 * m));
                         w[m] = _mm512_and_si512(p, m4);
                         w[m + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+                    }
+                    if TY == 1 {
+                        for (m, v) in w.iter_mut().enumerate() {
+                            let k = (x.add(32 + 8 * m) as *const u64).read_unaligned();
+                            *v = _mm512_mask_add_epi8(*v, k, *v, b16);
+                        }
                     }
                 }
                 for (t, at) in acc.iter_mut().enumerate() {
@@ -544,6 +571,7 @@ mod vnni {
                 }
                 match ty {
                     GgmlType::Q4_0 => run!(q4_0, 2),
+                    GgmlType::Q5_0 => run!(q5_0, 2),
                     GgmlType::Q8_0 => run!(q8_0, 2),
                     GgmlType::Q4K => run!(q4k, 4),
                     _ => run!(q6k, 4),
@@ -562,7 +590,20 @@ mod vnni {
         os: usize,
     ) {
         // SAFETY: forwarded.
-        unsafe { legacy::<false, N>(nb, wg, a, s, o, os) }
+        unsafe { legacy::<0, N>(nb, wg, a, s, o, os) }
+    }
+
+    #[inline(always)]
+    unsafe fn q5_0<const N: usize>(
+        nb: usize,
+        wg: *const u8,
+        a: *const u8,
+        s: usize,
+        o: *mut f32,
+        os: usize,
+    ) {
+        // SAFETY: forwarded.
+        unsafe { legacy::<1, N>(nb, wg, a, s, o, os) }
     }
 
     #[inline(always)]
@@ -575,7 +616,7 @@ mod vnni {
         os: usize,
     ) {
         // SAFETY: forwarded.
-        unsafe { legacy::<true, N>(nb, wg, a, s, o, os) }
+        unsafe { legacy::<2, N>(nb, wg, a, s, o, os) }
     }
 }
 
@@ -640,7 +681,7 @@ mod tests {
 
     #[test]
     fn legacy_types_match_scalar() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
             for t in [1, 2, 3, 8] {
                 check(ty, 32, 96, t, t as u64);
             }
@@ -680,7 +721,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
         fn repacked_equals_scalar(ty in prop::sample::select(vec![
-            GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K]),
+            GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K]),
             groups in 1usize..3, blocks in 1usize..4, t in 1usize..12, seed in 0u64..1000) {
             let k = matches!(ty, GgmlType::Q4K | GgmlType::Q6K);
             let t = if k { t.max(8) } else { t };
