@@ -90,7 +90,7 @@ fn packed_matmul(
         let acts = qa.get(j0 * rb..(j0 + nt) * rb).unwrap_or(&[]);
         let prep = repack::prepare(ty, k, acts, nt);
         let a = prep.as_deref().unwrap_or(acts);
-        if !repack::matmul(ty, k, w, a, nt, out, n) {
+        if !repack::matmul(ty, k, w, a, nt, t >= TILED_MIN_ROWS, out, n) {
             bail!("repacked {ty} product does not fit");
         }
         Ok(())
@@ -111,7 +111,7 @@ fn packed_matmul(
             .par_chunks_mut(tile * t)
             .zip(p.par_chunks(GROUPS * gbytes))
             .try_for_each(|(o, w)| {
-                if !repack::matmul(ty, k, w, a, t, o, o.len() / t) {
+                if !repack::matmul(ty, k, w, a, t, t >= TILED_MIN_ROWS, o, o.len() / t) {
                     bail!("repacked {ty} product does not fit");
                 }
                 Ok(())
@@ -284,11 +284,7 @@ impl Backend for CpuBackend {
             wb.get(r * w.row_bytes..(r + nr) * w.row_bytes)
                 .unwrap_or(&[])
         };
-        if let Some(p) = w
-            .packed
-            .as_deref()
-            .filter(|_| repack::handles(w.ty, t >= TILED_MIN_ROWS))
-        {
+        if let Some(p) = w.packed.as_deref().filter(|_| repack::handles(w.ty)) {
             return packed_matmul(w.ty, p, k, n, &qa, rb, t);
         }
         let mut data = vec![0f32; n * t];

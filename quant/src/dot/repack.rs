@@ -6,9 +6,10 @@
 //! results are bit-identical (the integer block sums are exact whatever the instruction).
 //!
 //! Types: Q4_0, Q5_0 and Q8_0 (llamafile's tinyBLAS order: eight f32 lanes per output fused with
-//! `dx*dy` per block, then the x86 `hsum`), Q4_K and Q6_K in ggml-cpu's tiled order (one exact
-//! integer sum per super-block, `res = d·S1 [- dmin·S2]`, `acc = fma(res, y.d, acc)`; products
-//! with at least [`super::TILED_MIN_ROWS`] activation rows only).
+//! `dx*dy` per block, then the x86 `hsum`), Q4_K and Q6_K in ggml-cpu's tiled order with at
+//! least [`super::TILED_MIN_ROWS`] activation rows (one exact integer sum per super-block,
+//! `res = d·S1 [- dmin·S2]`, `acc = fma(res, y.d, acc)`) and in its vec_dot order with fewer
+//! (eight lanes fused with `yd·d` per super-block, the mins apart).
 //!
 //! Group layouts (per 16-row group, per block, rows `r` = 0..16, little-endian):
 //! - Q4_0 (288 bytes): `d[r]` f16, then for m = 0..4 the dwords `qs_r[4m..4m+4]` of every row
@@ -64,14 +65,10 @@ pub fn supported(ty: GgmlType, rows: usize, cols: usize) -> bool {
         && available()
 }
 
-/// Whether products with `batch` (at least [`super::TILED_MIN_ROWS`] activation rows) use the
-/// repacked kernels for weights of type `ty`; otherwise the caller uses the original rows.
-pub fn handles(ty: GgmlType, batch: bool) -> bool {
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => true,
-        GgmlType::Q4K | GgmlType::Q6K => batch,
-        _ => false,
-    }
+/// Whether weights of type `ty` are multiplied by the repacked kernels (every type that
+/// [`repack`] takes).
+pub fn handles(ty: GgmlType) -> bool {
+    group_block_bytes(ty).is_some()
 }
 
 /// Bytes of the repacked form of `rows` rows of `cols` values of type `ty`.
@@ -224,7 +221,9 @@ pub fn prepare(ty: GgmlType, cols: usize, qa: &[u8], t: usize) -> Option<Vec<u8>
 
 /// `out[j*out_stride + r]` = the product of repacked weight row `r` (`w`: whole groups of the
 /// repacked form of rows of `cols` values of type `ty`) with activation `j` (`acts`: `t` rows of
-/// [`act_stride`] bytes, from [`prepare`] or the Q8_K rows), for j < t. Returns false (and writes
+/// [`act_stride`] bytes, from [`prepare`] or the Q8_K rows), for j < t, in the order of
+/// [`super::dot_fn_for`]`(ty, batch)` (`batch`: the whole product has at least
+/// [`super::TILED_MIN_ROWS`] activation rows). Returns false (and writes
 /// nothing) when the lengths do not fit or the kernels are unavailable.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
@@ -233,6 +232,7 @@ pub fn matmul(
     w: &[u8],
     acts: &[u8],
     t: usize,
+    batch: bool,
     out: &mut [f32],
     out_stride: usize,
 ) -> bool {
@@ -264,7 +264,7 @@ pub fn matmul(
     {
         // SAFETY: the CPU runs AVX-512 F/BW/VL + VNNI (available()); `w` holds rows/16 whole
         // groups of nb blocks, `acts` t rows of astride bytes, `out` t rows of out_stride >= rows.
-        unsafe { vnni::drive(ty, nb, gbytes, w, acts, astride, t, out, out_stride) };
+        unsafe { vnni::drive(ty, nb, gbytes, w, acts, astride, t, batch, out, out_stride) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -519,11 +519,176 @@ mod vnni {
         }
     }
 
+    /// `(s, s)` as two i16 in each i32 lane of `s` (|s| < 2^15).
+    #[inline(always)]
+    unsafe fn pair16(s: __m512i) -> __m512i {
+        // SAFETY: AVX-512F enabled in every caller.
+        unsafe {
+            _mm512_or_si512(
+                _mm512_and_si512(s, _mm512_set1_epi32(0xFFFF)),
+                _mm512_slli_epi32(s, 16),
+            )
+        }
+    }
+
+    /// The x86 `hsum` of each output's eight lane vectors.
+    #[inline(always)]
+    unsafe fn hsum8v(at: &[__m512; 8]) -> __m512 {
+        // SAFETY: AVX-512F enabled in every caller.
+        unsafe {
+            let s0 = _mm512_add_ps(at[0], at[4]);
+            let s1 = _mm512_add_ps(at[1], at[5]);
+            let s2 = _mm512_add_ps(at[2], at[6]);
+            let s3 = _mm512_add_ps(at[3], at[7]);
+            _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3))
+        }
+    }
+
+    /// Q4_K in the vec_dot order (fewer than 8 activation rows): per super-block eight lanes
+    /// (element e in lane (e%32)/4, times its scale) fused with `yd·d`, four min lanes fused with
+    /// `-yd·dmin`; 16 rows × one token (`N` = 1).
+    #[inline(always)]
+    unsafe fn q4k_vd<const N: usize>(
+        nb: usize,
+        wg: *const u8,
+        a: *const u8,
+        _astride: usize,
+        out: *mut f32,
+        _ostride: usize,
+    ) {
+        // SAFETY: callers pass nb group blocks at `wg`, one Q8_K row at `a`, one output row.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            let m4 = _mm512_set1_epi8(0x0F);
+            let mut acc = [_mm512_setzero_ps(); 8];
+            let mut accm = [_mm512_setzero_ps(); 4];
+            for b in 0..nb {
+                let x = wg.add(b * 2368);
+                let y = a.add(b * 292);
+                let yd = f32::from_bits(rd32(y) as u32);
+                let d = _mm512_mul_ps(_mm512_set1_ps(yd), _mm512_cvtph_ps(ld256(x)));
+                let dmin = _mm512_mul_ps(_mm512_set1_ps(-yd), _mm512_cvtph_ps(ld256(x.add(32))));
+                for (p, am) in accm.iter_mut().enumerate() {
+                    let mp = _mm512_cvtepu8_epi16(ld256(x.add(192 + 32 * p)));
+                    let bs = y.add(260 + 8 * p);
+                    let pair = (i32::from((bs as *const i16).read_unaligned())
+                        + i32::from((bs.add(2) as *const i16).read_unaligned()))
+                        & 0xFFFF
+                        | (i32::from((bs.add(4) as *const i16).read_unaligned())
+                            + i32::from((bs.add(6) as *const i16).read_unaligned()))
+                            << 16;
+                    let pr = _mm512_dpwssd_epi32(zero, mp, _mm512_set1_epi32(pair));
+                    *am = _mm512_fmadd_ps(dmin, _mm512_cvtepi32_ps(pr), *am);
+                }
+                let mut l = [zero; 8];
+                for c in 0..4 {
+                    let scl = pair16(_mm512_cvtepu8_epi32(ld128(x.add(64 + 16 * (2 * c)))));
+                    let sch = pair16(_mm512_cvtepu8_epi32(ld128(x.add(64 + 16 * (2 * c + 1)))));
+                    for (m, lm) in l.iter_mut().enumerate() {
+                        let p = ld512(x.add(320 + 64 * (8 * c + m)));
+                        let lo = _mm512_and_si512(p, m4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+                        let q = y.add(4 + 64 * c + 4 * m);
+                        let plo = _mm512_maddubs_epi16(lo, _mm512_set1_epi32(rd32(q)));
+                        let phi = _mm512_maddubs_epi16(hi, _mm512_set1_epi32(rd32(q.add(32))));
+                        *lm = _mm512_dpwssd_epi32(*lm, plo, scl);
+                        *lm = _mm512_dpwssd_epi32(*lm, phi, sch);
+                    }
+                }
+                for (k, ak) in acc.iter_mut().enumerate() {
+                    *ak = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(l[k]), *ak);
+                }
+            }
+            let m = _mm512_add_ps(
+                _mm512_add_ps(accm[0], accm[2]),
+                _mm512_add_ps(accm[1], accm[3]),
+            );
+            _mm512_storeu_ps(out, _mm512_add_ps(hsum8v(&acc), m));
+        }
+    }
+
+    /// Q6_K in the vec_dot order: eight lanes of scaled products minus
+    /// `32·(b[2k]·sc[2k] + b[2k+1]·sc[2k+1])`, fused with `yd·d`; 16 rows × one token.
+    #[inline(always)]
+    unsafe fn q6k_vd<const N: usize>(
+        nb: usize,
+        wg: *const u8,
+        a: *const u8,
+        _astride: usize,
+        out: *mut f32,
+        _ostride: usize,
+    ) {
+        // SAFETY: callers pass nb group blocks at `wg`, one Q8_K row at `a`, one output row.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            let m4 = _mm512_set1_epi8(0x0F);
+            let m30 = _mm512_set1_epi8(0x30);
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for b in 0..nb {
+                let x = wg.add(b * 3616);
+                let y = a.add(b * 292);
+                let yd = f32::from_bits(rd32(y) as u32);
+                let d = _mm512_mul_ps(_mm512_set1_ps(yd), _mm512_cvtph_ps(ld256(x)));
+                let mut l = [zero; 8];
+                for c in 0..2 {
+                    for h in 0..2 {
+                        let mut sc = [zero; 4];
+                        for (k, v) in sc.iter_mut().enumerate() {
+                            let g = 8 * c + 2 * k + h;
+                            *v = pair16(_mm512_cvtepi8_epi32(ld128(x.add(32 + 16 * g))));
+                        }
+                        for m in 4 * h..4 * h + 4 {
+                            let at = x.add(544 + 192 * (8 * c + m));
+                            let a0 = ld512(at);
+                            let a1 = ld512(at.add(64));
+                            let hb = ld512(at.add(128));
+                            let v = [
+                                _mm512_or_si512(
+                                    _mm512_and_si512(a0, m4),
+                                    _mm512_and_si512(_mm512_slli_epi16(hb, 4), m30),
+                                ),
+                                _mm512_or_si512(
+                                    _mm512_and_si512(a1, m4),
+                                    _mm512_and_si512(_mm512_slli_epi16(hb, 2), m30),
+                                ),
+                                _mm512_or_si512(
+                                    _mm512_and_si512(_mm512_srli_epi16(a0, 4), m4),
+                                    _mm512_and_si512(hb, m30),
+                                ),
+                                _mm512_or_si512(
+                                    _mm512_and_si512(_mm512_srli_epi16(a1, 4), m4),
+                                    _mm512_and_si512(_mm512_srli_epi16(hb, 2), m30),
+                                ),
+                            ];
+                            let q = y.add(4 + 128 * c + 4 * m);
+                            for k in 0..4 {
+                                let p = _mm512_maddubs_epi16(
+                                    v[k],
+                                    _mm512_set1_epi32(rd32(q.add(32 * k))),
+                                );
+                                l[m] = _mm512_dpwssd_epi32(l[m], p, sc[k]);
+                            }
+                        }
+                    }
+                }
+                for (k, ak) in acc.iter_mut().enumerate() {
+                    let sp = _mm512_cvtepi8_epi16(ld256(x.add(288 + 32 * k)));
+                    let bs = _mm512_set1_epi32(rd32(y.add(260 + 4 * k)));
+                    let sub = _mm512_slli_epi32(_mm512_dpwssd_epi32(zero, sp, bs), 5);
+                    let lk = _mm512_sub_epi32(l[k], sub);
+                    *ak = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lk), *ak);
+                }
+            }
+            _mm512_storeu_ps(out, hsum8v(&acc));
+        }
+    }
+
     /// Every group × every token, `N` tokens at a time (the rest one by one).
     ///
     /// # Safety
     /// AVX-512 F/BW/VL + VNNI; the lengths checked by [`super::matmul`].
-    #[allow(clippy::too_many_arguments)]
+    // `j + N <= t` reads as "N more tokens fit", also for N = 1
+    #[allow(clippy::too_many_arguments, clippy::int_plus_one)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn drive(
         ty: GgmlType,
@@ -533,6 +698,7 @@ mod vnni {
         acts: &[u8],
         astride: usize,
         t: usize,
+        batch: bool,
         out: &mut [f32],
         ostride: usize,
     ) {
@@ -570,6 +736,8 @@ mod vnni {
                     }};
                 }
                 match ty {
+                    GgmlType::Q4K if !batch => run!(q4k_vd, 1),
+                    GgmlType::Q6K if !batch => run!(q6k_vd, 1),
                     GgmlType::Q4_0 => run!(q4_0, 2),
                     GgmlType::Q5_0 => run!(q5_0, 2),
                     GgmlType::Q8_0 => run!(q8_0, 2),
@@ -663,8 +831,8 @@ mod tests {
         let acts = prep.as_deref().unwrap_or(&qa);
         let os = rows + 3;
         let mut out = vec![f32::NAN; t * os];
-        assert!(matmul(ty, cols, &packed, acts, t, &mut out, os));
         let batch = t >= crate::dot::TILED_MIN_ROWS;
+        assert!(matmul(ty, cols, &packed, acts, t, batch, &mut out, os));
         let dot = dot_fn_for(ty, batch).unwrap();
         for j in 0..t {
             for r in 0..rows {
@@ -691,7 +859,7 @@ mod tests {
     #[test]
     fn k_types_match_tiled_scalar() {
         for ty in [GgmlType::Q4K, GgmlType::Q6K] {
-            for t in [8, 9, 13] {
+            for t in [1, 3, 8, 9, 13] {
                 check(ty, 32, 512, t, t as u64);
             }
         }
@@ -704,14 +872,33 @@ mod tests {
         assert!(repack(ty, 16, 32, &[0u8; 16 * 18 - 1]).is_none());
         assert!(repack(GgmlType::F16, 16, 32, &[0u8; 16 * 64]).is_none());
         let mut out = [0f32; 16];
-        assert!(!matmul(ty, 32, &[0u8; 287], &[0u8; 68], 1, &mut out, 16));
-        assert!(!matmul(ty, 32, &[0u8; 288], &[0u8; 67], 1, &mut out, 16));
+        assert!(!matmul(
+            ty,
+            32,
+            &[0u8; 287],
+            &[0u8; 68],
+            1,
+            false,
+            &mut out,
+            16
+        ));
+        assert!(!matmul(
+            ty,
+            32,
+            &[0u8; 288],
+            &[0u8; 67],
+            1,
+            false,
+            &mut out,
+            16
+        ));
         assert!(!matmul(
             ty,
             32,
             &[0u8; 288],
             &[0u8; 68],
             1,
+            false,
             &mut out[..15],
             16
         ));
@@ -723,8 +910,6 @@ mod tests {
         fn repacked_equals_scalar(ty in prop::sample::select(vec![
             GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K]),
             groups in 1usize..3, blocks in 1usize..4, t in 1usize..12, seed in 0u64..1000) {
-            let k = matches!(ty, GgmlType::Q4K | GgmlType::Q6K);
-            let t = if k { t.max(8) } else { t };
             let cols = blocks * ty.block_size();
             check(ty, groups * GROUP, cols, t, seed);
         }
@@ -776,7 +961,7 @@ mod bench {
         };
         let t0 = cpu();
         for _ in 0..reps {
-            assert!(matmul(ty, cols, &packed, acts, t, &mut out, rows));
+            assert!(matmul(ty, cols, &packed, acts, t, true, &mut out, rows));
         }
         let s = cpu() - t0;
         let macs = (rows * cols * t * reps) as f64;
