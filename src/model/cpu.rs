@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use half::f16;
 use kiln_formats::gguf::{GgufFile, TensorInfo};
 use kiln_quant::dot::attn::{attend_head, HeadView};
+use kiln_quant::dot::repack;
 use kiln_quant::dot::{
     act_format, act_row_bytes, check_row, dot_many_fn, quantize_act, ActFormat, DotManyFn,
     TILED_MIN_ROWS,
@@ -42,6 +43,8 @@ pub struct CpuWeight {
     many: Option<(DotManyFn, DotManyFn)>,
     /// 1-D f32 vectors (norm weights), decoded once.
     dense: Option<Vec<f32>>,
+    /// The rows repacked into 16-row groups for the VNNI kernels (`kiln_quant::dot::repack`).
+    packed: Option<Vec<u8>>,
 }
 
 impl CpuWeight {
@@ -70,6 +73,63 @@ fn f16_bits(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
 
+/// A product with repacked weights `p` (`n` rows of `k` values of type `ty`) and `t` activation
+/// rows `qa` (`rb` bytes each): token tiles in parallel for a prompt, groups of 16 rows otherwise.
+fn packed_matmul(
+    ty: GgmlType,
+    p: &[u8],
+    k: usize,
+    n: usize,
+    qa: &[u8],
+    rb: usize,
+    t: usize,
+) -> Result<CpuAct> {
+    let gbytes = repack::repacked_bytes(ty, repack::GROUP, k).context("repacked size")?;
+    let mut data = vec![0f32; n * t];
+    let run = |j0: usize, nt: usize, w: &[u8], out: &mut [f32]| -> Result<()> {
+        let acts = qa.get(j0 * rb..(j0 + nt) * rb).unwrap_or(&[]);
+        let prep = repack::prepare(ty, k, acts, nt);
+        let a = prep.as_deref().unwrap_or(acts);
+        if !repack::matmul(ty, k, w, a, nt, t >= TILED_MIN_ROWS, out, n) {
+            bail!("repacked {ty} product does not fit");
+        }
+        Ok(())
+    };
+    if t >= TOKEN_TILE {
+        data.par_chunks_mut(TOKEN_TILE * n)
+            .enumerate()
+            .try_for_each(|(gi, o)| run(gi * TOKEN_TILE, o.len() / n.max(1), p, o))?;
+    } else {
+        // few tokens: tiles of row groups in parallel, each into its own token-major slice
+        const GROUPS: usize = 4;
+        let acts = qa.get(..t * rb).unwrap_or(&[]);
+        let prep = repack::prepare(ty, k, acts, t);
+        let a = prep.as_deref().unwrap_or(acts);
+        let tile = GROUPS * repack::GROUP;
+        let mut parts = vec![0f32; n * t];
+        parts
+            .par_chunks_mut(tile * t)
+            .zip(p.par_chunks(GROUPS * gbytes))
+            .try_for_each(|(o, w)| {
+                if !repack::matmul(ty, k, w, a, t, t >= TILED_MIN_ROWS, o, o.len() / t) {
+                    bail!("repacked {ty} product does not fit");
+                }
+                Ok(())
+            })?;
+        for (c, part) in parts.chunks(tile * t).enumerate() {
+            let rows = part.len() / t;
+            for (j, row) in part.chunks_exact(rows).enumerate() {
+                data[j * n + c * tile..][..rows].copy_from_slice(row);
+            }
+        }
+    }
+    Ok(CpuAct {
+        data,
+        rows: t,
+        cols: n,
+    })
+}
+
 impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type Act = CpuAct;
@@ -93,13 +153,27 @@ impl Backend for CpuBackend {
                 data.len()
             );
         }
-        // fault the mapped pages in now (llama.cpp's warm-up run does the same), so the first
-        // evaluation does not pay for them
-        let mut touch = 0u8;
-        for page in data.chunks(4096) {
-            touch ^= page[0];
-        }
-        std::hint::black_box(touch);
+        // weights the VNNI kernels take are repacked once (a heap copy; the mapped pages are
+        // released and only fault back in for products the original layout serves); not the
+        // embedding table, of which lookups touch only the rows they need (a tied output head,
+        // loaded from the same tensor, keeps the original layout)
+        let packed = if t.shape.len() > 1
+            && t.name != "token_embd.weight"
+            && repack::supported(t.ty, rows, cols)
+        {
+            let p = repack::repack(t.ty, rows, cols, data);
+            file.release(t);
+            p
+        } else {
+            // fault the mapped pages in now (llama.cpp's warm-up run does the same), so the
+            // first evaluation does not pay for them
+            let mut touch = 0u8;
+            for page in data.chunks(4096) {
+                touch ^= page[0];
+            }
+            std::hint::black_box(touch);
+            None
+        };
         let dense = if t.shape.len() == 1 {
             let mut v = vec![0f32; cols];
             kiln_quant::dequantize_row(t.ty, data, &mut v)
@@ -124,6 +198,7 @@ impl Backend for CpuBackend {
                 true,
             )),
             dense,
+            packed,
         })
     }
 
@@ -209,6 +284,9 @@ impl Backend for CpuBackend {
             wb.get(r * w.row_bytes..(r + nr) * w.row_bytes)
                 .unwrap_or(&[])
         };
+        if let Some(p) = w.packed.as_deref().filter(|_| repack::handles(w.ty)) {
+            return packed_matmul(w.ty, p, k, n, &qa, rb, t);
+        }
         let mut data = vec![0f32; n * t];
         if t >= TOKEN_TILE {
             // prompt: tiles of tokens in parallel; each weight row is decoded once per tile and

@@ -21,6 +21,7 @@ use crate::{GgmlType, Isa, QuantError};
 pub mod attn;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub mod repack;
 
 /// Elements per legacy block.
 const QK: usize = 32;
