@@ -944,6 +944,8 @@ const GEMM_RN: usize = 6;
 const GEMM_KC: usize = 256;
 /// Weight rows packed at once (a multiple of [`GEMM_RM`]).
 const GEMM_RB: usize = 16;
+// reduce16 reduces one token's GEMM_RB accumulators at once
+const _: () = assert!(GEMM_RB == 16);
 /// Bytes of packed activations per pass of [`f16_gemm_512`].
 const GEMM_PA_BYTES: usize = 1 << 20;
 
@@ -990,6 +992,50 @@ unsafe fn f16_gemm_tile<const RN: usize>(
                 _mm512_storeu_ps(acc.add(j * acc_row + i * 16), *cij);
             }
         }
+    }
+}
+
+/// The pairwise sums ([`lanes_sum`]) of the 16 accumulators at `p` (16 floats each), lane `r`
+/// holding accumulator `r`: the four halving steps done on pairs of registers at once.
+///
+/// # Safety
+/// AVX-512F; 256 floats readable at `p`.
+#[inline(always)]
+unsafe fn reduce16(p: *const f32) -> __m512 {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let v: [__m512; 16] = std::array::from_fn(|r| _mm512_loadu_ps(p.add(16 * r)));
+        // x[i] + x[i + 8]: rows 2m, 2m+1 as two 8-lane halves
+        let s: [__m512; 8] = std::array::from_fn(|m| {
+            let (a, b) = (v[2 * m], v[2 * m + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            )
+        });
+        // x[i] + x[i + 4]: rows 4p..4p+4, one per 128-bit quarter
+        let t: [__m512; 4] = std::array::from_fn(|q| {
+            let (a, b) = (s[2 * q], s[2 * q + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        });
+        // x[i] + x[i + 2]: quarter q holds rows q and 4 + q (u0), 8 + q and 12 + q (u1)
+        let u: [__m512; 2] = std::array::from_fn(|q| {
+            let (a, b) = (t[2 * q], t[2 * q + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(a, b),
+                _mm512_shuffle_ps::<0xEE>(a, b),
+            )
+        });
+        // x[0] + x[1]: lane 4q + c holds row q + 4c
+        let f = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(u[0], u[1]),
+            _mm512_shuffle_ps::<0xDD>(u[0], u[1]),
+        );
+        let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(idx, f)
     }
 }
 
@@ -1111,18 +1157,26 @@ unsafe fn f16_gemm_512(
         }
         for j in 0..toks {
             let arow = &a[j * stride..];
-            let orow = &mut out[j * ldo + r0..][..nr];
-            for (r, o) in orow.iter_mut().enumerate() {
-                let mut l = [0f32; 16];
-                if steps > 0 {
-                    l.copy_from_slice(&acc[j * acc_row + r * 16..][..16]);
-                }
+            let mut tail = [0f32; GEMM_RB];
+            for (r, t) in tail.iter_mut().enumerate().take(nr) {
                 let wr = &w[(r0 + r) * row_bytes..][..row_bytes];
-                let mut tail = 0f32;
                 for e in kf..k {
-                    tail += super::rd_f16(wr, 2 * e) * super::rd_f32(arow, 4 * e);
+                    *t += super::rd_f16(wr, 2 * e) * super::rd_f32(arow, 4 * e);
                 }
-                *o = lanes_sum(l) + tail;
+            }
+            let orow = &mut out[j * ldo + r0..][..nr];
+            if steps == 0 {
+                for (o, t) in orow.iter_mut().zip(tail) {
+                    *o = lanes_sum([0f32; 16]) + t;
+                }
+                continue;
+            }
+            // SAFETY: the token's GEMM_RB accumulators are 256 floats of `acc`; the masked
+            // store writes the `nr` outputs of `orow`.
+            unsafe {
+                let r = reduce16(acc.as_ptr().add(j * acc_row));
+                let r = _mm512_add_ps(r, _mm512_loadu_ps(tail.as_ptr()));
+                _mm512_mask_storeu_ps(orow.as_mut_ptr(), ((1u32 << nr) - 1) as u16, r);
             }
         }
         r0 += nr;
