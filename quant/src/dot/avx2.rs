@@ -1130,6 +1130,28 @@ unsafe fn f16_gemm_512(
         let mut kb = 0;
         while kb < steps {
             let ks = (GEMM_KC / 16).min(steps - kb);
+            // this K range of the next block's weight rows is fetched into L2 while computing, a
+            // few lines per micro-tile (a burst would stall), so packing them does not wait
+            let next = rows.min(r0 + nr + GEMM_RB) - (r0 + nr);
+            let lpr = (32 * ks).div_ceil(64);
+            let mut pf = 0;
+            let total = next * lpr;
+            let mut fetch = |n: usize| {
+                for _ in 0..n {
+                    if pf < total {
+                        let (rr, off) = (r0 + nr + pf / lpr, 32 * kb + 64 * (pf % lpr));
+                        // SAFETY: `off` < 2 * k lies inside row `rr` < rows; a prefetch never
+                        // faults.
+                        unsafe {
+                            _mm_prefetch::<_MM_HINT_T1>(
+                                w.as_ptr().add(rr * row_bytes + off.min(row_bytes - 1))
+                                    as *const i8,
+                            )
+                        };
+                        pf += 1;
+                    }
+                }
+            };
             let mut j0 = 0;
             while j0 < toks {
                 let rn = GEMM_RN.min(toks - j0);
@@ -1150,9 +1172,11 @@ unsafe fn f16_gemm_512(
                             _ => f16_gemm_tile::<1>(ks, p, ap, cp, acc_row, first),
                         }
                     }
+                    fetch(2);
                 }
                 j0 += rn;
             }
+            fetch(total);
             kb += ks;
         }
         for j in 0..toks {
