@@ -995,6 +995,12 @@ unsafe fn f16_gemm_tile<const RN: usize>(
     }
 }
 
+/// `v` from its first 64-byte aligned element (within its first 16).
+fn aligned64(v: &mut [f32]) -> &mut [f32] {
+    let o = v.as_ptr().align_offset(64).min(16).min(v.len());
+    &mut v[o..]
+}
+
 /// The pairwise sums ([`lanes_sum`]) of the 16 accumulators at `p` (16 floats each), lane `r`
 /// holding accumulator `r`: the four halving steps done on pairs of registers at once.
 ///
@@ -1078,10 +1084,12 @@ unsafe fn f16_gemm_512(
         (&mut *acc, toks * acc_row),
         (&mut *pa, kf * toks),
     ] {
-        if v.len() < n {
-            v.resize(n, 0.0);
+        // 16 floats more, so that a 64-byte aligned start fits (vector loads never split lines)
+        if v.len() < n + 16 {
+            v.resize(n + 16, 0.0);
         }
     }
+    let (pw, acc, pa) = (aligned64(pw), aligned64(acc), aligned64(pa));
     let mut kb = 0;
     while kb < steps {
         let ks = (GEMM_KC / 16).min(steps - kb);
