@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use kiln_formats::imatrix::{Imatrix, ImatrixEntry};
+use kiln_quant::dot::TILED_MIN_ROWS;
 use rayon::prelude::*;
 
 use crate::eval::perplexity::{estimate, nll};
@@ -209,6 +210,14 @@ pub fn collect<B: Backend>(
         );
     }
     let first = n_ctx / 2;
+    // only the scored rows need logits (llama-imatrix computes all of them): the output head
+    // multiplies rows `from..` alone, which gives the same values as long as the row count keeps
+    // the same kernel (at least TILED_MIN_ROWS); every product is still observed in full
+    let from = if n_ctx - first >= TILED_MIN_ROWS {
+        first
+    } else {
+        0
+    };
     let n_vocab = model.cfg.n_vocab;
     let mut cache = model.new_cache(n_ctx)?;
     let (mut s1, mut s2, mut count) = (0.0f64, 0.0f64, 0usize);
@@ -220,11 +229,12 @@ pub fn collect<B: Backend>(
             *t0 = b;
         }
         let mut err = None;
-        let logits = model.forward_observed(&mut cache, &input, 0, 0, &mut |name, x, cols| {
-            if err.is_none() {
-                err = col.observe(name, x, cols).err();
-            }
-        })?;
+        let logits =
+            model.forward_observed(&mut cache, &input, 0, from, &mut |name, x, cols| {
+                if err.is_none() {
+                    err = col.observe(name, x, cols).err();
+                }
+            })?;
         if let Some(e) = err {
             return Err(e);
         }
@@ -234,9 +244,8 @@ pub fn collect<B: Backend>(
             let vals: Vec<f64> = (0..n_score)
                 .into_par_iter()
                 .map(|i| {
-                    let row = logits
-                        .get((first + i) * n_vocab..(first + i + 1) * n_vocab)
-                        .unwrap_or(&[]);
+                    let r = first + i - from;
+                    let row = logits.get(r * n_vocab..(r + 1) * n_vocab).unwrap_or(&[]);
                     nll(row, orig[first + i + 1] as usize)
                 })
                 .collect();

@@ -10,8 +10,8 @@ use kiln_formats::gguf::{GgufFile, TensorInfo};
 use kiln_quant::dot::attn::{attend_head, HeadView};
 use kiln_quant::dot::repack;
 use kiln_quant::dot::{
-    act_format, act_row_bytes, check_row, dot_many_fn, quantize_act, ActFormat, DotManyFn,
-    TILED_MIN_ROWS,
+    act_format, act_row_bytes, check_row, dot_many_fn, gemm_f16, quantize_act, ActFormat,
+    DotManyFn, TILED_MIN_ROWS,
 };
 use kiln_quant::{GgmlType, Isa};
 use rayon::prelude::*;
@@ -298,6 +298,10 @@ impl Backend for CpuBackend {
                     let acts = qa
                         .get(gi * TOKEN_TILE * rb..(gi * TOKEN_TILE + nt) * rb)
                         .unwrap_or(&[]);
+                    if w.ty == GgmlType::F16 {
+                        // packed, cache-blocked kernel writing the outputs in place
+                        return gemm_f16(wb, w.row_bytes, acts, rb, nt, o, n);
+                    }
                     let mut tmp = [0f32; ROW_TILE * TOKEN_TILE];
                     for r0 in (0..n).step_by(ROW_TILE) {
                         let nr = ROW_TILE.min(n - r0);

@@ -312,7 +312,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// [`Model::forward`] that also shows `obs` the input of every weight product (as
-    /// llama-imatrix's callback sees `src1` of each `MUL_MAT`), output head included.
+    /// llama-imatrix's callback sees `src1` of each `MUL_MAT`), output head included. Every
+    /// product sees all rows; only the output head itself skips the rows before `logits_from`.
     pub fn forward_observed(
         &self,
         cache: &mut B::Cache,
@@ -343,6 +344,7 @@ impl<B: Backend> Model<B> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
             bail!("token id {bad} is outside the vocabulary ({})", cfg.n_vocab);
         }
+        let observed = obs.is_some();
         let shape = AttnShape {
             n_head: cfg.n_head,
             n_head_kv: cfg.n_head_kv,
@@ -388,7 +390,7 @@ impl<B: Backend> Model<B> {
             let att = be.attention(cache, il, &q, &k, &v, n_past, shape)?;
             see(&["attn_output"], Some(il), &att, qd);
             let mut cur = be.matmul(&l.wo, &att)?;
-            if il == last && logits_from > 0 {
+            if il == last && logits_from > 0 && !observed {
                 // only the rows whose logits are wanted go on (llama.cpp's out_ids)
                 cur = be.tail_rows(&cur, logits_from);
                 x = be.tail_rows(&x, logits_from);
@@ -407,6 +409,11 @@ impl<B: Backend> Model<B> {
         }
         let cur = be.rms_norm(&x, &self.output_norm, cfg.rms_eps)?;
         see(&[self.output_name], None, &cur, cfg.n_embd);
+        let cur = if observed && logits_from > 0 {
+            be.tail_rows(&cur, logits_from)
+        } else {
+            cur
+        };
         let logits = be.matmul(&self.output, &cur)?;
         Ok(be.to_host(logits))
     }

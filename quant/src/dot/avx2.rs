@@ -933,6 +933,346 @@ unsafe fn f16_many_512(w: &[u8], row_bytes: usize, a: &[u8], stride: usize, out:
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// F16 × F16 over a prompt: packed, register- and cache-blocked
+
+/// Weight rows per micro-tile of [`f16_gemm_512`].
+const GEMM_RM: usize = 4;
+/// Tokens per micro-tile of [`f16_gemm_512`].
+const GEMM_RN: usize = 6;
+/// Elements of K per cache block (a multiple of 16).
+const GEMM_KC: usize = 256;
+/// Weight rows packed at once (a multiple of [`GEMM_RM`]).
+const GEMM_RB: usize = 16;
+// reduce16 reduces one token's GEMM_RB accumulators at once
+const _: () = assert!(GEMM_RB == 16);
+/// Bytes of packed activations per pass of [`f16_gemm_512`].
+const GEMM_PA_BYTES: usize = 1 << 20;
+
+/// One `GEMM_RM × RN` micro-tile over `steps` 16-element steps of K: `pw` is the packed f32 weight
+/// panel (`[step][row][16]`), `a` the packed activations (`[step][token][16]`), `acc` the tile's 16-lane accumulators (`acc_row` floats between tokens, 16
+/// between rows), loaded unless `first` and stored back. Every accumulator gets the same fused
+/// multiply-adds in the same K order as [`super::dot_f16_f16`]'s lanes.
+#[inline(always)]
+unsafe fn f16_gemm_tile<const RN: usize>(
+    steps: usize,
+    pw: *const f32,
+    a: *const f32,
+    acc: *mut f32,
+    acc_row: usize,
+    first: bool,
+) {
+    // SAFETY: the caller guarantees `steps` steps of the panel, of RN activation rows and RN × RM
+    // accumulators are in bounds.
+    unsafe {
+        let mut c = [[_mm512_setzero_ps(); RN]; GEMM_RM];
+        if !first {
+            for (i, ci) in c.iter_mut().enumerate() {
+                for (j, cij) in ci.iter_mut().enumerate() {
+                    *cij = _mm512_loadu_ps(acc.add(j * acc_row + i * 16));
+                }
+            }
+        }
+        for s in 0..steps {
+            let wp = pw.add(s * 16 * GEMM_RM);
+            let w0 = _mm512_loadu_ps(wp);
+            let w1 = _mm512_loadu_ps(wp.add(16));
+            let w2 = _mm512_loadu_ps(wp.add(32));
+            let w3 = _mm512_loadu_ps(wp.add(48));
+            for j in 0..RN {
+                let av = _mm512_loadu_ps(a.add((s * RN + j) * 16));
+                c[0][j] = _mm512_fmadd_ps(w0, av, c[0][j]);
+                c[1][j] = _mm512_fmadd_ps(w1, av, c[1][j]);
+                c[2][j] = _mm512_fmadd_ps(w2, av, c[2][j]);
+                c[3][j] = _mm512_fmadd_ps(w3, av, c[3][j]);
+            }
+        }
+        for (i, ci) in c.iter().enumerate() {
+            for (j, cij) in ci.iter().enumerate() {
+                _mm512_storeu_ps(acc.add(j * acc_row + i * 16), *cij);
+            }
+        }
+    }
+}
+
+/// `v` from its first 64-byte aligned element (within its first 16).
+fn aligned64(v: &mut [f32]) -> &mut [f32] {
+    let o = v.as_ptr().align_offset(64).min(16).min(v.len());
+    &mut v[o..]
+}
+
+/// The pairwise sums ([`lanes_sum`]) of the 16 accumulators at `p` (16 floats each), lane `r`
+/// holding accumulator `r`: the four halving steps done on pairs of registers at once.
+///
+/// # Safety
+/// AVX-512F; 256 floats readable at `p`.
+#[inline(always)]
+unsafe fn reduce16(p: *const f32) -> __m512 {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let v: [__m512; 16] = std::array::from_fn(|r| _mm512_loadu_ps(p.add(16 * r)));
+        // x[i] + x[i + 8]: rows 2m, 2m+1 as two 8-lane halves
+        let s: [__m512; 8] = std::array::from_fn(|m| {
+            let (a, b) = (v[2 * m], v[2 * m + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            )
+        });
+        // x[i] + x[i + 4]: rows 4p..4p+4, one per 128-bit quarter
+        let t: [__m512; 4] = std::array::from_fn(|q| {
+            let (a, b) = (s[2 * q], s[2 * q + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        });
+        // x[i] + x[i + 2]: quarter q holds rows q and 4 + q (u0), 8 + q and 12 + q (u1)
+        let u: [__m512; 2] = std::array::from_fn(|q| {
+            let (a, b) = (t[2 * q], t[2 * q + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(a, b),
+                _mm512_shuffle_ps::<0xEE>(a, b),
+            )
+        });
+        // x[0] + x[1]: lane 4q + c holds row q + 4c
+        let f = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(u[0], u[1]),
+            _mm512_shuffle_ps::<0xDD>(u[0], u[1]),
+        );
+        let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(idx, f)
+    }
+}
+
+/// `out[j * ldo + r] = dot_f16_f16(w_r, a_j)` for every weight row `r` and token `j < toks`:
+/// weights converted to f32 once per block of [`GEMM_RB`] rows, `GEMM_RM × GEMM_RN` register tiles
+/// over K blocks of [`GEMM_KC`], the 16-lane accumulators kept in memory between K blocks (exact),
+/// then reduced pairwise with the scalar tail added as the scalar kernel does.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL, AVX2, FMA and F16C; `w` is whole rows of `row_bytes` (even),
+/// `toks` activation rows of `row_bytes * 2` bytes lie `stride` apart in `a`, and `out` holds
+/// `(toks - 1) * ldo + rows` values with `ldo >= rows`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f16_gemm_512(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let rows = w.len() / row_bytes;
+    let k = row_bytes / 2;
+    let steps = k / 16;
+    let kf = steps * 16;
+    let acc_row = GEMM_RB * 16;
+    // scratch buffers reused across calls on this thread (fresh large allocations would cost a
+    // page fault per 4 KiB every call); every element read below is written first
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const {
+            std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
+        };
+    }
+    let mut own: [Vec<f32>; 3] = SCRATCH.with(|c| c.take());
+    let [pw, acc, pa] = &mut own;
+    for (v, n) in [
+        (&mut *pw, GEMM_RB * kf),
+        (&mut *acc, toks * acc_row),
+        (&mut *pa, kf * toks),
+    ] {
+        // 16 floats more, so that a 64-byte aligned start fits (vector loads never split lines)
+        if v.len() < n + 16 {
+            v.resize(n + 16, 0.0);
+        }
+    }
+    let (pw, acc, pa) = (aligned64(pw), aligned64(acc), aligned64(pa));
+    let mut kb = 0;
+    while kb < steps {
+        let ks = (GEMM_KC / 16).min(steps - kb);
+        let mut j0 = 0;
+        while j0 < toks {
+            let rn = GEMM_RN.min(toks - j0);
+            let base = kb * 16 * toks + j0 * ks * 16;
+            for s in 0..ks {
+                for j in 0..rn {
+                    let src = &a[(j0 + j) * stride + 64 * (kb + s)..][..64];
+                    let dst = &mut pa[base + (s * rn + j) * 16..][..16];
+                    // SAFETY: both slices hold 16 f32 (64 bytes).
+                    unsafe {
+                        let v = _mm512_loadu_ps(src.as_ptr() as *const f32);
+                        _mm512_storeu_ps(dst.as_mut_ptr(), v);
+                    }
+                }
+            }
+            j0 += rn;
+        }
+        kb += ks;
+    }
+    let mut r0 = 0;
+    while r0 < rows {
+        let nr = GEMM_RB.min(rows - r0);
+        let groups = nr.div_ceil(GEMM_RM);
+        // pack: [group][step][row in group][16], rows past `nr` zero
+        for g in 0..groups {
+            for i in 0..GEMM_RM {
+                let r = g * GEMM_RM + i;
+                for s in 0..steps {
+                    let dst = &mut pw[((g * steps + s) * GEMM_RM + i) * 16..][..16];
+                    if r < nr {
+                        // SAFETY: row r0 + r < rows; elements 16s..16s+16 lie in the row.
+                        unsafe {
+                            let v =
+                                _mm512_cvtph_ps(ld(w.as_ptr().add((r0 + r) * row_bytes + 32 * s)));
+                            _mm512_storeu_ps(dst.as_mut_ptr(), v);
+                        }
+                    } else {
+                        dst.fill(0.0);
+                    }
+                }
+            }
+        }
+        let mut kb = 0;
+        while kb < steps {
+            let ks = (GEMM_KC / 16).min(steps - kb);
+            // this K range of the next block's weight rows is fetched into L2 while computing, a
+            // few lines per micro-tile (a burst would stall), so packing them does not wait
+            let next = rows.min(r0 + nr + GEMM_RB) - (r0 + nr);
+            let lpr = (32 * ks).div_ceil(64);
+            let mut pf = 0;
+            let total = next * lpr;
+            let mut fetch = |n: usize| {
+                for _ in 0..n {
+                    if pf < total {
+                        let (rr, off) = (r0 + nr + pf / lpr, 32 * kb + 64 * (pf % lpr));
+                        // SAFETY: `off` < 2 * k lies inside row `rr` < rows; a prefetch never
+                        // faults.
+                        unsafe {
+                            _mm_prefetch::<_MM_HINT_T1>(
+                                w.as_ptr().add(rr * row_bytes + off.min(row_bytes - 1))
+                                    as *const i8,
+                            )
+                        };
+                        pf += 1;
+                    }
+                }
+            };
+            let mut j0 = 0;
+            while j0 < toks {
+                let rn = GEMM_RN.min(toks - j0);
+                for g in 0..groups {
+                    // SAFETY: the panel holds `groups * steps` steps, tokens j0..j0+rn exist and
+                    // hold `kf` elements from offset 64 * kb, the accumulators fit `acc`.
+                    unsafe {
+                        let p = pw.as_ptr().add((g * steps + kb) * 16 * GEMM_RM);
+                        let ap = pa.as_ptr().add(kb * 16 * toks + j0 * ks * 16);
+                        let cp = acc.as_mut_ptr().add(j0 * acc_row + g * GEMM_RM * 16);
+                        let first = kb == 0;
+                        match rn {
+                            6 => f16_gemm_tile::<6>(ks, p, ap, cp, acc_row, first),
+                            5 => f16_gemm_tile::<5>(ks, p, ap, cp, acc_row, first),
+                            4 => f16_gemm_tile::<4>(ks, p, ap, cp, acc_row, first),
+                            3 => f16_gemm_tile::<3>(ks, p, ap, cp, acc_row, first),
+                            2 => f16_gemm_tile::<2>(ks, p, ap, cp, acc_row, first),
+                            _ => f16_gemm_tile::<1>(ks, p, ap, cp, acc_row, first),
+                        }
+                    }
+                    fetch(2);
+                }
+                j0 += rn;
+            }
+            fetch(total);
+            kb += ks;
+        }
+        for j in 0..toks {
+            let arow = &a[j * stride..];
+            let mut tail = [0f32; GEMM_RB];
+            for (r, t) in tail.iter_mut().enumerate().take(nr) {
+                let wr = &w[(r0 + r) * row_bytes..][..row_bytes];
+                for e in kf..k {
+                    *t += super::rd_f16(wr, 2 * e) * super::rd_f32(arow, 4 * e);
+                }
+            }
+            let orow = &mut out[j * ldo + r0..][..nr];
+            if steps == 0 {
+                for (o, t) in orow.iter_mut().zip(tail) {
+                    *o = lanes_sum([0f32; 16]) + t;
+                }
+                continue;
+            }
+            // SAFETY: the token's GEMM_RB accumulators are 256 floats of `acc`; the masked
+            // store writes the `nr` outputs of `orow`.
+            unsafe {
+                let r = reduce16(acc.as_ptr().add(j * acc_row));
+                let r = _mm512_add_ps(r, _mm512_loadu_ps(tail.as_ptr()));
+                _mm512_mask_storeu_ps(orow.as_mut_ptr(), ((1u32 << nr) - 1) as u16, r);
+            }
+        }
+        r0 += nr;
+    }
+    SCRATCH.with(|c| c.replace(own));
+}
+
+/// Whether [`f16_gemm`] has a vector kernel on this CPU.
+pub(super) fn f16_gemm_available() -> bool {
+    avx512_available()
+}
+
+/// [`super::gemm_f16`] with AVX-512; `None` when the CPU lacks it or a length does not fit.
+pub(super) fn f16_gemm(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    out: &mut [f32],
+    ldo: usize,
+) -> Option<()> {
+    if !f16_gemm_available() || toks == 0 || row_bytes == 0 || !row_bytes.is_multiple_of(2) {
+        return None;
+    }
+    if w.is_empty() || !w.len().is_multiple_of(row_bytes) {
+        return None;
+    }
+    let rows = w.len() / row_bytes;
+    let need = row_bytes.checked_mul(2)?;
+    if stride < need || ldo < rows {
+        return None;
+    }
+    if (toks - 1).checked_mul(stride)?.checked_add(need)? > a.len() {
+        return None;
+    }
+    if (toks - 1).checked_mul(ldo)?.checked_add(rows)? > out.len() {
+        return None;
+    }
+    toks.checked_mul(GEMM_RB * 16 * 4)?;
+    // tokens per pass: their packed activations (streamed once per block of weight rows) stay
+    // within about 1 MiB, i.e. in L2
+    let sub = ((GEMM_PA_BYTES / (2 * row_bytes)) / GEMM_RN * GEMM_RN).max(GEMM_RN);
+    let mut t0 = 0;
+    while t0 < toks {
+        let tn = sub.min(toks - t0);
+        // SAFETY: the CPU has the features; tokens t0..t0+tn lie in `a` and their outputs in
+        // `out`, as validated above for all `toks`.
+        unsafe {
+            f16_gemm_512(
+                w,
+                row_bytes,
+                &a[t0 * stride..],
+                stride,
+                tn,
+                &mut out[t0 * ldo..],
+                ldo,
+            )
+        };
+        t0 += tn;
+    }
+    Some(())
+}
+
 /// Whether this CPU runs the AVX-512 variants.
 pub(super) fn avx512_available() -> bool {
     available()

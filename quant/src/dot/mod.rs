@@ -403,6 +403,50 @@ pub fn dot_f16_f16(w: &[u8], a: &[u8]) -> f32 {
     lanes_sum(acc) + tail
 }
 
+/// F16 weights (`w`: whole rows of `row_bytes`) times `toks` f16-valued activation rows
+/// ([`ActFormat::F16`], `stride` bytes apart in `a`): `out[j * ldo + r] = dot_f16_f16(w_r, a_j)`,
+/// bit-identical to [`dot_f16_f16`] (the AVX-512 kernel packs and blocks, keeping every dot's
+/// order). Lengths that do not fit never panic: what is there is computed by the scalar loop.
+pub fn gemm_f16(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::current() == Isa::Avx512
+        && avx2::f16_gemm(w, row_bytes, a, stride, toks, out, ldo).is_some()
+    {
+        return;
+    }
+    gemm_f16_scalar(w, row_bytes, a, stride, toks, out, ldo)
+}
+
+/// The scalar reference of [`gemm_f16`]: one [`dot_f16_f16`] per output.
+pub fn gemm_f16_scalar(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if row_bytes == 0 || ldo == 0 {
+        return;
+    }
+    for (j, orow) in out.chunks_mut(ldo).take(toks).enumerate() {
+        let arow = a.get(j.saturating_mul(stride)..).unwrap_or(&[]);
+        let arow = arow.get(..row_bytes.saturating_mul(2)).unwrap_or(arow);
+        for (o, wr) in orow.iter_mut().zip(w.chunks_exact(row_bytes)) {
+            *o = dot_f16_f16(wr, arow);
+        }
+    }
+}
+
 /// BF16 weights · bf16 activations, accumulated in f32.
 pub fn dot_bf16_bf16(w: &[u8], a: &[u8]) -> f32 {
     let mut sum = 0.0f32;

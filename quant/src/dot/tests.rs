@@ -445,3 +445,133 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 }
+
+/// Runs [`gemm_f16`] and its scalar reference on `rows` weight rows and `toks` activation rows of
+/// `k` values (activation rows `pad` values apart beyond `k`, outputs `ldo_pad` apart beyond
+/// `rows`) and requires bit-identical outputs, each also equal to [`dot_f16_f16`].
+fn gemm_matches_scalar(k: usize, rows: usize, toks: usize, pad: usize, ldo_pad: usize, seed: u32) {
+    let w: Vec<f32> = signal(k * rows, seed);
+    let x: Vec<f32> = signal(k * toks, seed.wrapping_add(7));
+    let mut wb = vec![0u8; 2 * k * rows];
+    for (o, v) in wb.chunks_exact_mut(2).zip(&w) {
+        o.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+    }
+    let stride = 4 * (k + pad);
+    let mut ab = vec![0u8; stride * toks];
+    for (o, r) in ab.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
+        quantize_act(ActFormat::F16, r, &mut o[..4 * k]);
+    }
+    let ldo = rows + ldo_pad;
+    let mut fast = vec![f32::NAN; ldo * toks];
+    let mut slow = fast.clone();
+    gemm_f16(&wb, 2 * k, &ab, stride, toks, &mut fast, ldo);
+    #[cfg(target_arch = "x86_64")]
+    if avx2::f16_gemm_available() {
+        // the vector kernel itself, whatever KILN_FORCE_SCALAR says
+        fast.fill(f32::NAN);
+        assert!(avx2::f16_gemm(&wb, 2 * k, &ab, stride, toks, &mut fast, ldo).is_some());
+    }
+    gemm_f16_scalar(&wb, 2 * k, &ab, stride, toks, &mut slow, ldo);
+    for j in 0..toks {
+        for r in 0..ldo {
+            let (f, s) = (fast[j * ldo + r], slow[j * ldo + r]);
+            assert_eq!(
+                f.to_bits(),
+                s.to_bits(),
+                "k {k} rows {rows} toks {toks}: [{j}][{r}]"
+            );
+            if r < rows {
+                let d = dot_f16_f16(&wb[r * 2 * k..(r + 1) * 2 * k], &ab[j * stride..]);
+                assert_eq!(f.to_bits(), d.to_bits());
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_f16_equals_scalar_on_model_shapes() {
+    gemm_matches_scalar(2048, 37, 131, 0, 0, 1);
+    gemm_matches_scalar(5504, 18, 13, 3, 5, 2);
+    gemm_matches_scalar(7, 5, 3, 0, 0, 3);
+    // bad lengths never panic
+    let mut o = [0f32; 8];
+    gemm_f16(&[0; 10], 4, &[0; 12], 8, 3, &mut o, 2);
+    gemm_f16(&[], 0, &[], 0, 0, &mut [], 0);
+    gemm_f16(&[0; 64], 64, &[0; 8], 128, 5, &mut o, 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+    #[test]
+    fn gemm_f16_equals_scalar(
+        k in 1usize..700,
+        rows in 1usize..40,
+        toks in 1usize..20,
+        pad in 0usize..3,
+        ldo_pad in 0usize..3,
+        seed in 0u32..1000,
+    ) {
+        gemm_matches_scalar(k, rows, toks, pad, ldo_pad, seed);
+    }
+}
+
+/// Timing of the F16 prompt kernels (`cargo test --release -p kiln-quant -- --ignored f16_speed
+/// --nocapture`): the tiled dot kernel against [`gemm_f16`], best of many short runs.
+#[test]
+#[ignore]
+fn f16_speed() {
+    let (k, rows, toks) = match std::env::var("GEMM_K") {
+        Ok(v) => (v.parse().unwrap(), 512, 128),
+        Err(_) => (2048, 256, 128),
+    };
+    let mut wb = vec![0u8; 2 * k * rows];
+    for (o, v) in wb.chunks_exact_mut(2).zip(signal(k * rows, 3)) {
+        o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+    }
+    let mut ab = vec![0u8; 4 * k * toks];
+    for (o, r) in ab
+        .chunks_exact_mut(4 * k)
+        .zip(signal(k * toks, 5).chunks_exact(k))
+    {
+        quantize_act(ActFormat::F16, r, o);
+    }
+    let flops = 2.0 * (k * rows * toks) as f64;
+    let best = |f: &mut dyn FnMut()| {
+        let mut b = f64::MAX;
+        for _ in 0..30 {
+            let t = std::time::Instant::now();
+            f();
+            b = b.min(t.elapsed().as_secs_f64());
+        }
+        b
+    };
+    let many = dot_many_fn(GgmlType::F16, Isa::current(), true).unwrap();
+    let mut out = vec![0f32; rows * toks];
+    let t_many = best(&mut || {
+        let mut tmp = vec![0f32; 16 * toks];
+        for r0 in (0..rows).step_by(16) {
+            many(
+                &wb[r0 * 2 * k..(r0 + 16) * 2 * k],
+                2 * k,
+                &ab,
+                4 * k,
+                &mut tmp,
+            );
+            for (i, tr) in tmp.chunks_exact(toks).enumerate() {
+                for (j, &v) in tr.iter().enumerate() {
+                    out[j * rows + r0 + i] = v;
+                }
+            }
+        }
+    });
+    let mut out2 = vec![0f32; rows * toks];
+    let t_gemm = best(&mut || gemm_f16(&wb, 2 * k, &ab, 4 * k, toks, &mut out2, rows));
+    assert_eq!(out, out2);
+    println!(
+        "many: {:.2} ms {:.1} GFLOP/s; gemm: {:.2} ms {:.1} GFLOP/s",
+        t_many * 1e3,
+        flops / t_many / 1e9,
+        t_gemm * 1e3,
+        flops / t_gemm / 1e9
+    );
+}
