@@ -38,6 +38,30 @@ pub fn transcode_into(
     src_row_of: &(dyn Fn(usize) -> usize + Sync),
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    let (in_row, out_row) = row_sizes(tensor, src_ty, src.len(), dst_ty, rows, cols)?;
+    out.clear();
+    out.resize(rows * out_row, 0);
+    out.par_chunks_mut(out_row).enumerate().try_for_each_init(
+        || vec![0f32; cols],
+        |buf, (r, dst)| -> Result<()> {
+            let s = src_row_of(r);
+            let row = &src[s * in_row..(s + 1) * in_row];
+            encode_row(tensor, s, src_ty, row, dst_ty, None, buf, dst)
+        },
+    )?;
+    Ok(())
+}
+
+/// Bytes per row of `cols` values in `src_ty` and in `dst_ty`, after checking that `src_len` bytes
+/// are exactly `rows` such rows.
+pub fn row_sizes(
+    tensor: &str,
+    src_ty: GgmlType,
+    src_len: usize,
+    dst_ty: GgmlType,
+    rows: usize,
+    cols: usize,
+) -> Result<(usize, usize)> {
     let in_row = src_ty
         .row_size(cols as u64)
         .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {src_ty}"))?
@@ -46,46 +70,53 @@ pub fn transcode_into(
         .row_size(cols as u64)
         .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {dst_ty}"))?
         as usize;
-    if src.len() != rows * in_row {
+    if Some(src_len) != rows.checked_mul(in_row) {
         bail!(
-            "tensor {tensor}: {} bytes of data, expected {} ({rows} rows of {cols} {src_ty})",
-            src.len(),
-            rows * in_row
+            "tensor {tensor}: {src_len} bytes of data, expected {} ({rows} rows of {cols} {src_ty})",
+            rows.saturating_mul(in_row)
         );
     }
-    out.clear();
-    out.resize(rows * out_row, 0);
+    Ok((in_row, out_row))
+}
+
+/// Re-encodes one row (`row` names it in errors): copied when the types are equal, else decoded
+/// to f32 in `buf` (`cols` long), refused if not finite when the target is quantized (llama.cpp's
+/// quantizers would write NaN or Inf scales that its own loader then rejects), and quantized into
+/// `dst`, with importance `weights` for the row when given.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_row(
+    tensor: &str,
+    row: usize,
+    src_ty: GgmlType,
+    src: &[u8],
+    dst_ty: GgmlType,
+    weights: Option<&[f32]>,
+    buf: &mut [f32],
+    dst: &mut [u8],
+) -> Result<()> {
     if src_ty == dst_ty {
-        out.par_chunks_mut(out_row)
-            .enumerate()
-            .for_each(|(r, dst)| {
-                let s = src_row_of(r);
-                dst.copy_from_slice(&src[s * in_row..(s + 1) * in_row]);
-            });
+        dst.copy_from_slice(src);
         return Ok(());
     }
-    out.par_chunks_mut(out_row)
-        .enumerate()
-        .try_for_each_init(
-            || vec![0f32; cols],
-            |buf, (r, dst)| -> Result<()> {
-                let s = src_row_of(r);
-                kiln_quant::dequantize_row(src_ty, &src[s * in_row..(s + 1) * in_row], buf)?;
-                if dst_ty.is_quantized() {
-                    // A branch-free fold vectorizes; the position is looked up only on failure.
-                    let finite = buf.iter().fold(true, |ok, v| ok & v.is_finite());
-                    if let Some(i) = (!finite).then(|| buf.iter().position(|v| !v.is_finite())).flatten() {
-                        bail!(
-                            "tensor {tensor}: row {s}, column {i} holds {}; llama.cpp refuses to quantize \
-                             non-finite values, and so does kiln",
-                            buf[i]
-                        );
-                    }
-                }
-                kiln_quant::quantize_row(dst_ty, buf, dst)?;
-                Ok(())
-            },
-        )?;
+    kiln_quant::dequantize_row(src_ty, src, buf)?;
+    if dst_ty.is_quantized() {
+        // A branch-free fold vectorizes; the position is looked up only on failure.
+        let finite = buf.iter().fold(true, |ok, v| ok & v.is_finite());
+        if let Some(i) = (!finite)
+            .then(|| buf.iter().position(|v| !v.is_finite()))
+            .flatten()
+        {
+            bail!(
+                "tensor {tensor}: row {row}, column {i} holds {}; llama.cpp refuses to quantize \
+                 non-finite values, and so does kiln",
+                buf[i]
+            );
+        }
+    }
+    match weights {
+        Some(w) => kiln_quant::quantize_row_weighted(dst_ty, buf, w, dst)?,
+        None => kiln_quant::quantize_row(dst_ty, buf, dst)?,
+    }
     Ok(())
 }
 

@@ -221,21 +221,8 @@ impl<'a> Job<'a> {
         rows_per_mat: usize,
         weights: Option<&'a [f32]>,
     ) -> Result<Job<'a>> {
-        let in_row = src_ty
-            .row_size(cols as u64)
-            .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {src_ty}"))?
-            as usize;
-        let out_row = dst_ty
-            .row_size(cols as u64)
-            .ok_or_else(|| anyhow!("tensor {tensor}: rows of {cols} values do not fit {dst_ty}"))?
-            as usize;
-        if Some(src.len()) != rows.checked_mul(in_row) {
-            bail!(
-                "tensor {tensor}: {} bytes of data, expected {} ({rows} rows of {cols} {src_ty})",
-                src.len(),
-                rows.saturating_mul(in_row)
-            );
-        }
+        let (in_row, out_row) =
+            crate::transcode::row_sizes(tensor, src_ty, src.len(), dst_ty, rows, cols)?;
         Ok(Job {
             tensor,
             src_ty,
@@ -273,37 +260,25 @@ impl<'a> Job<'a> {
                 || vec![0f32; self.cols],
                 |buf, (i, (dst, s))| -> Result<()> {
                     let r = r0 + i;
-                    let tensor = self.tensor;
-                    if self.src_ty == self.dst_ty {
-                        dst.copy_from_slice(s);
-                        return Ok(());
-                    }
-                    kiln_quant::dequantize_row(self.src_ty, s, buf)?;
-                    if self.dst_ty.is_quantized() {
-                        // A branch-free fold vectorizes; the position is looked up only on failure.
-                        let finite = buf.iter().fold(true, |ok, v| ok & v.is_finite());
-                        if let Some(c) = (!finite)
-                            .then(|| buf.iter().position(|v| !v.is_finite()))
-                            .flatten()
-                        {
-                            bail!(
-                                "tensor {tensor}: row {r}, column {c} holds {}; llama.cpp refuses to \
-                                 quantize non-finite values, and so does kiln",
-                                buf[c]
-                            );
-                        }
-                    }
-                    match self.weights {
+                    let w = match self.weights {
                         Some(w) => {
                             let m = r / self.rows_per_mat;
-                            let w = w.get(m * self.cols..(m + 1) * self.cols).ok_or_else(|| {
-                                anyhow!("tensor {tensor}: no importance weights for row {r}")
-                            })?;
-                            kiln_quant::quantize_row_weighted(self.dst_ty, buf, w, dst)?;
+                            Some(w.get(m * self.cols..(m + 1) * self.cols).ok_or_else(|| {
+                                anyhow!("tensor {}: no importance weights for row {r}", self.tensor)
+                            })?)
                         }
-                        None => kiln_quant::quantize_row(self.dst_ty, buf, dst)?,
-                    }
-                    Ok(())
+                        None => None,
+                    };
+                    crate::transcode::encode_row(
+                        self.tensor,
+                        r,
+                        self.src_ty,
+                        s,
+                        self.dst_ty,
+                        w,
+                        buf,
+                        dst,
+                    )
                 },
             )
     }
