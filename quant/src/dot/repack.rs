@@ -301,6 +301,27 @@ mod vnni {
         unsafe { _mm_loadu_si128(p as *const __m128i) }
     }
 
+    /// The four 64-byte vectors of 6-bit quants (0..63, bias not removed) of one repacked
+    /// Q6_K step at `at`: low nibbles of the two low-bit vectors, high pairs from the third.
+    #[inline(always)]
+    unsafe fn q6_unpack(at: *const u8) -> [__m512i; 4] {
+        // SAFETY: 192 readable bytes at `at` (callers).
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0F);
+            let m30 = _mm512_set1_epi8(0x30);
+            let (a0, a1, hb) = (ld512(at), ld512(at.add(64)), ld512(at.add(128)));
+            let six = |lo: __m512i, hi: __m512i| {
+                _mm512_or_si512(_mm512_and_si512(lo, m4), _mm512_and_si512(hi, m30))
+            };
+            [
+                six(a0, _mm512_slli_epi16(hb, 4)),
+                six(a1, _mm512_slli_epi16(hb, 2)),
+                six(_mm512_srli_epi16(a0, 4), hb),
+                six(_mm512_srli_epi16(a1, 4), _mm512_srli_epi16(hb, 2)),
+            ]
+        }
+    }
+
     /// Q4_0 (`TY` 0), Q5_0 (1) or Q8_0 (2): 16 rows × N tokens.
     #[inline(always)]
     unsafe fn legacy<const TY: u8, const N: usize>(
@@ -448,8 +469,6 @@ mod vnni {
         // SAFETY: callers pass nb group blocks at `wg`, N Q8_K rows at `a`, N output rows.
         unsafe {
             let zero = _mm512_setzero_si512();
-            let m4 = _mm512_set1_epi8(0x0F);
-            let m30 = _mm512_set1_epi8(0x30);
             let mut acc = [_mm512_setzero_ps(); N];
             for b in 0..nb {
                 let x = wg.add(b * 3616);
@@ -459,27 +478,7 @@ mod vnni {
                         let mut sa = [[zero; 4]; N];
                         for m in 4 * h..4 * h + 4 {
                             let at = x.add(544 + 192 * (8 * c + m));
-                            let a0 = ld512(at);
-                            let a1 = ld512(at.add(64));
-                            let hb = ld512(at.add(128));
-                            let v = [
-                                _mm512_or_si512(
-                                    _mm512_and_si512(a0, m4),
-                                    _mm512_and_si512(_mm512_slli_epi16(hb, 4), m30),
-                                ),
-                                _mm512_or_si512(
-                                    _mm512_and_si512(a1, m4),
-                                    _mm512_and_si512(_mm512_slli_epi16(hb, 2), m30),
-                                ),
-                                _mm512_or_si512(
-                                    _mm512_and_si512(_mm512_srli_epi16(a0, 4), m4),
-                                    _mm512_and_si512(hb, m30),
-                                ),
-                                _mm512_or_si512(
-                                    _mm512_and_si512(_mm512_srli_epi16(a1, 4), m4),
-                                    _mm512_and_si512(_mm512_srli_epi16(hb, 2), m30),
-                                ),
-                            ];
+                            let v = q6_unpack(at);
                             for t in 0..N {
                                 let y = a.add(t * astride + b * 292 + 4 + 128 * c + 4 * m);
                                 for k in 0..4 {
@@ -621,8 +620,6 @@ mod vnni {
         // SAFETY: callers pass nb group blocks at `wg`, one Q8_K row at `a`, one output row.
         unsafe {
             let zero = _mm512_setzero_si512();
-            let m4 = _mm512_set1_epi8(0x0F);
-            let m30 = _mm512_set1_epi8(0x30);
             let mut acc = [_mm512_setzero_ps(); 8];
             for b in 0..nb {
                 let x = wg.add(b * 3616);
@@ -639,27 +636,7 @@ mod vnni {
                         }
                         for m in 4 * h..4 * h + 4 {
                             let at = x.add(544 + 192 * (8 * c + m));
-                            let a0 = ld512(at);
-                            let a1 = ld512(at.add(64));
-                            let hb = ld512(at.add(128));
-                            let v = [
-                                _mm512_or_si512(
-                                    _mm512_and_si512(a0, m4),
-                                    _mm512_and_si512(_mm512_slli_epi16(hb, 4), m30),
-                                ),
-                                _mm512_or_si512(
-                                    _mm512_and_si512(a1, m4),
-                                    _mm512_and_si512(_mm512_slli_epi16(hb, 2), m30),
-                                ),
-                                _mm512_or_si512(
-                                    _mm512_and_si512(_mm512_srli_epi16(a0, 4), m4),
-                                    _mm512_and_si512(hb, m30),
-                                ),
-                                _mm512_or_si512(
-                                    _mm512_and_si512(_mm512_srli_epi16(a1, 4), m4),
-                                    _mm512_and_si512(_mm512_srli_epi16(hb, 2), m30),
-                                ),
-                            ];
+                            let v = q6_unpack(at);
                             let q = y.add(4 + 128 * c + 4 * m);
                             for k in 0..4 {
                                 let p = _mm512_maddubs_epi16(
