@@ -672,6 +672,29 @@ fn model_mode_evaluates_an_existing_gguf() {
     assert_eq!(b["inputs"][0]["sha256"], sha256_file(&m));
 }
 
+/// `kiln imatrix` on `m` over `text` into `im` at the pipeline's context; must succeed.
+fn imatrix_by_hand(m: &Path, text: &Path, im: &Path, chunks: &str) {
+    let (m, t, i) = (ps(m), ps(text), ps(im));
+    let o = run(&[
+        "imatrix", "-m", m, "-f", t, "-o", i, "-c", CTX, "--chunks", chunks, "--quiet",
+    ]);
+    assert_exit(&o, 0);
+}
+
+/// `kiln quantize --imatrix im m out TYPE`; must succeed.
+fn quantize_by_hand(im: &Path, m: &Path, out: &Path, ty: &str) {
+    let o = run(&[
+        "quantize",
+        "--imatrix",
+        ps(im),
+        ps(m),
+        ps(out),
+        ty,
+        "--quiet",
+    ]);
+    assert_exit(&o, 0);
+}
+
 #[test]
 fn imatrix_is_an_input_of_the_quantize_steps() {
     let f = finished();
@@ -679,21 +702,7 @@ fn imatrix_is_an_input_of_the_quantize_steps() {
     let m = f.out.join("model-f16.gguf");
     let im = dir.path().join("imatrix.gguf");
     let text = f.inputs.join("demo-text.txt");
-    let o = run(&[
-        "imatrix",
-        "-m",
-        ps(&m),
-        "-f",
-        ps(&text),
-        "-o",
-        ps(&im),
-        "-c",
-        CTX,
-        "--chunks",
-        "2",
-        "--quiet",
-    ]);
-    assert_exit(&o, 0);
+    imatrix_by_hand(&m, &text, &im, "2");
     let out = dir.path().join("im");
     let args = |extra: &[&str]| {
         let mut v = vec![
@@ -712,16 +721,7 @@ fn imatrix_is_an_input_of_the_quantize_steps() {
     let o = args(&["--imatrix", ps(&im)]);
     assert_exit(&o, 0);
     let hand = dir.path().join("q2_k.gguf");
-    let o = run(&[
-        "quantize",
-        "--imatrix",
-        ps(&im),
-        ps(&m),
-        ps(&hand),
-        "Q2_K",
-        "--quiet",
-    ]);
-    assert_exit(&o, 0);
+    quantize_by_hand(&im, &m, &hand, "Q2_K");
     assert_eq!(
         std::fs::read(&hand).unwrap(),
         std::fs::read(out.join("model-q2_k.gguf")).unwrap()
@@ -774,21 +774,7 @@ fn imatrix_text_quantizes_each_k_level_with_and_without_it() {
     // imatrix.gguf is `kiln imatrix` with the same settings, byte for byte.
     let m = out.join("model-f16.gguf");
     let im = dir.path().join("hand-imatrix.gguf");
-    let o = run(&[
-        "imatrix",
-        "-m",
-        ps(&m),
-        "-f",
-        ps(&text),
-        "-o",
-        ps(&im),
-        "-c",
-        CTX,
-        "--chunks",
-        CHUNKS,
-        "--quiet",
-    ]);
-    assert_exit(&o, 0);
+    imatrix_by_hand(&m, &text, &im, CHUNKS);
     assert_eq!(
         std::fs::read(&im).unwrap(),
         std::fs::read(out.join("imatrix.gguf")).unwrap(),
@@ -796,16 +782,7 @@ fn imatrix_text_quantizes_each_k_level_with_and_without_it() {
     );
     // model-q4_k_m-imatrix.gguf is `kiln quantize --imatrix <out>/imatrix.gguf`, byte for byte.
     let hand = dir.path().join("q4_k_m-imatrix.gguf");
-    let o = run(&[
-        "quantize",
-        "--imatrix",
-        ps(&out.join("imatrix.gguf")),
-        ps(&m),
-        ps(&hand),
-        "Q4_K_M",
-        "--quiet",
-    ]);
-    assert_exit(&o, 0);
+    quantize_by_hand(&out.join("imatrix.gguf"), &m, &hand, "Q4_K_M");
     assert_eq!(
         std::fs::read(&hand).unwrap(),
         std::fs::read(out.join("model-q4_k_m-imatrix.gguf")).unwrap()
