@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_exit, kiln, sha256_file};
+use common::{assert_exit, demo_pipeline_args, kiln, sha256_file};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -34,27 +34,7 @@ fn demo_inputs(dir: &Path) {
 
 /// The pipeline arguments used throughout, writing to `out`.
 fn pipeline_args(inputs: &Path, out: &Path) -> Vec<String> {
-    [
-        "pipeline",
-        "--base",
-        ps(&inputs.join("base")),
-        "--lora",
-        ps(&inputs.join("lora")),
-        "--out",
-        ps(out),
-        "--quants",
-        QUANTS,
-        "--eval-text",
-        ps(&inputs.join("demo-text.txt")),
-        "-c",
-        CTX,
-        "--chunks",
-        CHUNKS,
-        "--quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    demo_pipeline_args(inputs, out, QUANTS, CTX, CHUNKS)
 }
 
 fn run_pipeline(inputs: &Path, out: &Path, extra: &[&str]) -> Output {

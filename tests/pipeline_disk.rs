@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_exit, kiln, sha256_file};
+use common::{assert_exit, demo_pipeline_args, kiln, sha256_file};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -13,27 +13,7 @@ fn ps(p: &Path) -> &str {
 }
 
 fn pipeline(inputs: &Path, out: &Path, quants: &str) -> Vec<String> {
-    [
-        "pipeline",
-        "--base",
-        ps(&inputs.join("base")),
-        "--lora",
-        ps(&inputs.join("lora")),
-        "--out",
-        ps(out),
-        "--quants",
-        quants,
-        "--eval-text",
-        ps(&inputs.join("demo-text.txt")),
-        "-c",
-        "128",
-        "--chunks",
-        "3",
-        "--quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    demo_pipeline_args(inputs, out, quants, "128", "3")
 }
 
 #[test]

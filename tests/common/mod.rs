@@ -248,3 +248,27 @@ pub fn gqa_f16(fx: &Path, dir: &Path) -> PathBuf {
     assert_exit(&o, 0);
     out
 }
+
+/// `kiln pipeline` over the demo inputs in `inputs` (base/, lora/, demo-text.txt), writing to
+/// `out`, for the comma-separated `quants`, evaluated at context `ctx` over `chunks` chunks, quiet.
+pub fn demo_pipeline_args(
+    inputs: &Path,
+    out: &Path,
+    quants: &str,
+    ctx: &str,
+    chunks: &str,
+) -> Vec<String> {
+    let p = |p: &Path| p.to_string_lossy().into_owned();
+    let mut v: Vec<String> = vec!["pipeline".into(), "--base".into(), p(&inputs.join("base"))];
+    v.extend([
+        "--lora".into(),
+        p(&inputs.join("lora")),
+        "--out".into(),
+        p(out),
+    ]);
+    v.extend(["--quants".into(), quants.into(), "--eval-text".into()]);
+    v.push(p(&inputs.join("demo-text.txt")));
+    v.extend(["-c".into(), ctx.into(), "--chunks".into(), chunks.into()]);
+    v.push("--quiet".into());
+    v
+}
