@@ -4,6 +4,7 @@
 
 use crate::eval::imatrix::{collect, CollectParams, Collector};
 use crate::eval::perplexity::{n_chunks, PplParams};
+use crate::eval::read_text;
 use crate::model::cpu::CpuBackend;
 use crate::model::{Backend, Model};
 use crate::tokenizer::Tokenizer;
@@ -15,9 +16,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Largest text file read (bytes).
-const MAX_TEXT_BYTES: u64 = 1 << 30;
 
 /// File format of the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -81,23 +79,6 @@ fn save(col: &Collector, fmt: OutFormat, path: &Path, dataset: Option<&str>) -> 
     };
     write_file(path, &bytes)?;
     Ok(())
-}
-
-fn read_text(f: &Path) -> Result<String> {
-    let meta = std::fs::metadata(f).with_context(|| format!("reading {}", f.display()))?;
-    if meta.len() > MAX_TEXT_BYTES {
-        bail!("{} is larger than {MAX_TEXT_BYTES} bytes", f.display());
-    }
-    let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-    let mut text =
-        String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", f.display()))?;
-    if text.ends_with('\n') {
-        text.pop();
-    }
-    if text.is_empty() {
-        bail!("{} is empty", f.display());
-    }
-    Ok(text)
 }
 
 pub fn run(a: Args) -> Result<Outcome> {

@@ -6,6 +6,7 @@ use crate::eval::kld::{self, BaseLogits, KldResult, DP_QUANTILES, KLD_QUANTILES}
 use crate::eval::perplexity::{
     check_memory, n_chunks, perplexity, perplexity_save_base, PplParams, PplResult,
 };
+use crate::eval::read_text;
 use crate::eval::rope::{apply_rope, Ntk, RopeOverrides, RopeReport, RopeScaling};
 use crate::model::cpu::CpuBackend;
 use crate::model::{Backend, LlamaConfig, Model};
@@ -19,8 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Largest text file read (bytes).
-const MAX_TEXT_BYTES: u64 = 1 << 30;
 /// `-c` when none is given.
 const DEFAULT_CTX: usize = 512;
 
@@ -129,25 +128,6 @@ fn read_ids(path: &Path) -> Result<Vec<u32>> {
                 .with_context(|| format!("{}: '{s}' is not a token id", path.display()))
         })
         .collect()
-}
-
-/// Reads a text file as llama-perplexity does (one trailing newline dropped); refuses empty,
-/// huge and non-UTF-8 files.
-fn read_text(f: &Path) -> Result<String> {
-    let meta = std::fs::metadata(f).with_context(|| format!("reading {}", f.display()))?;
-    if meta.len() > MAX_TEXT_BYTES {
-        bail!("{} is larger than {MAX_TEXT_BYTES} bytes", f.display());
-    }
-    let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-    let mut text =
-        String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", f.display()))?;
-    if text.ends_with('\n') {
-        text.pop();
-    }
-    if text.is_empty() {
-        bail!("{} is empty", f.display());
-    }
-    Ok(text)
 }
 
 /// A GGUF opened for evaluation: its vocabulary and configuration checked before any weight is

@@ -17,29 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Largest eval text read (bytes), as `kiln perplexity`.
-const MAX_TEXT_BYTES: u64 = 1 << 30;
-
-/// Reads an eval text as `kiln perplexity -f` does: UTF-8, one trailing newline dropped.
-pub fn read_text(path: &Path) -> Result<String> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{} is not a file", path.display());
-    }
-    if meta.len() > MAX_TEXT_BYTES {
-        bail!("{} is larger than {MAX_TEXT_BYTES} bytes", path.display());
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut text = String::from_utf8(bytes)
-        .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
-    if text.ends_with('\n') {
-        text.pop();
-    }
-    if text.is_empty() {
-        bail!("{} is empty", path.display());
-    }
-    Ok(text)
-}
+pub use crate::eval::read_text;
 
 /// The tokenizer kiln would write into a GGUF made from the tokenizer files in `dir`
 /// (tokenizer.model, tokenizer_config.json, added_tokens.json) and `config.json`'s special ids.
