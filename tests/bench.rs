@@ -85,3 +85,31 @@ fn bench_refuses_bad_arguments() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn device_cuda_is_a_clear_error_and_cpu_is_accepted() {
+    for cmd in ["perplexity", "bench", "imatrix"] {
+        let text: &[&str] = if cmd == "bench" {
+            &[]
+        } else {
+            &["-f", "t.txt"]
+        };
+        let args =
+            |dev: &'static str| [&[cmd, "-m", "missing.gguf", "--device", dev], text].concat();
+        let o = run_kiln(&args("cuda:1"));
+        assert_exit(&o, 2);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            e.contains("no CUDA backend") && e.contains("--device cpu"),
+            "{cmd}: {e}"
+        );
+        // --device cpu gets past the device check to the missing model
+        let o = run_kiln(&args("cpu"));
+        assert_exit(&o, 2);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            e.contains("missing.gguf") && !e.contains("CUDA"),
+            "{cmd}: {e}"
+        );
+    }
+}

@@ -14,6 +14,9 @@ pub struct Args {
     /// The GGUF model.
     #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
+    /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
+    #[arg(long, value_name = "DEV", default_value = "auto")]
+    pub device: super::Device,
     /// Prompt tokens of the pp test (0: skip it).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
     pub n_prompt: usize,
@@ -61,6 +64,7 @@ fn human_count(n: u64) -> String {
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
+    a.device.check()?;
     let m = Opened::open(&a.model, false)?;
     let pool = thread_pool(a.threads)?;
     let (model, rope) = m.load(&a.rope, a.n_prompt.max(a.n_gen))?;

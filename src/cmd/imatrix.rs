@@ -33,6 +33,9 @@ pub struct Args {
     /// The GGUF model (normally F16).
     #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
+    /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
+    #[arg(long, value_name = "DEV", default_value = "auto")]
+    pub device: super::Device,
     /// Calibration text (its one trailing newline is dropped, as llama-imatrix does). Without it,
     /// the --in-file matrices are only combined.
     #[arg(short = 'f', long = "file")]
@@ -82,6 +85,7 @@ fn save(col: &Collector, fmt: OutFormat, path: &Path, dataset: Option<&str>) -> 
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
+    a.device.check()?;
     if a.ctx == 0 {
         bail!("-c must be positive");
     }

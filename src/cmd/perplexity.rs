@@ -81,6 +81,9 @@ pub struct Args {
     /// The GGUF model.
     #[arg(short = 'm', long = "model")]
     pub model: PathBuf,
+    /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
+    #[arg(long, value_name = "DEV", default_value = "auto")]
+    pub device: super::Device,
     /// The text file (its one trailing newline is dropped, as llama-perplexity does).
     #[arg(short = 'f', long = "file", required_unless_present_any = ["token_ids", "kl_divergence"])]
     pub file: Option<PathBuf>,
@@ -208,6 +211,7 @@ fn chunk_bar(n_chunk: usize, quiet: bool) -> Result<ProgressBar> {
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
+    a.device.check()?;
     let m = Opened::open(&a.model, true)?;
     if m.tok.as_ref().is_some_and(|t| t.add_eos()) {
         bail!(

@@ -47,9 +47,9 @@ pub struct Args {
     /// Evaluate at most N chunks of each text.
     #[arg(long, value_name = "N")]
     pub chunks: Option<usize>,
-    /// cpu, cuda or auto (auto = the best backend in this build).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
+    #[arg(long, value_name = "DEV", default_value = "auto")]
+    pub device: super::Device,
     /// KL divergence of each level against F16.
     #[arg(long)]
     pub kld: bool,
@@ -82,15 +82,6 @@ pub struct Args {
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
-}
-
-/// The backend name for --device, or the error this build gives.
-pub fn device(d: &str) -> Result<String> {
-    match d.to_ascii_lowercase().as_str() {
-        "cpu" | "auto" => Ok("cpu".into()),
-        "cuda" => bail!("--device cuda: CUDA backend not available in this build"),
-        other => bail!("--device {other:?}: use cpu, cuda or auto"),
-    }
 }
 
 /// Parses the --quants list.
@@ -126,7 +117,8 @@ pub fn command_line() -> String {
 
 /// Builds the run settings from the arguments.
 pub fn settings(a: Args) -> Result<Settings> {
-    let device = device(&a.device)?;
+    a.device.check()?;
+    let device = a.device.name().to_string();
     let quants = parse_quants(&a.quants)?;
     if let Some(n) = a.threads {
         if n == 0 {
