@@ -7,14 +7,14 @@
 //! fused multiply-add — what OpenBLAS's sgemm kernels (numpy's and torch's CPU matmul) compute for
 //! the small inner dimension of a LoRA. When every product of the two factors is exact in f32 (f16
 //! factors always; bf16 and f32 factors whose values are short enough), a plain multiply and add
-//! gives the same bits and vectorizes, so that path is used; otherwise `f32::mul_add`.
+//! gives the same bits, so the scalar path uses it; the SIMD kernels always fuse.
 
 use anyhow::{anyhow, bail, Context, Result};
 use half::slice::HalfFloatSliceExt;
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
 use kiln_formats::hf::{AdapterConfig, LoraBias, TargetModules};
 use kiln_formats::sentencepiece::SpModel;
-use kiln_quant::lowrank::{add_lowrank, LowRankShape};
+use kiln_quant::lowrank::{add_lowrank, add_lowrank_f16, LowRankShape};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -24,8 +24,9 @@ use crate::convert::{is_dropped, LlamaDims};
 
 /// PEFT's prefix of every adapter tensor name (`PeftModel.base_model.model`).
 const PEFT_PREFIX: &str = "base_model.model.";
-/// Rows per task of the delta product (a few hundred KiB of f32 for 7B widths).
-const DELTA_ROWS: usize = 64;
+/// Rows per task of the delta product (a multiple of the kernels' 6-row tiles; a few MiB of f32
+/// for 7B widths where rows are widened into a buffer).
+const DELTA_ROWS: usize = 192;
 const EMBED: &str = "model.embed_tokens.weight";
 const HEAD: &str = "lm_head.weight";
 /// Tokenizer files copied from the folder that provides the vocabulary.
@@ -933,11 +934,14 @@ fn factors(ad: &Adapter, m: &LoraModule, d: &Delta, rows: usize, cols: usize) ->
     })
 }
 
-/// The merged tensor's bytes in its dtype: borrowed from the input when nothing changes.
-pub fn materialize<'a>(
+/// The merged tensor's bytes in its dtype: borrowed from the input when nothing changes, else
+/// computed into `spare`, a buffer of an earlier tensor or empty (its contents are overwritten):
+/// reusing one saves the page faults and zeroing of a fresh allocation per tensor.
+pub fn materialize_into<'a>(
     t: &Planned,
     base: &'a Checkpoint,
     adapters: &'a [Adapter],
+    spare: Vec<u8>,
 ) -> Result<Cow<'a, [u8]>> {
     let data = match &t.source {
         Source::Base(n) => base.data(n)?,
@@ -968,7 +972,17 @@ pub fn materialize<'a>(
     }
     let es = t.dtype.size();
     let row_bytes = cols * es;
-    let mut out = vec![0u8; rows * row_bytes];
+    let n_out = rows
+        .checked_mul(row_bytes)
+        .ok_or_else(|| anyhow!("tensor {}: size overflows", t.name))?;
+    // every byte below is written (source rows, deltas, padding rows), so stale bytes of the
+    // spare buffer never leak; only growth is zero-filled
+    let mut out = spare;
+    if out.len() > n_out {
+        out.truncate(n_out);
+    } else {
+        out.resize(n_out, 0);
+    }
     // Source rows in the output dtype (read straight from the input by the first delta when the
     // dtypes agree, rather than copied first).
     let direct = data.dtype == t.dtype && !t.deltas.is_empty();
@@ -1002,6 +1016,35 @@ pub fn materialize<'a>(
         let f = factors(ad, m, d, src_rows, cols)?;
         let dtype = t.dtype;
         let r = f.r;
+        // Exact products make mul-then-add and fused multiply-add the same bits: the SIMD
+        // kernels then take the fused form (one instruction instead of two per step).
+        let fused = !f.exact || kiln_quant::Isa::current() != kiln_quant::Isa::Scalar;
+        if dtype == DType::F16 {
+            // f16 rows are widened, updated and rounded back inside the kernel
+            out[..src_rows * row_bytes]
+                .par_chunks_mut(row_bytes * DELTA_ROWS)
+                .enumerate()
+                .try_for_each(|(ci, o)| -> Result<()> {
+                    let n = o.len() / row_bytes;
+                    let i0 = ci * DELTA_ROWS;
+                    let src = if from_input {
+                        Some(
+                            data.bytes
+                                .get(i0 * row_bytes..(i0 + n) * row_bytes)
+                                .ok_or_else(|| anyhow!("tensor {}: input too short", t.name))?,
+                        )
+                    } else {
+                        None
+                    };
+                    let shape = LowRankShape { rows: n, cols, r };
+                    let coef = f.coef.get(i0 * r..(i0 + n) * r).unwrap_or(&[]);
+                    if !add_lowrank_f16(shape, src, o, coef, &f.basis, f.scale, fused) {
+                        bail!("tensor {}: LoRA factors do not fit its rows", t.name);
+                    }
+                    Ok(())
+                })?;
+            continue;
+        }
         out[..src_rows * row_bytes]
             .par_chunks_mut(row_bytes * DELTA_ROWS)
             .enumerate()
@@ -1026,7 +1069,7 @@ pub fn materialize<'a>(
                     }
                     let shape = LowRankShape { rows: n, cols, r };
                     let coef = f.coef.get(i0 * r..(i0 + n) * r).unwrap_or(&[]);
-                    if !add_lowrank(shape, w, coef, &f.basis, f.scale, !f.exact) {
+                    if !add_lowrank(shape, w, coef, &f.basis, f.scale, fused) {
                         bail!("tensor {}: LoRA factors do not fit its rows", t.name);
                     }
                     for (src, dst) in w.chunks_exact(cols).zip(o.chunks_exact_mut(row_bytes)) {

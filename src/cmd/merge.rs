@@ -520,8 +520,10 @@ struct Item<'a> {
 }
 
 /// Writes (and hashes) what the compute side sends, one tensor at a time; hands the outputs back.
+#[allow(clippy::too_many_arguments)]
 fn write_items(
     rx: std::sync::mpsc::Receiver<Item<'_>>,
+    recycle: std::sync::mpsc::Sender<Vec<u8>>,
     mut hf: Option<HfOut>,
     mut gg: Option<(PathBuf, GgufOut)>,
     plan: &Plan,
@@ -541,7 +543,11 @@ fn write_items(
             g.w.write_tensor(name, enc)
                 .with_context(|| format!("writing {} (tensor {name})", path.display()))?;
         }
-        drop(it);
+        if let Some(Cow::Owned(v)) = it.hf {
+            // back to the compute side for a later tensor (it may have finished: then dropped)
+            let _ = recycle.send(v);
+        }
+        drop(it.gguf);
         merge::release(t, base, adapters);
         pb.inc(t.n_bytes());
     }
@@ -745,7 +751,11 @@ pub fn run(a: Args) -> Result<Outcome> {
     let (plan_r, base_r, adapters_r, pb_r) = (&plan, &base, &adapters[..], &pb);
     let (hf, gg) = std::thread::scope(|s| -> Result<_> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Item>(0);
-        let writer = s.spawn(move || write_items(rx, hf, gg, plan_r, base_r, adapters_r, pb_r));
+        // written tensors' buffers come back for reuse (two or three circulate)
+        let (recycle_tx, recycle_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writer =
+            s.spawn(move || write_items(rx, recycle_tx, hf, gg, plan_r, base_r, adapters_r, pb_r));
+        let mut spare: Vec<u8> = Vec::new();
         let produced = (|| -> Result<()> {
             for (k, &ti) in order.iter().enumerate() {
                 let t = plan
@@ -753,8 +763,12 @@ pub fn run(a: Args) -> Result<Outcome> {
                     .get(ti)
                     .ok_or_else(|| anyhow!("tensor {ti} missing from the plan"))?;
                 pb.set_message(t.name.clone());
-                let bytes = merge::materialize(t, &base, &adapters)
-                    .with_context(|| format!("merging tensor {}", t.name))?;
+                if spare.capacity() == 0 {
+                    spare = recycle_rx.try_recv().unwrap_or_default();
+                }
+                let bytes =
+                    merge::materialize_into(t, &base, &adapters, std::mem::take(&mut spare))
+                        .with_context(|| format!("merging tensor {}", t.name))?;
                 let gguf = match &jobs_quant {
                     Some((jobs, quant)) => {
                         let job = jobs
@@ -783,7 +797,14 @@ pub fn run(a: Args) -> Result<Outcome> {
                     }
                     None => None,
                 };
-                let hf = if want_hf { Some(bytes) } else { None };
+                let hf = if want_hf {
+                    Some(bytes)
+                } else {
+                    if let Cow::Owned(v) = bytes {
+                        spare = v;
+                    }
+                    None
+                };
                 if tx.send(Item { ti, hf, gguf }).is_err() {
                     break; // the writer failed; its error is reported below
                 }

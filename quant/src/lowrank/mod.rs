@@ -1,5 +1,6 @@
-//! Low-rank updates `W += scale·(C·B)` (a LoRA merge), with a scalar reference and run-time
-//! selected AVX2 / AVX-512 kernels whose results are bit-identical to it.
+//! Low-rank updates `W += scale·(C·B)` (a LoRA merge), on f32 rows or on f16 rows (widened,
+//! updated in f32 and rounded back to nearest even in one pass), with a scalar reference and
+//! run-time selected AVX2 / AVX-512 kernels whose results are bit-identical to it.
 //!
 //! Every output element is computed as the reference does: `acc = 0; for k ascending:
 //! acc = acc + c[k]·b[k]` (two roundings, or one fused multiply-add when `fused`), then
@@ -23,8 +24,13 @@ pub struct LowRankShape {
 
 impl LowRankShape {
     fn fits(&self, w: &[f32], coef: &[f32], basis: &[f32]) -> bool {
+        self.fits_len(w.len(), 1, coef, basis)
+    }
+
+    /// `w_len` elements of `elem` units each (bytes of f16 rows: 2) make `rows × cols`.
+    fn fits_len(&self, w_len: usize, elem: usize, coef: &[f32], basis: &[f32]) -> bool {
         let mul = |a: usize, b: usize| a.checked_mul(b);
-        mul(self.rows, self.cols) == Some(w.len())
+        mul(self.rows, self.cols).and_then(|n| mul(n, elem)) == Some(w_len)
             && mul(self.rows, self.r) == Some(coef.len())
             && mul(self.r, self.cols) == Some(basis.len())
     }
@@ -59,7 +65,10 @@ pub fn add_lowrank_with(
     #[cfg(target_arch = "x86_64")]
     {
         if isa != Isa::Scalar && isa.is_available() {
-            let done = x86::add_lowrank(isa, shape, w, coef, basis, scale, fused);
+            let rows = x86::Rows::F32(w.as_mut_ptr());
+            // SAFETY: `isa` is available, `w` holds rows × cols values (checked by `fits`),
+            // coef and basis match the shape.
+            let done = unsafe { x86::add_lowrank(isa, shape, rows, coef, basis, scale, fused) };
             // columns past the last full strip
             add_lowrank_ref_cols(shape, w, coef, basis, scale, fused, done);
             return true;
@@ -86,18 +95,138 @@ fn add_lowrank_ref_cols(
     }
     for (wr, cr) in w.chunks_exact_mut(cols).zip(coef.chunks_exact(r.max(1))) {
         for (j, x) in wr.iter_mut().enumerate().skip(from) {
-            let mut acc = 0.0f32;
-            for (k, &ck) in cr.iter().take(r).enumerate() {
-                let bv = basis[k * cols + j];
-                acc = if fused {
-                    ck.mul_add(bv, acc)
-                } else {
-                    acc + ck * bv
-                };
-            }
-            *x += scale * acc;
+            *x += scale * dot(cr, basis, cols, j, fused);
         }
     }
+}
+
+/// `Σ_k coef_row[k]·basis[k][j]`, k ascending, as every kernel sums it.
+fn dot(coef_row: &[f32], basis: &[f32], cols: usize, j: usize, fused: bool) -> f32 {
+    let mut acc = 0.0f32;
+    for (&ck, bv) in coef_row
+        .iter()
+        .zip(basis.iter().skip(j).step_by(cols.max(1)))
+    {
+        acc = if fused {
+            ck.mul_add(*bv, acc)
+        } else {
+            acc + ck * bv
+        };
+    }
+    acc
+}
+
+/// The f16 reference: columns `from..cols` of every row, `dst = f16(f32(src) + scale·acc)`
+/// (`src` = `dst` when `None`). Lengths are checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn add_lowrank_f16_ref_cols(
+    shape: LowRankShape,
+    src: Option<&[u8]>,
+    dst: &mut [u8],
+    coef: &[f32],
+    basis: &[f32],
+    scale: f32,
+    fused: bool,
+    from: usize,
+) {
+    let LowRankShape { cols, r, .. } = shape;
+    if cols == 0 || from >= cols || r == 0 {
+        if let Some(s) = src {
+            // r = 0: nothing to add, but dst still becomes src
+            if from < cols {
+                for (d, s) in dst.chunks_exact_mut(2 * cols).zip(s.chunks_exact(2 * cols)) {
+                    d[2 * from..].copy_from_slice(&s[2 * from..]);
+                }
+            }
+        }
+        return;
+    }
+    for (i, (dr, cr)) in dst
+        .chunks_exact_mut(2 * cols)
+        .zip(coef.chunks_exact(r))
+        .enumerate()
+    {
+        for j in from..cols {
+            let b = 2 * j;
+            let x = match src {
+                Some(s) => {
+                    let o = 2 * (i * cols + j);
+                    [s[o], s[o + 1]]
+                }
+                None => [dr[b], dr[b + 1]],
+            };
+            let x = half::f16::from_le_bytes(x).to_f32();
+            let v = half::f16::from_f32(x + scale * dot(cr, basis, cols, j, fused));
+            dr[b..b + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// f16 rows (little-endian bytes): `dst = f16(f32(src) + scale·(coef·basis))`, rounded to
+/// nearest even, with `src` = `dst` (in place) when `None`, on the kernels of [`Isa::current`].
+/// Returns `false` (and leaves `dst` untouched) when the lengths do not match `shape`.
+pub fn add_lowrank_f16(
+    shape: LowRankShape,
+    src: Option<&[u8]>,
+    dst: &mut [u8],
+    coef: &[f32],
+    basis: &[f32],
+    scale: f32,
+    fused: bool,
+) -> bool {
+    add_lowrank_f16_with(Isa::current(), shape, src, dst, coef, basis, scale, fused)
+}
+
+/// [`add_lowrank_f16`] on a chosen instruction set (an unavailable one falls back to the
+/// reference).
+#[allow(clippy::too_many_arguments)]
+pub fn add_lowrank_f16_with(
+    isa: Isa,
+    shape: LowRankShape,
+    src: Option<&[u8]>,
+    dst: &mut [u8],
+    coef: &[f32],
+    basis: &[f32],
+    scale: f32,
+    fused: bool,
+) -> bool {
+    if !shape.fits_len(dst.len(), 2, coef, basis) || src.is_some_and(|s| s.len() != dst.len()) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa != Isa::Scalar && isa.is_available() {
+            let d = dst.as_mut_ptr().cast::<u16>();
+            let s = src.map_or(d.cast_const(), |s| s.as_ptr().cast::<u16>());
+            let rows = x86::Rows::F16 { src: s, dst: d };
+            // SAFETY: `isa` is available; `dst` (and `src`, same length) hold rows × cols f16
+            // values (checked above; the kernels load and store them unaligned); coef and basis
+            // match the shape.
+            let done = unsafe { x86::add_lowrank(isa, shape, rows, coef, basis, scale, fused) };
+            add_lowrank_f16_ref_cols(shape, src, dst, coef, basis, scale, fused, done);
+            return true;
+        }
+    }
+    let _ = isa;
+    add_lowrank_f16_ref_cols(shape, src, dst, coef, basis, scale, fused, 0);
+    true
+}
+
+/// The scalar f16 reference over the whole matrix. Returns `false` when the lengths do not match.
+pub fn add_lowrank_f16_ref(
+    shape: LowRankShape,
+    src: Option<&[u8]>,
+    dst: &mut [u8],
+    coef: &[f32],
+    basis: &[f32],
+    scale: f32,
+    fused: bool,
+) -> bool {
+    if !shape.fits_len(dst.len(), 2, coef, basis) || src.is_some_and(|s| s.len() != dst.len()) {
+        return false;
+    }
+    add_lowrank_f16_ref_cols(shape, src, dst, coef, basis, scale, fused, 0);
+    true
 }
 
 /// The scalar reference over the whole matrix. Returns `false` when the lengths do not match.
@@ -145,8 +274,82 @@ mod tests {
         assert_eq!(wb, gb, "{isa:?} {shape:?} fused={fused}");
     }
 
+    /// f16 rows through every kernel, out of place and in place, against the f16 reference and
+    /// against the f32 reference rounded by `half` (what widen, add, narrow did before).
+    fn run_f16(isa: Isa, shape: LowRankShape, seed: u64, fused: bool) {
+        let mut s = seed | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        };
+        let src: Vec<u8> = (0..shape.rows * shape.cols)
+            .flat_map(|_| half::f16::from_f32(next() * 10.0).to_le_bytes())
+            .collect();
+        let coef: Vec<f32> = (0..shape.rows * shape.r).map(|_| next()).collect();
+        let basis: Vec<f32> = (0..shape.r * shape.cols).map(|_| next()).collect();
+        let mut wide: Vec<f32> = src
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        assert!(add_lowrank_ref(shape, &mut wide, &coef, &basis, 2.0, fused));
+        let want: Vec<u8> = wide
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let mut by_ref = vec![0u8; src.len()];
+        assert!(add_lowrank_f16_ref(
+            shape,
+            Some(&src),
+            &mut by_ref,
+            &coef,
+            &basis,
+            2.0,
+            fused
+        ));
+        assert_eq!(by_ref, want, "f16 reference {shape:?} fused={fused}");
+        let mut got = vec![0u8; src.len()];
+        assert!(add_lowrank_f16_with(
+            isa,
+            shape,
+            Some(&src),
+            &mut got,
+            &coef,
+            &basis,
+            2.0,
+            fused
+        ));
+        assert_eq!(got, want, "{isa:?} f16 {shape:?} fused={fused}");
+        let mut inplace = src.clone();
+        assert!(add_lowrank_f16_with(
+            isa,
+            shape,
+            None,
+            &mut inplace,
+            &coef,
+            &basis,
+            2.0,
+            fused
+        ));
+        assert_eq!(
+            inplace, want,
+            "{isa:?} f16 in place {shape:?} fused={fused}"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn simd_f16_equals_reference(rows in 1usize..15, cols in 1usize..200, r in 1usize..20,
+                                     seed in any::<u64>(), fused in any::<bool>()) {
+            for isa in Isa::ALL {
+                if isa.is_available() {
+                    run_f16(isa, LowRankShape { rows, cols, r }, seed, fused);
+                }
+            }
+        }
+
         #[test]
         fn simd_equals_reference(rows in 1usize..11, cols in 1usize..150, r in 1usize..20,
                                  seed in any::<u64>(), fused in any::<bool>()) {
@@ -161,6 +364,16 @@ mod tests {
     #[test]
     fn wide_rows_match() {
         for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
+            run_f16(
+                isa,
+                LowRankShape {
+                    rows: 13,
+                    cols: 4096 + 80 + 3,
+                    r: 64,
+                },
+                11,
+                true,
+            );
             run(
                 isa,
                 LowRankShape {
@@ -189,7 +402,7 @@ mod tests {
     #[test]
     #[ignore]
     fn lowrank_gflops() {
-        for (rows, cols) in [(64usize, 4096usize), (64, 11008)] {
+        for (rows, cols) in [(64usize, 4096usize), (64, 11008), (192, 4096), (192, 11008)] {
             let r = 64;
             let shape = LowRankShape { rows, cols, r };
             let mut w = vec![0.5f32; rows * cols];
@@ -229,6 +442,25 @@ mod tests {
             r: 1,
         };
         let mut w = vec![0.0; 5];
+        let mut h = vec![0u8; 12];
+        assert!(!add_lowrank_f16(
+            shape,
+            Some(&[0u8; 10]),
+            &mut h,
+            &[1.0, 1.0],
+            &[1.0; 3],
+            1.0,
+            false
+        ));
+        assert!(!add_lowrank_f16(
+            shape,
+            None,
+            &mut h[..10],
+            &[1.0, 1.0],
+            &[1.0; 3],
+            1.0,
+            false
+        ));
         assert!(!add_lowrank(
             shape,
             &mut w,
