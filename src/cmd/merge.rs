@@ -186,6 +186,9 @@ fn check_out_dir(out: &Path, new_cfg: &LlamaConfig, force: bool) -> Result<OutSt
 /// Staged file names and their (name, sha256) pairs.
 type Staged = (Vec<String>, Vec<(String, String)>);
 
+/// Tensors at least this large are hashed on their own thread while being written.
+const HASH_THREAD_MIN: usize = 1 << 20;
+
 /// One safetensors shard being written, hashed as its bytes are written.
 ///
 /// `hasher` has seen exactly the bytes `[0, hashed)` of the file, in order. A tensor written at
@@ -206,12 +209,26 @@ struct Shard {
 
 impl Shard {
     fn write_at(&mut self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
-        self.file.write_all_at(bytes, off)?;
         if off != self.hashed {
+            self.file.write_all_at(bytes, off)?;
             self.pending.insert(off, bytes.len() as u64);
             return Ok(());
         }
-        self.hasher.update(bytes);
+        // hashed on a second thread while this one copies the bytes into the file: the writer
+        // side (copy + SHA-256) is otherwise one serial chain as long as the whole merge compute
+        if bytes.len() < HASH_THREAD_MIN {
+            self.file.write_all_at(bytes, off)?;
+            self.hasher.update(bytes);
+        } else {
+            let (file, hasher) = (&self.file, &mut self.hasher);
+            std::thread::scope(|s| {
+                let h = s.spawn(|| hasher.update(bytes));
+                let written = file.write_all_at(bytes, off);
+                h.join()
+                    .map_err(|_| std::io::Error::other("the hashing thread panicked"))?;
+                written
+            })?;
+        }
         self.hashed += bytes.len() as u64;
         let mut buf = Vec::new();
         while let Some(len) = self.pending.remove(&self.hashed) {
