@@ -948,6 +948,8 @@ const GEMM_RB: usize = 16;
 const _: () = assert!(GEMM_RB == 16);
 /// Bytes of packed activations per pass of [`f16_gemm_512`].
 const GEMM_PA_BYTES: usize = 1 << 20;
+/// Where [`f16_gemm_512`] prefetches the next block's weights.
+const GEMM_PF_HINT: i32 = _MM_HINT_T0;
 
 /// One `GEMM_RM × RN` micro-tile over `steps` 16-element steps of K: `pw` is the packed f32 weight
 /// panel (`[step][row][16]`), `a` the packed activations (`[step][token][16]`), `acc` the tile's 16-lane accumulators (`acc_row` floats between tokens, 16
@@ -961,6 +963,7 @@ unsafe fn f16_gemm_tile<const RN: usize>(
     acc: *mut f32,
     acc_row: usize,
     first: bool,
+    next_acc: *const f32,
 ) {
     // SAFETY: the caller guarantees `steps` steps of the panel, of RN activation rows and RN × RM
     // accumulators are in bounds.
@@ -974,6 +977,13 @@ unsafe fn f16_gemm_tile<const RN: usize>(
             }
         }
         for s in 0..steps {
+            // the next tile's accumulators (24 lines) are fetched into L1, two lines a step
+            if 2 * s < GEMM_RN * GEMM_RM {
+                for l in [2 * s, 2 * s + 1] {
+                    let p = next_acc.wrapping_add((l / GEMM_RM) * acc_row + (l % GEMM_RM) * 16);
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                }
+            }
             let wp = pw.add(s * 16 * GEMM_RM);
             let w0 = _mm512_loadu_ps(wp);
             let w1 = _mm512_loadu_ps(wp.add(16));
@@ -1080,7 +1090,7 @@ unsafe fn f16_gemm_512(
     let mut own: [Vec<f32>; 3] = SCRATCH.with(|c| c.take());
     let [pw, acc, pa] = &mut own;
     for (v, n) in [
-        (&mut *pw, GEMM_RB * kf),
+        (&mut *pw, GEMM_RB * GEMM_KC),
         (&mut *acc, toks * acc_row),
         (&mut *pa, kf * toks),
     ] {
@@ -1112,79 +1122,96 @@ unsafe fn f16_gemm_512(
         }
         kb += ks;
     }
+    let ksb = GEMM_KC / 16;
+    // the weight bytes of the next (row block, K block) unit are prefetched while computing one:
+    // row `pr` of the unit from line `pl` on, a few lines per micro-tile
+    let lines_of = |kb: usize| (32 * ksb.min(steps - kb)).div_ceil(64);
     let mut r0 = 0;
     while r0 < rows {
         let nr = GEMM_RB.min(rows - r0);
         let groups = nr.div_ceil(GEMM_RM);
-        // pack: [group][step][row in group][16], rows past `nr` zero
-        for g in 0..groups {
-            for i in 0..GEMM_RM {
-                let r = g * GEMM_RM + i;
-                for s in 0..steps {
-                    let dst = &mut pw[((g * steps + s) * GEMM_RM + i) * 16..][..16];
-                    if r < nr {
-                        // SAFETY: row r0 + r < rows; elements 16s..16s+16 lie in the row.
-                        unsafe {
-                            let v =
-                                _mm512_cvtph_ps(ld(w.as_ptr().add((r0 + r) * row_bytes + 32 * s)));
-                            _mm512_storeu_ps(dst.as_mut_ptr(), v);
+        let mut kb = 0;
+        while kb < steps {
+            let ks = ksb.min(steps - kb);
+            // pack this K block: [group][step][row in group][16], rows past `nr` zero
+            for g in 0..groups {
+                for i in 0..GEMM_RM {
+                    let r = g * GEMM_RM + i;
+                    for s in 0..ks {
+                        let dst = &mut pw[((g * ks + s) * GEMM_RM + i) * 16..][..16];
+                        if r < nr {
+                            // SAFETY: row r0 + r < rows; elements 16(kb+s).. +16 lie in the row.
+                            unsafe {
+                                let v = _mm512_cvtph_ps(ld(w
+                                    .as_ptr()
+                                    .add((r0 + r) * row_bytes + 32 * (kb + s))));
+                                _mm512_storeu_ps(dst.as_mut_ptr(), v);
+                            }
+                        } else {
+                            dst.fill(0.0);
                         }
-                    } else {
-                        dst.fill(0.0);
                     }
                 }
             }
-        }
-        let mut kb = 0;
-        while kb < steps {
-            let ks = (GEMM_KC / 16).min(steps - kb);
-            // this K range of the next block's weight rows is fetched into L2 while computing, a
-            // few lines per micro-tile (a burst would stall), so packing them does not wait
-            let next = rows.min(r0 + nr + GEMM_RB) - (r0 + nr);
-            let lpr = (32 * ks).div_ceil(64);
-            let mut pf = 0;
-            let total = next * lpr;
-            let mut fetch = |n: usize| {
-                for _ in 0..n {
-                    if pf < total {
-                        let (rr, off) = (r0 + nr + pf / lpr, 32 * kb + 64 * (pf % lpr));
-                        // SAFETY: `off` < 2 * k lies inside row `rr` < rows; a prefetch never
-                        // faults.
-                        unsafe {
-                            _mm_prefetch::<_MM_HINT_T1>(
-                                w.as_ptr().add(rr * row_bytes + off.min(row_bytes - 1))
-                                    as *const i8,
-                            )
-                        };
-                        pf += 1;
-                    }
-                }
+            // the next unit: K block kb + ks of these rows, or K block 0 of the next rows
+            let (nr0, nkb) = if kb + ks < steps {
+                (r0, kb + ks)
+            } else {
+                (r0 + nr, 0)
             };
+            let nrows = GEMM_RB.min(rows.saturating_sub(nr0));
+            let (lpr, off0) = if nrows > 0 {
+                (lines_of(nkb), 32 * nkb)
+            } else {
+                (0, 0)
+            };
+            let tiles = toks.div_ceil(GEMM_RN) * groups;
+            let per_tile = (nrows * lpr).div_ceil(tiles.max(1));
+            let (mut pr, mut pl) = (0, 0);
+            let wbase = w.as_ptr().wrapping_add(nr0.min(rows) * row_bytes + off0);
             let mut j0 = 0;
             while j0 < toks {
                 let rn = GEMM_RN.min(toks - j0);
                 for g in 0..groups {
-                    // SAFETY: the panel holds `groups * steps` steps, tokens j0..j0+rn exist and
+                    // the tile after this one: next group of rows, or first of the next tokens
+                    let (nj, ng) = if g + 1 < groups {
+                        (j0, g + 1)
+                    } else {
+                        (j0 + rn, 0)
+                    };
+                    let nacc = acc.as_ptr().wrapping_add(nj * acc_row + ng * GEMM_RM * 16);
+                    // SAFETY: the panel holds `groups * ks` steps, tokens j0..j0+rn exist and
                     // hold `kf` elements from offset 64 * kb, the accumulators fit `acc`.
                     unsafe {
-                        let p = pw.as_ptr().add((g * steps + kb) * 16 * GEMM_RM);
+                        let p = pw.as_ptr().add(g * ks * 16 * GEMM_RM);
                         let ap = pa.as_ptr().add(kb * 16 * toks + j0 * ks * 16);
                         let cp = acc.as_mut_ptr().add(j0 * acc_row + g * GEMM_RM * 16);
                         let first = kb == 0;
                         match rn {
-                            6 => f16_gemm_tile::<6>(ks, p, ap, cp, acc_row, first),
-                            5 => f16_gemm_tile::<5>(ks, p, ap, cp, acc_row, first),
-                            4 => f16_gemm_tile::<4>(ks, p, ap, cp, acc_row, first),
-                            3 => f16_gemm_tile::<3>(ks, p, ap, cp, acc_row, first),
-                            2 => f16_gemm_tile::<2>(ks, p, ap, cp, acc_row, first),
-                            _ => f16_gemm_tile::<1>(ks, p, ap, cp, acc_row, first),
+                            6 => f16_gemm_tile::<6>(ks, p, ap, cp, acc_row, first, nacc),
+                            5 => f16_gemm_tile::<5>(ks, p, ap, cp, acc_row, first, nacc),
+                            4 => f16_gemm_tile::<4>(ks, p, ap, cp, acc_row, first, nacc),
+                            3 => f16_gemm_tile::<3>(ks, p, ap, cp, acc_row, first, nacc),
+                            2 => f16_gemm_tile::<2>(ks, p, ap, cp, acc_row, first, nacc),
+                            _ => f16_gemm_tile::<1>(ks, p, ap, cp, acc_row, first, nacc),
                         }
                     }
-                    fetch(2);
+                    for _ in 0..per_tile {
+                        if pr < nrows {
+                            // a prefetch never faults
+                            _mm_prefetch::<GEMM_PF_HINT>(
+                                wbase.wrapping_add(pr * row_bytes + 64 * pl) as *const i8,
+                            );
+                            pl += 1;
+                            if pl == lpr {
+                                pl = 0;
+                                pr += 1;
+                            }
+                        }
+                    }
                 }
                 j0 += rn;
             }
-            fetch(total);
             kb += ks;
         }
         for j in 0..toks {
