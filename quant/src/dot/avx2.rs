@@ -1560,7 +1560,24 @@ unsafe fn attend_head_tf(
     super::attn::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
 }
 
-/// [`super::attn::attend_head`] compiled for AVX2 + FMA (same operations, vectorized).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn attend_head_tf512(
+    kv: super::attn::HeadView<'_>,
+    q: &[f32],
+    q_stride: usize,
+    q_off: usize,
+    t: usize,
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    super::attn::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
+}
+
+/// [`super::attn::attend_head`] compiled for AVX2 + FMA, or AVX-512 where the CPU has it and
+/// the ISA in use is AVX-512 (same operations, vectorized: lanes never mix, so the results are
+/// the same bits).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attend_head(
     kv: super::attn::HeadView<'_>,
@@ -1574,6 +1591,10 @@ pub(super) fn attend_head(
 ) {
     if !available() {
         return super::attn::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out);
+    }
+    if crate::Isa::current() == crate::Isa::Avx512 && avx512_available() {
+        // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2, FMA, F16C; the body is safe code.
+        return unsafe { attend_head_tf512(kv, q, q_stride, q_off, t, pos0, scale, out) };
     }
     // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
     unsafe { attend_head_tf(kv, q, q_stride, q_off, t, pos0, scale, out) }
