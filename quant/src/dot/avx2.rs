@@ -1279,6 +1279,9 @@ pub(super) fn f16_gemm(
     // tokens per pass: their packed activations (streamed once per block of weight rows) stay
     // within about 1 MiB, i.e. in L2
     let sub = ((GEMM_PA_BYTES / (2 * row_bytes)) / GEMM_RN * GEMM_RN).max(GEMM_RN);
+    // passes of (nearly) equal size: a short last pass would convert every weight for a few tokens
+    let passes = toks.div_ceil(sub);
+    let sub = toks.div_ceil(passes).div_ceil(GEMM_RN) * GEMM_RN;
     let mut t0 = 0;
     while t0 < toks {
         let tn = sub.min(toks - t0);
