@@ -946,13 +946,17 @@ const GEMM_KC: usize = 256;
 const GEMM_RB: usize = 16;
 // reduce16 reduces one token's GEMM_RB accumulators at once
 const _: () = assert!(GEMM_RB == 16);
+// f16_gemm_tile unrolls a whole K block of 16 steps
+const _: () = assert!(GEMM_KC == 256);
+/// Floats of accumulators per token in [`f16_gemm_512`] (16 lanes for each of [`GEMM_RB`] rows).
+const GEMM_ACC_ROW: usize = GEMM_RB * 16;
 /// Bytes of packed activations per pass of [`f16_gemm_512`].
 const GEMM_PA_BYTES: usize = 1 << 20;
 /// Where [`f16_gemm_512`] prefetches the next block's weights.
 const GEMM_PF_HINT: i32 = _MM_HINT_T0;
 
 /// One `GEMM_RM × RN` micro-tile over `steps` 16-element steps of K: `pw` is the packed f32 weight
-/// panel (`[step][row][16]`), `a` the packed activations (`[step][token][16]`), `acc` the tile's 16-lane accumulators (`acc_row` floats between tokens, 16
+/// panel (`[step][row][16]`), `a` the packed activations (`[step][token][16]`), `acc` the tile's 16-lane accumulators ([`GEMM_ACC_ROW`] floats between tokens, 16
 /// between rows), loaded unless `first` and stored back. Every accumulator gets the same fused
 /// multiply-adds in the same K order as [`super::dot_f16_f16`]'s lanes.
 #[inline(always)]
@@ -961,7 +965,6 @@ unsafe fn f16_gemm_tile<const RN: usize>(
     pw: *const f32,
     a: *const f32,
     acc: *mut f32,
-    acc_row: usize,
     first: bool,
     next_acc: *const f32,
 ) {
@@ -972,35 +975,65 @@ unsafe fn f16_gemm_tile<const RN: usize>(
         if !first {
             for (i, ci) in c.iter_mut().enumerate() {
                 for (j, cij) in ci.iter_mut().enumerate() {
-                    *cij = _mm512_loadu_ps(acc.add(j * acc_row + i * 16));
+                    *cij = _mm512_loadu_ps(acc.add(j * GEMM_ACC_ROW + i * 16));
                 }
             }
         }
-        for s in 0..steps {
-            // the next tile's accumulators (24 lines) are fetched into L1, two lines a step
-            if 2 * s < GEMM_RN * GEMM_RM {
-                for l in [2 * s, 2 * s + 1] {
-                    let p = next_acc.wrapping_add((l / GEMM_RM) * acc_row + (l % GEMM_RM) * 16);
-                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                }
+        if steps == GEMM_KC / 16 {
+            // a whole K block: unrolled, so that every address is a constant offset (no integer
+            // work competing with the multiply-adds for ports)
+            macro_rules! steps {
+                ($($s:literal)*) => {
+                    $(f16_gemm_step::<RN>($s, pw, a, &mut c, next_acc);)*
+                };
             }
-            let wp = pw.add(s * 16 * GEMM_RM);
-            let w0 = _mm512_loadu_ps(wp);
-            let w1 = _mm512_loadu_ps(wp.add(16));
-            let w2 = _mm512_loadu_ps(wp.add(32));
-            let w3 = _mm512_loadu_ps(wp.add(48));
-            for j in 0..RN {
-                let av = _mm512_loadu_ps(a.add((s * RN + j) * 16));
-                c[0][j] = _mm512_fmadd_ps(w0, av, c[0][j]);
-                c[1][j] = _mm512_fmadd_ps(w1, av, c[1][j]);
-                c[2][j] = _mm512_fmadd_ps(w2, av, c[2][j]);
-                c[3][j] = _mm512_fmadd_ps(w3, av, c[3][j]);
+            steps!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        } else {
+            for s in 0..steps {
+                f16_gemm_step::<RN>(s, pw, a, &mut c, next_acc);
             }
         }
         for (i, ci) in c.iter().enumerate() {
             for (j, cij) in ci.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(j * acc_row + i * 16), *cij);
+                _mm512_storeu_ps(acc.add(j * GEMM_ACC_ROW + i * 16), *cij);
             }
+        }
+    }
+}
+
+/// Step `s` of [`f16_gemm_tile`]: four weight vectors times `RN` activation vectors into the
+/// accumulators `c`; steps below 12 also fetch two lines of the next tile's accumulators
+/// (`next_acc`, never dereferenced here) into L1.
+///
+/// # Safety
+/// Step `s` of the panel and of the packed activations is in bounds.
+#[inline(always)]
+unsafe fn f16_gemm_step<const RN: usize>(
+    s: usize,
+    pw: *const f32,
+    a: *const f32,
+    c: &mut [[__m512; RN]; GEMM_RM],
+    next_acc: *const f32,
+) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if 2 * s < GEMM_RN * GEMM_RM {
+            for l in [2 * s, 2 * s + 1] {
+                let p = next_acc.wrapping_add((l / GEMM_RM) * GEMM_ACC_ROW + (l % GEMM_RM) * 16);
+                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+            }
+        }
+        let wp = pw.add(s * 16 * GEMM_RM);
+        let w0 = _mm512_loadu_ps(wp);
+        let w1 = _mm512_loadu_ps(wp.add(16));
+        let w2 = _mm512_loadu_ps(wp.add(32));
+        let w3 = _mm512_loadu_ps(wp.add(48));
+        for j in 0..RN {
+            let av = _mm512_loadu_ps(a.add((s * RN + j) * 16));
+            c[0][j] = _mm512_fmadd_ps(w0, av, c[0][j]);
+            c[1][j] = _mm512_fmadd_ps(w1, av, c[1][j]);
+            c[2][j] = _mm512_fmadd_ps(w2, av, c[2][j]);
+            c[3][j] = _mm512_fmadd_ps(w3, av, c[3][j]);
         }
     }
 }
@@ -1079,7 +1112,7 @@ unsafe fn f16_gemm_512(
     let k = row_bytes / 2;
     let steps = k / 16;
     let kf = steps * 16;
-    let acc_row = GEMM_RB * 16;
+    let acc_row = GEMM_ACC_ROW;
     // scratch buffers reused across calls on this thread (fresh large allocations would cost a
     // page fault per 4 KiB every call); every element read below is written first
     thread_local! {
@@ -1188,12 +1221,12 @@ unsafe fn f16_gemm_512(
                         let cp = acc.as_mut_ptr().add(j0 * acc_row + g * GEMM_RM * 16);
                         let first = kb == 0;
                         match rn {
-                            6 => f16_gemm_tile::<6>(ks, p, ap, cp, acc_row, first, nacc),
-                            5 => f16_gemm_tile::<5>(ks, p, ap, cp, acc_row, first, nacc),
-                            4 => f16_gemm_tile::<4>(ks, p, ap, cp, acc_row, first, nacc),
-                            3 => f16_gemm_tile::<3>(ks, p, ap, cp, acc_row, first, nacc),
-                            2 => f16_gemm_tile::<2>(ks, p, ap, cp, acc_row, first, nacc),
-                            _ => f16_gemm_tile::<1>(ks, p, ap, cp, acc_row, first, nacc),
+                            6 => f16_gemm_tile::<6>(ks, p, ap, cp, first, nacc),
+                            5 => f16_gemm_tile::<5>(ks, p, ap, cp, first, nacc),
+                            4 => f16_gemm_tile::<4>(ks, p, ap, cp, first, nacc),
+                            3 => f16_gemm_tile::<3>(ks, p, ap, cp, first, nacc),
+                            2 => f16_gemm_tile::<2>(ks, p, ap, cp, first, nacc),
+                            _ => f16_gemm_tile::<1>(ks, p, ap, cp, first, nacc),
                         }
                     }
                     for _ in 0..per_tile {
