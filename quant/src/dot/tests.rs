@@ -442,6 +442,50 @@ fn attention_equals_first_version() {
     }
 }
 
+proptest! {
+    #[test]
+    fn f16_activations_equal_scalar(bits in proptest::collection::vec(any::<u32>(), 0..70)) {
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut fast = vec![0u8; 4 * x.len()];
+        let mut slow = vec![1u8; 4 * x.len()];
+        quantize_act(ActFormat::F16, &x, &mut fast);
+        quantize_act_impl(ActFormat::F16, &x, &mut slow);
+        prop_assert_eq!(fast, slow);
+    }
+}
+
+#[test]
+fn f16_activations_edge_values_equal_scalar() {
+    let x: Vec<f32> = [
+        0.0,
+        -0.0,
+        1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        6.0e-8,
+        2.98e-8,
+        2.99e-8,
+        1e-10,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        0.33333334,
+        1.0009766,
+        1.0004883,
+        -2.5e-5,
+        3.0e5,
+    ]
+    .to_vec();
+    let mut fast = vec![0u8; 4 * x.len()];
+    let mut slow = vec![1u8; 4 * x.len()];
+    quantize_act(ActFormat::F16, &x, &mut fast);
+    quantize_act_impl(ActFormat::F16, &x, &mut slow);
+    assert_eq!(fast, slow);
+}
+
 /// Compares with dots computed by ggml itself: `KILN_DOT_ORACLE=DIR:TYPE_ID:N:ROWS` where DIR
 /// holds `w.bin`, `a.bin`, `r.bin` written by a small C program over libggml-cpu (rows of `N`
 /// values; `r[i*ROWS+j] = vec_dot(w_i, a_j)`).
