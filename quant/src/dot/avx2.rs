@@ -952,8 +952,6 @@ const _: () = assert!(GEMM_KC == 256);
 const GEMM_ACC_ROW: usize = GEMM_RB * 16;
 /// Bytes of packed activations per pass of [`f16_gemm_512`].
 const GEMM_PA_BYTES: usize = 1 << 20;
-/// Where [`f16_gemm_512`] prefetches the next block's weights.
-const GEMM_PF_HINT: i32 = _MM_HINT_T0;
 
 /// One `GEMM_RM × RN` micro-tile over `steps` 16-element steps of K: `pw` is the packed f32 weight
 /// panel (`[step][row][16]`), `a` the packed activations (`[step][token][16]`), `acc` the tile's 16-lane accumulators ([`GEMM_ACC_ROW`] floats between tokens, 16
@@ -1156,13 +1154,20 @@ unsafe fn f16_gemm_512(
         kb += ks;
     }
     let ksb = GEMM_KC / 16;
-    // the weight bytes of the next (row block, K block) unit are prefetched while computing one:
-    // row `pr` of the unit from line `pl` on, a few lines per micro-tile
-    let lines_of = |kb: usize| (32 * ksb.min(steps - kb)).div_ceil(64);
     let mut r0 = 0;
     while r0 < rows {
         let nr = GEMM_RB.min(rows - r0);
         let groups = nr.div_ceil(GEMM_RM);
+        // the next block's rows (contiguous bytes) are fetched into L2 while this block computes,
+        // a line or two per micro-tile, so that packing them finds them there
+        let mut pf = (r0 + nr) * row_bytes;
+        let pf_end = rows.min(r0 + 2 * GEMM_RB) * row_bytes;
+        let tiles = steps.div_ceil(ksb) * toks.div_ceil(GEMM_RN) * groups;
+        let per_tile = pf_end
+            .saturating_sub(pf)
+            .div_ceil(64)
+            .div_ceil(tiles.max(1));
+        let wp = w.as_ptr();
         let mut kb = 0;
         while kb < steps {
             let ks = ksb.min(steps - kb);
@@ -1186,22 +1191,6 @@ unsafe fn f16_gemm_512(
                     }
                 }
             }
-            // the next unit: K block kb + ks of these rows, or K block 0 of the next rows
-            let (nr0, nkb) = if kb + ks < steps {
-                (r0, kb + ks)
-            } else {
-                (r0 + nr, 0)
-            };
-            let nrows = GEMM_RB.min(rows.saturating_sub(nr0));
-            let (lpr, off0) = if nrows > 0 {
-                (lines_of(nkb), 32 * nkb)
-            } else {
-                (0, 0)
-            };
-            let tiles = toks.div_ceil(GEMM_RN) * groups;
-            let per_tile = (nrows * lpr).div_ceil(tiles.max(1));
-            let (mut pr, mut pl) = (0, 0);
-            let wbase = w.as_ptr().wrapping_add(nr0.min(rows) * row_bytes + off0);
             let mut j0 = 0;
             while j0 < toks {
                 let rn = GEMM_RN.min(toks - j0);
@@ -1230,16 +1219,10 @@ unsafe fn f16_gemm_512(
                         }
                     }
                     for _ in 0..per_tile {
-                        if pr < nrows {
+                        if pf < pf_end {
                             // a prefetch never faults
-                            _mm_prefetch::<GEMM_PF_HINT>(
-                                wbase.wrapping_add(pr * row_bytes + 64 * pl) as *const i8,
-                            );
-                            pl += 1;
-                            if pl == lpr {
-                                pl = 0;
-                                pr += 1;
-                            }
+                            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(pf) as *const i8);
+                            pf += 64;
                         }
                     }
                 }
