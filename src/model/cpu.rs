@@ -391,7 +391,8 @@ impl Backend for CpuBackend {
         n_past: usize,
         s: AttnShape,
     ) -> Result<CpuAct> {
-        let t = q.rows;
+        let t = k.rows;
+        let tq = q.rows;
         let kvd = cache.kv_dim;
         let n_kv = n_past + t;
         if n_kv > cache.n_ctx {
@@ -402,7 +403,7 @@ impl Backend for CpuBackend {
         }
         if k.cols != kvd
             || v.cols != kvd
-            || k.rows != t
+            || tq > t
             || v.rows != t
             || q.cols != s.n_head * s.head_dim
             || kvd != s.n_head_kv * s.head_dim
@@ -426,7 +427,7 @@ impl Backend for CpuBackend {
         let heads: Vec<Vec<f32>> = (0..s.n_head)
             .into_par_iter()
             .map(|h| {
-                let mut o = vec![0f32; t * hd];
+                let mut o = vec![0f32; tq * hd];
                 let view = HeadView {
                     k: &kc[..n_kv * kvd],
                     v: &vc[..n_kv * kvd],
@@ -434,11 +435,13 @@ impl Backend for CpuBackend {
                     off: (h / group) * hd,
                     hd,
                 };
-                attend_head(view, &q.data, qc, h * hd, t, n_past, s.scale, &mut o);
+                // the queries are the last `tq` positions
+                let p0 = n_past + t - tq;
+                attend_head(view, &q.data, qc, h * hd, tq, p0, s.scale, &mut o);
                 o
             })
             .collect();
-        let mut out = vec![0f32; t * qc];
+        let mut out = vec![0f32; tq * qc];
         for (h, o) in heads.iter().enumerate() {
             for (orow, src) in out.chunks_exact_mut(qc).zip(o.chunks_exact(hd)) {
                 orow[h * hd..(h + 1) * hd].copy_from_slice(src);
@@ -446,7 +449,7 @@ impl Backend for CpuBackend {
         }
         Ok(CpuAct {
             data: out,
-            rows: t,
+            rows: tq,
             cols: q.cols,
         })
     }

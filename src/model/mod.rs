@@ -181,7 +181,9 @@ pub trait Backend: Send + Sync {
         pos0: usize,
         rope: Rope,
     );
-    /// Stores `k`, `v` at positions `n_past..` of layer `layer` and attends causally.
+    /// Stores `k`, `v` at positions `n_past..` of layer `layer` and attends causally. `q` holds
+    /// the queries of the last `q.rows` of those positions (all of them, or only the rows whose
+    /// output is wanted); one output row per query.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -368,7 +370,18 @@ impl<B: Backend> Model<B> {
         for (il, l) in self.layers.iter().enumerate() {
             let cur = be.rms_norm(&x, &l.attn_norm, cfg.rms_eps)?;
             see(&["attn_q", "attn_k", "attn_v"], Some(il), &cur, cfg.n_embd);
-            let mut q = be.matmul(&l.wq, &cur)?;
+            // in the last layer only the rows whose logits are wanted need queries (and
+            // everything after); every row still needs its keys and values in the cache
+            let q_from = if il == last && !observed {
+                logits_from
+            } else {
+                0
+            };
+            let mut q = if q_from > 0 {
+                be.matmul(&l.wq, &be.tail_rows(&cur, q_from))?
+            } else {
+                be.matmul(&l.wq, &cur)?
+            };
             let mut k = be.matmul(&l.wk, &cur)?;
             let v = be.matmul(&l.wv, &cur)?;
             be.rope(
@@ -376,7 +389,7 @@ impl<B: Backend> Model<B> {
                 cfg.n_head,
                 cfg.head_dim,
                 cfg.n_rot,
-                n_past,
+                n_past + q_from,
                 cfg.rope,
             );
             be.rope(
@@ -390,10 +403,10 @@ impl<B: Backend> Model<B> {
             let att = be.attention(cache, il, &q, &k, &v, n_past, shape)?;
             see(&["attn_output"], Some(il), &att, qd);
             let mut cur = be.matmul(&l.wo, &att)?;
-            if il == last && logits_from > 0 && !observed {
-                // only the rows whose logits are wanted go on (llama.cpp's out_ids)
-                cur = be.tail_rows(&cur, logits_from);
-                x = be.tail_rows(&x, logits_from);
+            if q_from > 0 {
+                // only the rows whose logits are wanted go on (llama.cpp's out_ids; their
+                // attention and output projection were computed for those rows alone)
+                x = be.tail_rows(&x, q_from);
             }
             be.add(&mut cur, &x)?;
             let ffn_in = cur;

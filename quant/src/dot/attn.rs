@@ -76,6 +76,7 @@ pub(super) fn attend_head_impl<'a>(
     let mut krow = vec![0f32; hd];
     let mut vt = vec![0f32; KV_TILE * hd];
     let mut qv = vec![0f32; hd];
+    let mut qv2 = vec![0f32; hd];
     for o in out.iter_mut().take(t * hd) {
         *o = 0.0;
     }
@@ -94,63 +95,73 @@ pub(super) fn attend_head_impl<'a>(
             }
             widen(row(kv.v, ic + tk), &mut vt[tk * hd..(tk + 1) * hd]);
         }
-        for i in 0..t {
+        // queries in pairs: their score chains are independent, so the two interleave
+        let mut i = 0;
+        while i < t {
             let p = pos0 + i;
             if ic > p {
+                i += 1;
                 continue;
             }
-            for (dk, x) in qv.iter_mut().enumerate() {
-                *x = q.get(i * q_stride + q_off + dk).copied().unwrap_or(0.0);
-            }
-            let mut kq = [0f32; KV_TILE];
-            for (dk, &qd) in qv.iter().enumerate() {
-                let kr = &kt[dk * KV_TILE..(dk + 1) * KV_TILE];
-                for (a, &kk) in kq.iter_mut().zip(kr) {
-                    *a = kk.mul_add(qd, *a);
+            let load = |i: usize, qv: &mut [f32]| {
+                for (dk, x) in qv.iter_mut().enumerate() {
+                    *x = q.get(i * q_stride + q_off + dk).copied().unwrap_or(0.0);
                 }
-            }
-            let visible = (p + 1 - ic).min(kvt);
-            let mut tile_max = f32::NEG_INFINITY;
-            for (tk, a) in kq.iter_mut().enumerate() {
-                *a = if tk < visible {
-                    *a * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                tile_max = tile_max.max(*a);
-            }
-            if tile_max == f32::NEG_INFINITY {
-                continue;
-            }
-            let o = match out.get_mut(i * hd..(i + 1) * hd) {
-                Some(o) => o,
-                None => continue,
             };
-            let mnew = m[i].max(tile_max);
-            if mnew > m[i] {
-                let ms = (m[i] - mnew).exp();
-                for x in o.iter_mut() {
-                    *x *= ms;
+            load(i, &mut qv);
+            let pair = i + 1 < t;
+            let mut kq2 = [0f32; KV_TILE];
+            let kq = if pair {
+                load(i + 1, &mut qv2);
+                let (a, b) = scores2(&kt, &qv, &qv2);
+                kq2 = b;
+                a
+            } else {
+                scores(&kt, &qv)
+            };
+            let rows = if pair { 2 } else { 1 };
+            for (r, mut kq) in [kq, kq2].into_iter().enumerate().take(rows) {
+                let i = i + r;
+                let p = pos0 + i;
+                let visible = (p + 1 - ic).min(kvt);
+                let mut tile_max = f32::NEG_INFINITY;
+                for (tk, a) in kq.iter_mut().enumerate() {
+                    *a = if tk < visible {
+                        *a * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    tile_max = tile_max.max(*a);
                 }
-                s[i] *= ms;
-            }
-            m[i] = mnew;
-            let mut sum = 0f64;
-            for g in kq.chunks_exact_mut(16) {
-                let mut e = [0f32; 16];
-                for (x, y) in e.iter_mut().zip(g.iter()) {
-                    *x = ggml_v_expf(*y - mnew);
+                if tile_max == f32::NEG_INFINITY {
+                    continue;
                 }
-                g.copy_from_slice(&e);
-                sum += f64::from(lanes_sum(e));
-            }
-            s[i] = (f64::from(s[i]) + sum) as f32;
-            for (tk, &pw) in kq.iter().enumerate().take(visible) {
-                let vr = &vt[tk * hd..(tk + 1) * hd];
-                for (x, &vv) in o.iter_mut().zip(vr) {
-                    *x = vv.mul_add(pw, *x);
+                let o = match out.get_mut(i * hd..(i + 1) * hd) {
+                    Some(o) => o,
+                    None => continue,
+                };
+                let mnew = m[i].max(tile_max);
+                if mnew > m[i] {
+                    let ms = (m[i] - mnew).exp();
+                    for x in o.iter_mut() {
+                        *x *= ms;
+                    }
+                    s[i] *= ms;
                 }
+                m[i] = mnew;
+                let mut sum = 0f64;
+                for g in kq.chunks_exact_mut(16) {
+                    let mut e = [0f32; 16];
+                    for (x, y) in e.iter_mut().zip(g.iter()) {
+                        *x = ggml_v_expf(*y - mnew);
+                    }
+                    g.copy_from_slice(&e);
+                    sum += f64::from(lanes_sum(e));
+                }
+                s[i] = (f64::from(s[i]) + sum) as f32;
+                accumulate_values(o, &vt, hd, &kq[..visible]);
             }
+            i += rows;
         }
         ic += KV_TILE;
     }
@@ -158,6 +169,62 @@ pub(super) fn attend_head_impl<'a>(
         let inv = if s[i] == 0.0 { 0.0 } else { 1.0 / s[i] };
         for x in o.iter_mut() {
             *x *= inv;
+        }
+    }
+}
+
+/// One query's scores over a tile: per key, fused multiply-adds over the head dimension in order.
+#[inline(always)]
+fn scores(kt: &[f32], qv: &[f32]) -> [f32; KV_TILE] {
+    let mut kq = [0f32; KV_TILE];
+    for (kr, &qd) in kt.chunks_exact(KV_TILE).zip(qv) {
+        for (a, &kk) in kq.iter_mut().zip(kr) {
+            *a = kk.mul_add(qd, *a);
+        }
+    }
+    kq
+}
+
+/// [`scores`] of two queries at once (the same operations per query, two independent chains).
+#[inline(always)]
+fn scores2(kt: &[f32], qa: &[f32], qb: &[f32]) -> ([f32; KV_TILE], [f32; KV_TILE]) {
+    let mut ka = [0f32; KV_TILE];
+    let mut kb = [0f32; KV_TILE];
+    for ((kr, &da), &db) in kt.chunks_exact(KV_TILE).zip(qa).zip(qb) {
+        for ((a, b), &kk) in ka.iter_mut().zip(kb.iter_mut()).zip(kr) {
+            *a = kk.mul_add(da, *a);
+            *b = kk.mul_add(db, *b);
+        }
+    }
+    (ka, kb)
+}
+
+/// Values per register block of [`accumulate_values`].
+const V_BLOCK: usize = 128;
+
+/// `o += sum over keys tk of pw[tk] * vt[tk]` as sequential fused multiply-adds over the keys,
+/// `V_BLOCK` values of `o` at a time held in locals (registers) across the keys.
+#[inline(always)]
+fn accumulate_values(o: &mut [f32], vt: &[f32], hd: usize, pw: &[f32]) {
+    let mut c = 0;
+    while c + V_BLOCK <= o.len() {
+        let mut acc = [0f32; V_BLOCK];
+        acc.copy_from_slice(&o[c..c + V_BLOCK]);
+        for (tk, &w) in pw.iter().enumerate() {
+            let vr = &vt[tk * hd + c..][..V_BLOCK];
+            for (x, &vv) in acc.iter_mut().zip(vr) {
+                *x = vv.mul_add(w, *x);
+            }
+        }
+        o[c..c + V_BLOCK].copy_from_slice(&acc);
+        c += V_BLOCK;
+    }
+    if c < o.len() {
+        for (tk, &w) in pw.iter().enumerate() {
+            let vr = &vt[tk * hd + c..(tk + 1) * hd];
+            for (x, &vv) in o[c..].iter_mut().zip(vr) {
+                *x = vv.mul_add(w, *x);
+            }
         }
     }
 }

@@ -946,11 +946,15 @@ const GEMM_KC: usize = 256;
 const GEMM_RB: usize = 16;
 // reduce16 reduces one token's GEMM_RB accumulators at once
 const _: () = assert!(GEMM_RB == 16);
+// f16_gemm_tile unrolls a whole K block of 16 steps
+const _: () = assert!(GEMM_KC == 256);
+/// Floats of accumulators per token in [`f16_gemm_512`] (16 lanes for each of [`GEMM_RB`] rows).
+const GEMM_ACC_ROW: usize = GEMM_RB * 16;
 /// Bytes of packed activations per pass of [`f16_gemm_512`].
 const GEMM_PA_BYTES: usize = 1 << 20;
 
 /// One `GEMM_RM × RN` micro-tile over `steps` 16-element steps of K: `pw` is the packed f32 weight
-/// panel (`[step][row][16]`), `a` the packed activations (`[step][token][16]`), `acc` the tile's 16-lane accumulators (`acc_row` floats between tokens, 16
+/// panel (`[step][row][16]`), `a` the packed activations (`[step][token][16]`), `acc` the tile's 16-lane accumulators ([`GEMM_ACC_ROW`] floats between tokens, 16
 /// between rows), loaded unless `first` and stored back. Every accumulator gets the same fused
 /// multiply-adds in the same K order as [`super::dot_f16_f16`]'s lanes.
 #[inline(always)]
@@ -959,8 +963,8 @@ unsafe fn f16_gemm_tile<const RN: usize>(
     pw: *const f32,
     a: *const f32,
     acc: *mut f32,
-    acc_row: usize,
     first: bool,
+    next_acc: *const f32,
 ) {
     // SAFETY: the caller guarantees `steps` steps of the panel, of RN activation rows and RN × RM
     // accumulators are in bounds.
@@ -969,28 +973,65 @@ unsafe fn f16_gemm_tile<const RN: usize>(
         if !first {
             for (i, ci) in c.iter_mut().enumerate() {
                 for (j, cij) in ci.iter_mut().enumerate() {
-                    *cij = _mm512_loadu_ps(acc.add(j * acc_row + i * 16));
+                    *cij = _mm512_loadu_ps(acc.add(j * GEMM_ACC_ROW + i * 16));
                 }
             }
         }
-        for s in 0..steps {
-            let wp = pw.add(s * 16 * GEMM_RM);
-            let w0 = _mm512_loadu_ps(wp);
-            let w1 = _mm512_loadu_ps(wp.add(16));
-            let w2 = _mm512_loadu_ps(wp.add(32));
-            let w3 = _mm512_loadu_ps(wp.add(48));
-            for j in 0..RN {
-                let av = _mm512_loadu_ps(a.add((s * RN + j) * 16));
-                c[0][j] = _mm512_fmadd_ps(w0, av, c[0][j]);
-                c[1][j] = _mm512_fmadd_ps(w1, av, c[1][j]);
-                c[2][j] = _mm512_fmadd_ps(w2, av, c[2][j]);
-                c[3][j] = _mm512_fmadd_ps(w3, av, c[3][j]);
+        if steps == GEMM_KC / 16 {
+            // a whole K block: unrolled, so that every address is a constant offset (no integer
+            // work competing with the multiply-adds for ports)
+            macro_rules! steps {
+                ($($s:literal)*) => {
+                    $(f16_gemm_step::<RN>($s, pw, a, &mut c, next_acc);)*
+                };
+            }
+            steps!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        } else {
+            for s in 0..steps {
+                f16_gemm_step::<RN>(s, pw, a, &mut c, next_acc);
             }
         }
         for (i, ci) in c.iter().enumerate() {
             for (j, cij) in ci.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(j * acc_row + i * 16), *cij);
+                _mm512_storeu_ps(acc.add(j * GEMM_ACC_ROW + i * 16), *cij);
             }
+        }
+    }
+}
+
+/// Step `s` of [`f16_gemm_tile`]: four weight vectors times `RN` activation vectors into the
+/// accumulators `c`; steps below 12 also fetch two lines of the next tile's accumulators
+/// (`next_acc`, never dereferenced here) into L1.
+///
+/// # Safety
+/// Step `s` of the panel and of the packed activations is in bounds.
+#[inline(always)]
+unsafe fn f16_gemm_step<const RN: usize>(
+    s: usize,
+    pw: *const f32,
+    a: *const f32,
+    c: &mut [[__m512; RN]; GEMM_RM],
+    next_acc: *const f32,
+) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        if 2 * s < GEMM_RN * GEMM_RM {
+            for l in [2 * s, 2 * s + 1] {
+                let p = next_acc.wrapping_add((l / GEMM_RM) * GEMM_ACC_ROW + (l % GEMM_RM) * 16);
+                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+            }
+        }
+        let wp = pw.add(s * 16 * GEMM_RM);
+        let w0 = _mm512_loadu_ps(wp);
+        let w1 = _mm512_loadu_ps(wp.add(16));
+        let w2 = _mm512_loadu_ps(wp.add(32));
+        let w3 = _mm512_loadu_ps(wp.add(48));
+        for j in 0..RN {
+            let av = _mm512_loadu_ps(a.add((s * RN + j) * 16));
+            c[0][j] = _mm512_fmadd_ps(w0, av, c[0][j]);
+            c[1][j] = _mm512_fmadd_ps(w1, av, c[1][j]);
+            c[2][j] = _mm512_fmadd_ps(w2, av, c[2][j]);
+            c[3][j] = _mm512_fmadd_ps(w3, av, c[3][j]);
         }
     }
 }
@@ -1069,7 +1110,7 @@ unsafe fn f16_gemm_512(
     let k = row_bytes / 2;
     let steps = k / 16;
     let kf = steps * 16;
-    let acc_row = GEMM_RB * 16;
+    let acc_row = GEMM_ACC_ROW;
     // scratch buffers reused across calls on this thread (fresh large allocations would cost a
     // page fault per 4 KiB every call); every element read below is written first
     thread_local! {
@@ -1080,7 +1121,7 @@ unsafe fn f16_gemm_512(
     let mut own: [Vec<f32>; 3] = SCRATCH.with(|c| c.take());
     let [pw, acc, pa] = &mut own;
     for (v, n) in [
-        (&mut *pw, GEMM_RB * kf),
+        (&mut *pw, GEMM_RB * GEMM_KC),
         (&mut *acc, toks * acc_row),
         (&mut *pa, kf * toks),
     ] {
@@ -1112,79 +1153,81 @@ unsafe fn f16_gemm_512(
         }
         kb += ks;
     }
+    let ksb = GEMM_KC / 16;
     let mut r0 = 0;
     while r0 < rows {
         let nr = GEMM_RB.min(rows - r0);
         let groups = nr.div_ceil(GEMM_RM);
-        // pack: [group][step][row in group][16], rows past `nr` zero
-        for g in 0..groups {
-            for i in 0..GEMM_RM {
-                let r = g * GEMM_RM + i;
-                for s in 0..steps {
-                    let dst = &mut pw[((g * steps + s) * GEMM_RM + i) * 16..][..16];
-                    if r < nr {
-                        // SAFETY: row r0 + r < rows; elements 16s..16s+16 lie in the row.
-                        unsafe {
-                            let v =
-                                _mm512_cvtph_ps(ld(w.as_ptr().add((r0 + r) * row_bytes + 32 * s)));
-                            _mm512_storeu_ps(dst.as_mut_ptr(), v);
+        // the next block's rows (contiguous bytes) are fetched into L2 while this block computes,
+        // a line or two per micro-tile, so that packing them finds them there
+        let mut pf = (r0 + nr) * row_bytes;
+        let pf_end = rows.min(r0 + 2 * GEMM_RB) * row_bytes;
+        let tiles = steps.div_ceil(ksb) * toks.div_ceil(GEMM_RN) * groups;
+        let per_tile = pf_end
+            .saturating_sub(pf)
+            .div_ceil(64)
+            .div_ceil(tiles.max(1));
+        let wp = w.as_ptr();
+        let mut kb = 0;
+        while kb < steps {
+            let ks = ksb.min(steps - kb);
+            // pack this K block: [group][step][row in group][16], rows past `nr` zero
+            for g in 0..groups {
+                for i in 0..GEMM_RM {
+                    let r = g * GEMM_RM + i;
+                    for s in 0..ks {
+                        let dst = &mut pw[((g * ks + s) * GEMM_RM + i) * 16..][..16];
+                        if r < nr {
+                            // SAFETY: row r0 + r < rows; elements 16(kb+s).. +16 lie in the row.
+                            unsafe {
+                                let v = _mm512_cvtph_ps(ld(w
+                                    .as_ptr()
+                                    .add((r0 + r) * row_bytes + 32 * (kb + s))));
+                                _mm512_storeu_ps(dst.as_mut_ptr(), v);
+                            }
+                        } else {
+                            dst.fill(0.0);
                         }
-                    } else {
-                        dst.fill(0.0);
                     }
                 }
             }
-        }
-        let mut kb = 0;
-        while kb < steps {
-            let ks = (GEMM_KC / 16).min(steps - kb);
-            // this K range of the next block's weight rows is fetched into L2 while computing, a
-            // few lines per micro-tile (a burst would stall), so packing them does not wait
-            let next = rows.min(r0 + nr + GEMM_RB) - (r0 + nr);
-            let lpr = (32 * ks).div_ceil(64);
-            let mut pf = 0;
-            let total = next * lpr;
-            let mut fetch = |n: usize| {
-                for _ in 0..n {
-                    if pf < total {
-                        let (rr, off) = (r0 + nr + pf / lpr, 32 * kb + 64 * (pf % lpr));
-                        // SAFETY: `off` < 2 * k lies inside row `rr` < rows; a prefetch never
-                        // faults.
-                        unsafe {
-                            _mm_prefetch::<_MM_HINT_T1>(
-                                w.as_ptr().add(rr * row_bytes + off.min(row_bytes - 1))
-                                    as *const i8,
-                            )
-                        };
-                        pf += 1;
-                    }
-                }
-            };
             let mut j0 = 0;
             while j0 < toks {
                 let rn = GEMM_RN.min(toks - j0);
                 for g in 0..groups {
-                    // SAFETY: the panel holds `groups * steps` steps, tokens j0..j0+rn exist and
+                    // the tile after this one: next group of rows, or first of the next tokens
+                    let (nj, ng) = if g + 1 < groups {
+                        (j0, g + 1)
+                    } else {
+                        (j0 + rn, 0)
+                    };
+                    let nacc = acc.as_ptr().wrapping_add(nj * acc_row + ng * GEMM_RM * 16);
+                    // SAFETY: the panel holds `groups * ks` steps, tokens j0..j0+rn exist and
                     // hold `kf` elements from offset 64 * kb, the accumulators fit `acc`.
                     unsafe {
-                        let p = pw.as_ptr().add((g * steps + kb) * 16 * GEMM_RM);
+                        let p = pw.as_ptr().add(g * ks * 16 * GEMM_RM);
                         let ap = pa.as_ptr().add(kb * 16 * toks + j0 * ks * 16);
                         let cp = acc.as_mut_ptr().add(j0 * acc_row + g * GEMM_RM * 16);
                         let first = kb == 0;
                         match rn {
-                            6 => f16_gemm_tile::<6>(ks, p, ap, cp, acc_row, first),
-                            5 => f16_gemm_tile::<5>(ks, p, ap, cp, acc_row, first),
-                            4 => f16_gemm_tile::<4>(ks, p, ap, cp, acc_row, first),
-                            3 => f16_gemm_tile::<3>(ks, p, ap, cp, acc_row, first),
-                            2 => f16_gemm_tile::<2>(ks, p, ap, cp, acc_row, first),
-                            _ => f16_gemm_tile::<1>(ks, p, ap, cp, acc_row, first),
+                            6 => f16_gemm_tile::<6>(ks, p, ap, cp, first, nacc),
+                            5 => f16_gemm_tile::<5>(ks, p, ap, cp, first, nacc),
+                            4 => f16_gemm_tile::<4>(ks, p, ap, cp, first, nacc),
+                            3 => f16_gemm_tile::<3>(ks, p, ap, cp, first, nacc),
+                            2 => f16_gemm_tile::<2>(ks, p, ap, cp, first, nacc),
+                            _ => f16_gemm_tile::<1>(ks, p, ap, cp, first, nacc),
                         }
                     }
-                    fetch(2);
+                    for _ in 0..per_tile {
+                        if pf < pf_end {
+                            // a prefetch never faults
+                            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(pf) as *const i8);
+                            pf += 64;
+                        }
+                    }
                 }
                 j0 += rn;
             }
-            fetch(total);
             kb += ks;
         }
         for j in 0..toks {
@@ -1252,6 +1295,9 @@ pub(super) fn f16_gemm(
     // tokens per pass: their packed activations (streamed once per block of weight rows) stay
     // within about 1 MiB, i.e. in L2
     let sub = ((GEMM_PA_BYTES / (2 * row_bytes)) / GEMM_RN * GEMM_RN).max(GEMM_RN);
+    // passes of (nearly) equal size: a short last pass would convert every weight for a few tokens
+    let passes = toks.div_ceil(sub);
+    let sub = toks.div_ceil(passes).div_ceil(GEMM_RN) * GEMM_RN;
     let mut t0 = 0;
     while t0 < toks {
         let tn = sub.min(toks - t0);
@@ -1533,7 +1579,24 @@ unsafe fn attend_head_tf(
     super::attn::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
 }
 
-/// [`super::attn::attend_head`] compiled for AVX2 + FMA (same operations, vectorized).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn attend_head_tf512(
+    kv: super::attn::HeadView<'_>,
+    q: &[f32],
+    q_stride: usize,
+    q_off: usize,
+    t: usize,
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    super::attn::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
+}
+
+/// [`super::attn::attend_head`] compiled for AVX2 + FMA, or AVX-512 where the CPU has it and
+/// the ISA in use is AVX-512 (same operations, vectorized: lanes never mix, so the results are
+/// the same bits).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attend_head(
     kv: super::attn::HeadView<'_>,
@@ -1547,6 +1610,10 @@ pub(super) fn attend_head(
 ) {
     if !available() {
         return super::attn::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out);
+    }
+    if crate::Isa::current() == crate::Isa::Avx512 && avx512_available() {
+        // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2, FMA, F16C; the body is safe code.
+        return unsafe { attend_head_tf512(kv, q, q_stride, q_off, t, pos0, scale, out) };
     }
     // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
     unsafe { attend_head_tf(kv, q, q_stride, q_off, t, pos0, scale, out) }
@@ -1571,10 +1638,38 @@ unsafe fn quantize_act_tf(f: super::ActFormat, x: &[f32], out: &mut [u8]) {
     super::quantize_act_impl(f, x, out)
 }
 
+/// [`super::ActFormat::F16`] activations: each value rounded to f16 (nearest, ties to even) and
+/// widened back, eight at a time with F16C; the rest as [`super::quantize_act_impl`] does.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn round_f16_tf(x: &[f32], out: &mut [u8]) {
+    let n = x.len().min(out.len() / 4);
+    let whole = n / 8 * 8;
+    for (xs, os) in x[..whole]
+        .chunks_exact(8)
+        .zip(out[..4 * whole].chunks_exact_mut(32))
+    {
+        // SAFETY: `xs` holds 8 floats and `os` 32 bytes.
+        unsafe {
+            let v = _mm256_loadu_ps(xs.as_ptr());
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm256_storeu_ps(os.as_mut_ptr() as *mut f32, _mm256_cvtph_ps(h));
+        }
+    }
+    super::quantize_act_impl(
+        super::ActFormat::F16,
+        &x[whole..n],
+        &mut out[4 * whole..4 * n],
+    );
+}
+
 /// [`super::quantize_act`] compiled for AVX2 (same operations, same bytes).
 pub(super) fn quantize_act(f: super::ActFormat, x: &[f32], out: &mut [u8]) {
     if !available() {
         return super::quantize_act_impl(f, x, out);
+    }
+    if f == super::ActFormat::F16 {
+        // SAFETY: the CPU has AVX2/FMA/F16C; lengths are checked inside.
+        return unsafe { round_f16_tf(x, out) };
     }
     // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
     unsafe { quantize_act_tf(f, x, out) }

@@ -289,6 +289,203 @@ fn tiled_attention_matches_plain_softmax() {
     }
 }
 
+/// The attention loop as first written (one query at a time, values accumulated in memory): the
+/// reference the register-blocked version must equal bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn attend_head_old<'a>(
+    kv: attn::HeadView<'a>,
+    q: &[f32],
+    q_stride: usize,
+    q_off: usize,
+    t: usize,
+    pos0: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = kv.hd;
+    let n_kv = pos0 + t;
+    let mut m = vec![f32::NEG_INFINITY; t];
+    let mut s = vec![0f32; t];
+    let mut kt = vec![0f32; hd * attn::KV_TILE];
+    let mut krow = vec![0f32; hd];
+    let mut vt = vec![0f32; attn::KV_TILE * hd];
+    let mut qv = vec![0f32; hd];
+    for o in out.iter_mut().take(t * hd) {
+        *o = 0.0;
+    }
+    let row = |c: &'a [u16], p: usize| -> &'a [u16] {
+        c.get(p * kv.stride + kv.off..p * kv.stride + kv.off + hd)
+            .unwrap_or(&[])
+    };
+    let mut ic = 0;
+    while ic < n_kv {
+        let kvt = attn::KV_TILE.min(n_kv - ic);
+        for tk in 0..kvt {
+            krow.iter_mut().for_each(|x| *x = 0.0);
+            attn_widen(row(kv.k, ic + tk), &mut krow);
+            for (dk, &x) in krow.iter().enumerate() {
+                kt[dk * attn::KV_TILE + tk] = x;
+            }
+            attn_widen(row(kv.v, ic + tk), &mut vt[tk * hd..(tk + 1) * hd]);
+        }
+        for i in 0..t {
+            let p = pos0 + i;
+            if ic > p {
+                continue;
+            }
+            for (dk, x) in qv.iter_mut().enumerate() {
+                *x = q.get(i * q_stride + q_off + dk).copied().unwrap_or(0.0);
+            }
+            let mut kq = [0f32; attn::KV_TILE];
+            for (dk, &qd) in qv.iter().enumerate() {
+                let kr = &kt[dk * attn::KV_TILE..(dk + 1) * attn::KV_TILE];
+                for (a, &kk) in kq.iter_mut().zip(kr) {
+                    *a = kk.mul_add(qd, *a);
+                }
+            }
+            let visible = (p + 1 - ic).min(kvt);
+            let mut tile_max = f32::NEG_INFINITY;
+            for (tk, a) in kq.iter_mut().enumerate() {
+                *a = if tk < visible {
+                    *a * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                tile_max = tile_max.max(*a);
+            }
+            if tile_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let o = match out.get_mut(i * hd..(i + 1) * hd) {
+                Some(o) => o,
+                None => continue,
+            };
+            let mnew = m[i].max(tile_max);
+            if mnew > m[i] {
+                let ms = (m[i] - mnew).exp();
+                for x in o.iter_mut() {
+                    *x *= ms;
+                }
+                s[i] *= ms;
+            }
+            m[i] = mnew;
+            let mut sum = 0f64;
+            for g in kq.chunks_exact_mut(16) {
+                let mut e = [0f32; 16];
+                for (x, y) in e.iter_mut().zip(g.iter()) {
+                    *x = ggml_v_expf(*y - mnew);
+                }
+                g.copy_from_slice(&e);
+                sum += f64::from(lanes_sum(e));
+            }
+            s[i] = (f64::from(s[i]) + sum) as f32;
+            for (tk, &pw) in kq.iter().enumerate().take(visible) {
+                let vr = &vt[tk * hd..(tk + 1) * hd];
+                for (x, &vv) in o.iter_mut().zip(vr) {
+                    *x = vv.mul_add(pw, *x);
+                }
+            }
+        }
+        ic += attn::KV_TILE;
+    }
+    for (i, o) in out.chunks_mut(hd.max(1)).take(t).enumerate() {
+        let inv = if s[i] == 0.0 { 0.0 } else { 1.0 / s[i] };
+        for x in o.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+fn attn_widen(bits: &[u16], dst: &mut [f32]) {
+    for (d, &b) in dst.iter_mut().zip(bits) {
+        *d = f16::from_bits(b).to_f32();
+    }
+}
+
+#[test]
+fn attention_equals_first_version() {
+    for (hd, t, pos0) in [
+        (128usize, 130usize, 0usize),
+        (128, 7, 200),
+        (16, 65, 3),
+        (100, 33, 64),
+        (160, 64, 64),
+        (256, 3, 1),
+    ] {
+        let n = pos0 + t;
+        let stride = 2 * hd + 8;
+        let k: Vec<u16> = signal(n * stride, 11)
+            .iter()
+            .map(|&x| f16::from_f32(x).to_bits())
+            .collect();
+        let v: Vec<u16> = signal(n * stride, 12)
+            .iter()
+            .map(|&x| f16::from_f32(x).to_bits())
+            .collect();
+        let q = signal(t * (hd + 5), 13);
+        let view = attn::HeadView {
+            k: &k,
+            v: &v,
+            stride,
+            off: hd / 2,
+            hd,
+        };
+        let mut got = vec![0f32; t * hd];
+        attn::attend_head(view, &q, hd + 5, 3, t, pos0, 0.125, &mut got);
+        let mut plain = vec![0f32; t * hd];
+        attn::attend_head_impl(view, &q, hd + 5, 3, t, pos0, 0.125, &mut plain);
+        let mut old = vec![0f32; t * hd];
+        attend_head_old(view, &q, hd + 5, 3, t, pos0, 0.125, &mut old);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&old), "hd {hd} t {t} pos0 {pos0}");
+        assert_eq!(bits(&plain), bits(&old), "hd {hd} t {t} pos0 {pos0}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn f16_activations_equal_scalar(bits in proptest::collection::vec(any::<u32>(), 0..70)) {
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut fast = vec![0u8; 4 * x.len()];
+        let mut slow = vec![1u8; 4 * x.len()];
+        quantize_act(ActFormat::F16, &x, &mut fast);
+        quantize_act_impl(ActFormat::F16, &x, &mut slow);
+        prop_assert_eq!(fast, slow);
+    }
+}
+
+#[test]
+fn f16_activations_edge_values_equal_scalar() {
+    let x: Vec<f32> = [
+        0.0,
+        -0.0,
+        1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        6.0e-8,
+        2.98e-8,
+        2.99e-8,
+        1e-10,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        0.33333334,
+        1.0009766,
+        1.0004883,
+        -2.5e-5,
+        3.0e5,
+    ]
+    .to_vec();
+    let mut fast = vec![0u8; 4 * x.len()];
+    let mut slow = vec![1u8; 4 * x.len()];
+    quantize_act(ActFormat::F16, &x, &mut fast);
+    quantize_act_impl(ActFormat::F16, &x, &mut slow);
+    assert_eq!(fast, slow);
+}
+
 /// Compares with dots computed by ggml itself: `KILN_DOT_ORACLE=DIR:TYPE_ID:N:ROWS` where DIR
 /// holds `w.bin`, `a.bin`, `r.bin` written by a small C program over libggml-cpu (rows of `N`
 /// values; `r[i*ROWS+j] = vec_dot(w_i, a_j)`).
