@@ -686,10 +686,12 @@ mod vnni {
                 let wg = w.as_ptr().add(g * gbytes);
                 let o = out.as_mut_ptr().add(g * super::GROUP);
                 macro_rules! run {
-                    ($f:ident, $n:expr) => {{
+                    // `$f` is a kernel generic over the tokens per call, after the optional
+                    // leading const arguments in `<…>` (the legacy kernel's type code)
+                    ($f:ident $(<$c:literal>)?, $n:expr) => {{
                         let mut j = 0;
                         while j + $n <= t {
-                            $f::<$n>(
+                            $f::<$($c,)? $n>(
                                 nb,
                                 wg,
                                 acts.as_ptr().add(j * astride),
@@ -700,7 +702,7 @@ mod vnni {
                             j += $n;
                         }
                         while j < t {
-                            $f::<1>(
+                            $f::<$($c,)? 1>(
                                 nb,
                                 wg,
                                 acts.as_ptr().add(j * astride),
@@ -715,53 +717,14 @@ mod vnni {
                 match ty {
                     GgmlType::Q4K if !batch => run!(q4k_vd, 1),
                     GgmlType::Q6K if !batch => run!(q6k_vd, 1),
-                    GgmlType::Q4_0 => run!(q4_0, 2),
-                    GgmlType::Q5_0 => run!(q5_0, 2),
-                    GgmlType::Q8_0 => run!(q8_0, 2),
+                    GgmlType::Q4_0 => run!(legacy<0>, 2),
+                    GgmlType::Q5_0 => run!(legacy<1>, 2),
+                    GgmlType::Q8_0 => run!(legacy<2>, 2),
                     GgmlType::Q4K => run!(q4k, 4),
                     _ => run!(q6k, 4),
                 }
             }
         }
-    }
-
-    #[inline(always)]
-    unsafe fn q4_0<const N: usize>(
-        nb: usize,
-        wg: *const u8,
-        a: *const u8,
-        s: usize,
-        o: *mut f32,
-        os: usize,
-    ) {
-        // SAFETY: forwarded.
-        unsafe { legacy::<0, N>(nb, wg, a, s, o, os) }
-    }
-
-    #[inline(always)]
-    unsafe fn q5_0<const N: usize>(
-        nb: usize,
-        wg: *const u8,
-        a: *const u8,
-        s: usize,
-        o: *mut f32,
-        os: usize,
-    ) {
-        // SAFETY: forwarded.
-        unsafe { legacy::<1, N>(nb, wg, a, s, o, os) }
-    }
-
-    #[inline(always)]
-    unsafe fn q8_0<const N: usize>(
-        nb: usize,
-        wg: *const u8,
-        a: *const u8,
-        s: usize,
-        o: *mut f32,
-        os: usize,
-    ) {
-        // SAFETY: forwarded.
-        unsafe { legacy::<2, N>(nb, wg, a, s, o, os) }
     }
 }
 
