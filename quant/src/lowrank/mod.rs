@@ -162,6 +162,18 @@ fn add_lowrank_f16_ref_cols(
     }
 }
 
+/// Whether f16 rows `dst` (and `src`, when given, of the same length) and the factors match
+/// `shape`.
+fn f16_fits(
+    shape: LowRankShape,
+    src: Option<&[u8]>,
+    dst: &[u8],
+    coef: &[f32],
+    basis: &[f32],
+) -> bool {
+    shape.fits_len(dst.len(), 2, coef, basis) && src.is_none_or(|s| s.len() == dst.len())
+}
+
 /// f16 rows (little-endian bytes): `dst = f16(f32(src) + scale·(coef·basis))`, rounded to
 /// nearest even, with `src` = `dst` (in place) when `None`, on the kernels of [`Isa::current`].
 /// Returns `false` (and leaves `dst` untouched) when the lengths do not match `shape`.
@@ -190,7 +202,7 @@ pub fn add_lowrank_f16_with(
     scale: f32,
     fused: bool,
 ) -> bool {
-    if !shape.fits_len(dst.len(), 2, coef, basis) || src.is_some_and(|s| s.len() != dst.len()) {
+    if !f16_fits(shape, src, dst, coef, basis) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
@@ -222,7 +234,7 @@ pub fn add_lowrank_f16_ref(
     scale: f32,
     fused: bool,
 ) -> bool {
-    if !shape.fits_len(dst.len(), 2, coef, basis) || src.is_some_and(|s| s.len() != dst.len()) {
+    if !f16_fits(shape, src, dst, coef, basis) {
         return false;
     }
     add_lowrank_f16_ref_cols(shape, src, dst, coef, basis, scale, fused, 0);
@@ -250,14 +262,19 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn run(isa: Isa, shape: LowRankShape, seed: u64, fused: bool) {
+    /// Small pseudo-random values in [-0.05, 0.05) from `seed` (xorshift).
+    fn values(seed: u64) -> impl FnMut() -> f32 {
         let mut s = seed | 1;
-        let mut next = move || {
+        move || {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
             ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        };
+        }
+    }
+
+    fn run(isa: Isa, shape: LowRankShape, seed: u64, fused: bool) {
+        let mut next = values(seed);
         let w: Vec<f32> = (0..shape.rows * shape.cols)
             .map(|_| next() * 10.0)
             .collect();
@@ -277,13 +294,7 @@ mod tests {
     /// f16 rows through every kernel, out of place and in place, against the f16 reference and
     /// against the f32 reference rounded by `half` (what widen, add, narrow did before).
     fn run_f16(isa: Isa, shape: LowRankShape, seed: u64, fused: bool) {
-        let mut s = seed | 1;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        };
+        let mut next = values(seed);
         let src: Vec<u8> = (0..shape.rows * shape.cols)
             .flat_map(|_| half::f16::from_f32(next() * 10.0).to_le_bytes())
             .collect();
