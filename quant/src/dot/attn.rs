@@ -58,8 +58,8 @@ fn widen(bits: &[u16], dst: &mut [f32]) {
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(super) fn attend_head_impl<'a>(
-    kv: HeadView<'a>,
+pub(super) fn attend_head_impl(
+    kv: HeadView<'_>,
     q: &[f32],
     q_stride: usize,
     q_off: usize,
@@ -80,21 +80,10 @@ pub(super) fn attend_head_impl<'a>(
     for o in out.iter_mut().take(t * hd) {
         *o = 0.0;
     }
-    let row = |c: &'a [u16], p: usize| -> &'a [u16] {
-        c.get(p * kv.stride + kv.off..p * kv.stride + kv.off + hd)
-            .unwrap_or(&[])
-    };
     let mut ic = 0;
     while ic < n_kv {
         let kvt = KV_TILE.min(n_kv - ic);
-        for tk in 0..kvt {
-            krow.iter_mut().for_each(|x| *x = 0.0);
-            widen(row(kv.k, ic + tk), &mut krow);
-            for (dk, &x) in krow.iter().enumerate() {
-                kt[dk * KV_TILE + tk] = x;
-            }
-            widen(row(kv.v, ic + tk), &mut vt[tk * hd..(tk + 1) * hd]);
-        }
+        load_tile(kv, ic, kvt, &mut kt, &mut krow, &mut vt);
         // queries in pairs: their score chains are independent, so the two interleave
         let mut i = 0;
         while i < t {
@@ -122,51 +111,98 @@ pub(super) fn attend_head_impl<'a>(
             let rows = if pair { 2 } else { 1 };
             for (r, mut kq) in [kq, kq2].into_iter().enumerate().take(rows) {
                 let i = i + r;
-                let p = pos0 + i;
-                let visible = (p + 1 - ic).min(kvt);
-                let mut tile_max = f32::NEG_INFINITY;
-                for (tk, a) in kq.iter_mut().enumerate() {
-                    *a = if tk < visible {
-                        *a * scale
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    tile_max = tile_max.max(*a);
-                }
-                if tile_max == f32::NEG_INFINITY {
+                let visible = (pos0 + i + 1 - ic).min(kvt);
+                let Some(o) = out.get_mut(i * hd..(i + 1) * hd) else {
                     continue;
-                }
-                let o = match out.get_mut(i * hd..(i + 1) * hd) {
-                    Some(o) => o,
-                    None => continue,
                 };
-                let mnew = m[i].max(tile_max);
-                if mnew > m[i] {
-                    let ms = (m[i] - mnew).exp();
-                    for x in o.iter_mut() {
-                        *x *= ms;
-                    }
-                    s[i] *= ms;
+                if softmax_tile(&mut kq, visible, scale, &mut m[i], &mut s[i], o) {
+                    accumulate_values(o, &vt, hd, &kq[..visible]);
                 }
-                m[i] = mnew;
-                let mut sum = 0f64;
-                for g in kq.chunks_exact_mut(16) {
-                    let mut e = [0f32; 16];
-                    for (x, y) in e.iter_mut().zip(g.iter()) {
-                        *x = ggml_v_expf(*y - mnew);
-                    }
-                    g.copy_from_slice(&e);
-                    sum += f64::from(lanes_sum(e));
-                }
-                s[i] = (f64::from(s[i]) + sum) as f32;
-                accumulate_values(o, &vt, hd, &kq[..visible]);
             }
             i += rows;
         }
         ic += KV_TILE;
     }
-    for (i, o) in out.chunks_mut(hd.max(1)).take(t).enumerate() {
-        let inv = if s[i] == 0.0 { 0.0 } else { 1.0 / s[i] };
+    normalize(out, &s, hd);
+}
+
+/// Widens tile `ic..ic + kvt` of the head's keys (transposed into `kt`, [`KV_TILE`] values per
+/// head dimension) and values (`vt`, `hd` per key); missing cache rows read as 0.
+#[inline(always)]
+pub(super) fn load_tile<'a>(
+    kv: HeadView<'a>,
+    ic: usize,
+    kvt: usize,
+    kt: &mut [f32],
+    krow: &mut [f32],
+    vt: &mut [f32],
+) {
+    let hd = kv.hd;
+    let row = |c: &'a [u16], p: usize| -> &'a [u16] {
+        c.get(p * kv.stride + kv.off..p * kv.stride + kv.off + hd)
+            .unwrap_or(&[])
+    };
+    for tk in 0..kvt {
+        krow.iter_mut().for_each(|x| *x = 0.0);
+        widen(row(kv.k, ic + tk), krow);
+        for (dk, &x) in krow.iter().enumerate() {
+            kt[dk * KV_TILE + tk] = x;
+        }
+        widen(row(kv.v, ic + tk), &mut vt[tk * hd..(tk + 1) * hd]);
+    }
+}
+
+/// One query's online-softmax step over a tile: scores scaled, keys from `visible` on masked,
+/// the running max `m` and sum `s` updated (output `o` rescaled when the max grows), and `kq`
+/// turned into the tile's probabilities. `false` when every key is masked (nothing to add).
+#[inline(always)]
+pub(super) fn softmax_tile(
+    kq: &mut [f32; KV_TILE],
+    visible: usize,
+    scale: f32,
+    m: &mut f32,
+    s: &mut f32,
+    o: &mut [f32],
+) -> bool {
+    let mut tile_max = f32::NEG_INFINITY;
+    for (tk, a) in kq.iter_mut().enumerate() {
+        *a = if tk < visible {
+            *a * scale
+        } else {
+            f32::NEG_INFINITY
+        };
+        tile_max = tile_max.max(*a);
+    }
+    if tile_max == f32::NEG_INFINITY {
+        return false;
+    }
+    let mnew = m.max(tile_max);
+    if mnew > *m {
+        let ms = (*m - mnew).exp();
+        for x in o.iter_mut() {
+            *x *= ms;
+        }
+        *s *= ms;
+    }
+    *m = mnew;
+    let mut sum = 0f64;
+    for g in kq.chunks_exact_mut(16) {
+        let mut e = [0f32; 16];
+        for (x, y) in e.iter_mut().zip(g.iter()) {
+            *x = ggml_v_expf(*y - mnew);
+        }
+        g.copy_from_slice(&e);
+        sum += f64::from(lanes_sum(e));
+    }
+    *s = (f64::from(*s) + sum) as f32;
+    true
+}
+
+/// Divides each query's output row by its softmax sum (rows whose sum is 0 become 0).
+#[inline(always)]
+pub(super) fn normalize(out: &mut [f32], s: &[f32], hd: usize) {
+    for (o, &si) in out.chunks_mut(hd.max(1)).zip(s) {
+        let inv = if si == 0.0 { 0.0 } else { 1.0 / si };
         for x in o.iter_mut() {
             *x *= inv;
         }

@@ -289,11 +289,12 @@ fn tiled_attention_matches_plain_softmax() {
     }
 }
 
-/// The attention loop as first written (one query at a time, values accumulated in memory): the
-/// reference the register-blocked version must equal bit for bit.
+/// The attention loop as first written (one query at a time, scores and values as plain fused
+/// multiply-add loops in memory), over the kernel's tile loading and online-softmax step: the
+/// reference the paired, register-blocked version must equal bit for bit.
 #[allow(clippy::too_many_arguments)]
-fn attend_head_old<'a>(
-    kv: attn::HeadView<'a>,
+fn attend_head_old(
+    kv: attn::HeadView<'_>,
     q: &[f32],
     q_stride: usize,
     q_off: usize,
@@ -302,104 +303,36 @@ fn attend_head_old<'a>(
     scale: f32,
     out: &mut [f32],
 ) {
-    let hd = kv.hd;
-    let n_kv = pos0 + t;
+    let (hd, kvn) = (kv.hd, attn::KV_TILE);
     let mut m = vec![f32::NEG_INFINITY; t];
     let mut s = vec![0f32; t];
-    let mut kt = vec![0f32; hd * attn::KV_TILE];
-    let mut krow = vec![0f32; hd];
-    let mut vt = vec![0f32; attn::KV_TILE * hd];
-    let mut qv = vec![0f32; hd];
-    for o in out.iter_mut().take(t * hd) {
-        *o = 0.0;
-    }
-    let row = |c: &'a [u16], p: usize| -> &'a [u16] {
-        c.get(p * kv.stride + kv.off..p * kv.stride + kv.off + hd)
-            .unwrap_or(&[])
-    };
-    let mut ic = 0;
-    while ic < n_kv {
-        let kvt = attn::KV_TILE.min(n_kv - ic);
-        for tk in 0..kvt {
-            krow.iter_mut().for_each(|x| *x = 0.0);
-            attn_widen(row(kv.k, ic + tk), &mut krow);
-            for (dk, &x) in krow.iter().enumerate() {
-                kt[dk * attn::KV_TILE + tk] = x;
-            }
-            attn_widen(row(kv.v, ic + tk), &mut vt[tk * hd..(tk + 1) * hd]);
-        }
-        for i in 0..t {
-            let p = pos0 + i;
-            if ic > p {
-                continue;
-            }
-            for (dk, x) in qv.iter_mut().enumerate() {
-                *x = q.get(i * q_stride + q_off + dk).copied().unwrap_or(0.0);
-            }
+    let (mut kt, mut krow, mut vt) = (vec![0f32; hd * kvn], vec![0f32; hd], vec![0f32; kvn * hd]);
+    out.iter_mut().take(t * hd).for_each(|o| *o = 0.0);
+    for ic in (0..pos0 + t).step_by(kvn) {
+        let kvt = kvn.min(pos0 + t - ic);
+        attn::load_tile(kv, ic, kvt, &mut kt, &mut krow, &mut vt);
+        for i in (ic.saturating_sub(pos0))..t {
             let mut kq = [0f32; attn::KV_TILE];
-            for (dk, &qd) in qv.iter().enumerate() {
-                let kr = &kt[dk * attn::KV_TILE..(dk + 1) * attn::KV_TILE];
-                for (a, &kk) in kq.iter_mut().zip(kr) {
+            for dk in 0..hd {
+                let qd = q.get(i * q_stride + q_off + dk).copied().unwrap_or(0.0);
+                for (a, &kk) in kq.iter_mut().zip(&kt[dk * kvn..(dk + 1) * kvn]) {
                     *a = kk.mul_add(qd, *a);
                 }
             }
-            let visible = (p + 1 - ic).min(kvt);
-            let mut tile_max = f32::NEG_INFINITY;
-            for (tk, a) in kq.iter_mut().enumerate() {
-                *a = if tk < visible {
-                    *a * scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                tile_max = tile_max.max(*a);
-            }
-            if tile_max == f32::NEG_INFINITY {
+            let visible = (pos0 + i + 1 - ic).min(kvt);
+            let Some(o) = out.get_mut(i * hd..(i + 1) * hd) else {
                 continue;
-            }
-            let o = match out.get_mut(i * hd..(i + 1) * hd) {
-                Some(o) => o,
-                None => continue,
             };
-            let mnew = m[i].max(tile_max);
-            if mnew > m[i] {
-                let ms = (m[i] - mnew).exp();
-                for x in o.iter_mut() {
-                    *x *= ms;
-                }
-                s[i] *= ms;
-            }
-            m[i] = mnew;
-            let mut sum = 0f64;
-            for g in kq.chunks_exact_mut(16) {
-                let mut e = [0f32; 16];
-                for (x, y) in e.iter_mut().zip(g.iter()) {
-                    *x = ggml_v_expf(*y - mnew);
-                }
-                g.copy_from_slice(&e);
-                sum += f64::from(lanes_sum(e));
-            }
-            s[i] = (f64::from(s[i]) + sum) as f32;
-            for (tk, &pw) in kq.iter().enumerate().take(visible) {
-                let vr = &vt[tk * hd..(tk + 1) * hd];
-                for (x, &vv) in o.iter_mut().zip(vr) {
-                    *x = vv.mul_add(pw, *x);
+            if attn::softmax_tile(&mut kq, visible, scale, &mut m[i], &mut s[i], o) {
+                for (tk, &pw) in kq.iter().enumerate().take(visible) {
+                    for (x, &vv) in o.iter_mut().zip(&vt[tk * hd..(tk + 1) * hd]) {
+                        *x = vv.mul_add(pw, *x);
+                    }
                 }
             }
         }
-        ic += attn::KV_TILE;
     }
-    for (i, o) in out.chunks_mut(hd.max(1)).take(t).enumerate() {
-        let inv = if s[i] == 0.0 { 0.0 } else { 1.0 / s[i] };
-        for x in o.iter_mut() {
-            *x *= inv;
-        }
-    }
-}
-
-fn attn_widen(bits: &[u16], dst: &mut [f32]) {
-    for (d, &b) in dst.iter_mut().zip(bits) {
-        *d = f16::from_bits(b).to_f32();
-    }
+    attn::normalize(out, &s, hd);
 }
 
 #[test]
