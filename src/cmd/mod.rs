@@ -27,11 +27,11 @@ impl std::str::FromStr for Device {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Device, String> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "cpu" => Ok(Device::Cpu),
             "auto" => Ok(Device::Auto),
             "cuda" => Ok(Device::Cuda(0)),
-            _ => s
+            l => l
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Device::Cuda)
@@ -71,6 +71,7 @@ mod tests {
         assert_eq!("auto".parse(), Ok(Device::Auto));
         assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
         assert_eq!("cuda:3".parse(), Ok(Device::Cuda(3)));
+        assert_eq!("CPU".parse(), Ok(Device::Cpu));
         assert!("gpu".parse::<Device>().is_err());
         assert!("cuda:x".parse::<Device>().is_err());
         assert!(Device::Cpu.check().is_ok() && Device::Auto.check().is_ok());
