@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -94,20 +94,9 @@ fn hex(h: Sha256) -> String {
     format!("{:x}", h.finalize())
 }
 
+/// sha256 of a whole file (the pipeline's streaming hasher, without progress).
 fn sha256_of(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(h))
+    crate::pipeline::manifest::sha256_file(path, &mut |_| {})
 }
 
 /// What is already at the --out path.
