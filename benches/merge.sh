@@ -4,6 +4,7 @@
 # all seven projections, embed_tokens + lm_head at 55,296 rows, f16, ~1.23 GB), for --out and for
 # --gguf --outtype q4_k_m, against `cat` baselines; wall and peak RSS from /usr/bin/time -f "%e %M".
 #   benches/merge.sh [7b|3b]   (default 7b; 3b = dim 3200, 26 layers, ffn 8640 when under 40 GB are free)
+#   SKIP_GGUF=1 benches/merge.sh 7b   (only the --out row and its baseline)
 # Every run starts cold: `sync` and drop_caches (root only; otherwise the page cache is whatever it is).
 # Baselines: --out against `cat BASE/*.safetensors LORA/adapter_model.safetensors > F` (reads every input,
 # writes as many bytes, more than the merged folder's ~13.9 GB); --gguf against `cat INPUTS > /dev/null`
@@ -60,11 +61,14 @@ rm -f "$OUT/cat.out"
 measure "kiln merge --out" "$KILN" merge --base "$BASE" --lora "$LORA" --out "$MERGED" -q
 out_bytes=$(cat "$MERGED"/*.safetensors | wc -c)
 rm -rf "$MERGED"
-measure "kiln merge --gguf q4_k_m" "$KILN" merge --base "$BASE" --lora "$LORA" --gguf "$GGUF" --outtype q4_k_m -q
-gguf_bytes=$(stat -c %s "$GGUF")
-rm -f "$GGUF" "$GGUF".SHA256SUMS "$OUT/SHA256SUMS"
-measure "cat > /dev/null + write GGUF size (baseline --gguf)" \
-  sh -c "cat $INPUTS > /dev/null && head -c $gguf_bytes /dev/zero > $OUT/cat.out"
+gguf_bytes=0
+if [ -z "${SKIP_GGUF:-}" ]; then
+  measure "kiln merge --gguf q4_k_m" "$KILN" merge --base "$BASE" --lora "$LORA" --gguf "$GGUF" --outtype q4_k_m -q
+  gguf_bytes=$(stat -c %s "$GGUF")
+  rm -f "$GGUF" "$GGUF".SHA256SUMS "$OUT/SHA256SUMS"
+  measure "cat > /dev/null + write GGUF size (baseline --gguf)" \
+    sh -c "cat $INPUTS > /dev/null && head -c $gguf_bytes /dev/zero > $OUT/cat.out"
+fi
 rm -f "$OUT/cat.out" "$OUT/time.txt"
 
 echo
@@ -74,7 +78,7 @@ echo
 echo "| run | wall s | peak RSS MiB | ratio to baseline | load avg (1 min) at start |"
 echo "|---|---:|---:|---:|---:|"
 base_out=$(wall_of "cat (baseline --out)")
-base_gguf=$(wall_of "cat > /dev/null + write GGUF size (baseline --gguf)")
+base_gguf=$(wall_of "cat > /dev/null + write GGUF size (baseline --gguf)" || true)
 for r in "${ROWS[@]}"; do
   IFS='|' read -r label wall rss load <<<"$r"
   case $label in

@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+mod direct;
+use direct::DirectFile;
+
 /// Arguments of `kiln merge`.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -178,16 +181,24 @@ type Staged = (Vec<String>, Vec<(String, String)>);
 /// Tensors at least this large are hashed on their own thread while being written.
 const HASH_THREAD_MIN: usize = 1 << 20;
 
+/// Where a shard's bytes go.
+enum Sink {
+    /// Appended in file order with O_DIRECT (the pass runs in the shards' file order).
+    Direct(DirectFile),
+    /// Written at their offsets in any order (the GGUF order drives the pass); the file also
+    /// reads back tensors written ahead of the hashed prefix.
+    Positioned(File),
+}
+
 /// One safetensors shard being written, hashed as its bytes are written.
 ///
 /// `hasher` has seen exactly the bytes `[0, hashed)` of the file, in order. A tensor written at
-/// `hashed` is hashed from memory; one written further on is noted in `pending` and hashed when
-/// the gap before it closes (read back from the file: only when tensors arrive out of data
-/// order, which happens when the GGUF order drives the pass). Every tensor is written once, so
-/// once `hashed == end` the hash is that of the file on disk.
+/// `hashed` is hashed from memory; one written further on (only into a `Positioned` sink) is
+/// noted in `pending` and hashed when the gap before it closes, read back from the file. Every
+/// tensor is written once, so once `hashed == end` the hash is that of the file on disk.
 struct Shard {
     file_name: String,
-    file: File,
+    sink: Sink,
     path: PathBuf,
     hasher: Sha256,
     hashed: u64,
@@ -199,20 +210,30 @@ struct Shard {
 impl Shard {
     fn write_at(&mut self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
         if off != self.hashed {
-            self.file.write_all_at(bytes, off)?;
+            let Sink::Positioned(file) = &self.sink else {
+                return Err(std::io::Error::other(format!(
+                    "bytes at {off} written before those at {}",
+                    self.hashed
+                )));
+            };
+            file.write_all_at(bytes, off)?;
             self.pending.insert(off, bytes.len() as u64);
             return Ok(());
         }
-        // hashed on a second thread while this one copies the bytes into the file: the writer
-        // side (copy + SHA-256) is otherwise one serial chain as long as the whole merge compute
+        // hashed on a second thread while this one writes the bytes: the writer side (write +
+        // SHA-256) is otherwise one serial chain as long as the whole merge compute
+        let (sink, hasher) = (&mut self.sink, &mut self.hasher);
+        let mut write = || match sink {
+            Sink::Direct(d) => d.append(bytes),
+            Sink::Positioned(f) => f.write_all_at(bytes, off),
+        };
         if bytes.len() < HASH_THREAD_MIN {
-            self.file.write_all_at(bytes, off)?;
-            self.hasher.update(bytes);
+            write()?;
+            hasher.update(bytes);
         } else {
-            let (file, hasher) = (&self.file, &mut self.hasher);
             std::thread::scope(|s| {
                 let h = s.spawn(|| hasher.update(bytes));
-                let written = file.write_all_at(bytes, off);
+                let written = write();
                 h.join()
                     .map_err(|_| std::io::Error::other("the hashing thread panicked"))?;
                 written
@@ -221,17 +242,28 @@ impl Shard {
         self.hashed += bytes.len() as u64;
         let mut buf = Vec::new();
         while let Some(len) = self.pending.remove(&self.hashed) {
+            let Sink::Positioned(file) = &self.sink else {
+                break; // nothing is pending in a Direct sink
+            };
             let mut left = len;
             while left > 0 {
                 let n = left.min(1 << 22) as usize;
                 buf.resize(n, 0);
-                self.file.read_exact_at(&mut buf, self.hashed)?;
+                file.read_exact_at(&mut buf, self.hashed)?;
                 self.hasher.update(&buf);
                 self.hashed += n as u64;
                 left -= n as u64;
             }
         }
         Ok(())
+    }
+
+    /// Completes the file (a Direct sink writes its last block) and returns its hash.
+    fn finish(&mut self) -> std::io::Result<String> {
+        if let Sink::Direct(d) = &mut self.sink {
+            d.finish()?;
+        }
+        Ok(hex(std::mem::take(&mut self.hasher)))
     }
 }
 
@@ -252,7 +284,15 @@ struct HfOut {
 }
 
 impl HfOut {
-    fn create(out: &Path, state: OutState, plan: &Plan, max_shard: u64) -> Result<HfOut> {
+    /// `in_order`: tensors will be written in the shards' file order (`order`), so the shards
+    /// are appended to with O_DIRECT.
+    fn create(
+        out: &Path,
+        state: OutState,
+        plan: &Plan,
+        max_shard: u64,
+        in_order: bool,
+    ) -> Result<HfOut> {
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -305,24 +345,30 @@ impl HfOut {
             file_order.extend(order.iter().map(|&k| g[k]));
             let (header, offsets) = merge::safetensors_header(&ordered)?;
             let path = staging.path().join(&file_name);
-            // read too: tensors written out of order are read back to be hashed
-            let mut file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            file.write_all(&header)
-                .with_context(|| format!("writing {}", path.display()))?;
-            let mut hasher = Sha256::new();
-            hasher.update(&header);
             let end = offsets.last().copied().unwrap_or(header.len() as u64)
                 + ordered
                     .last()
                     .map(|(_, d, s)| s.iter().product::<usize>() as u64 * d.size() as u64)
                     .unwrap_or(0);
-            file.set_len(end)
-                .with_context(|| format!("writing {}", path.display()))?;
+            let created = |e| anyhow!("creating {}: {e}", path.display());
+            let sink = if in_order {
+                let mut d = DirectFile::create_new(&path).map_err(created)?;
+                d.append(&header).map_err(created)?;
+                Sink::Direct(d)
+            } else {
+                // read too: tensors written out of order are read back to be hashed
+                let mut file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(created)?;
+                file.write_all(&header).map_err(created)?;
+                file.set_len(end).map_err(created)?;
+                Sink::Positioned(file)
+            };
+            let mut hasher = Sha256::new();
+            hasher.update(&header);
             for ((name, dt, shape), off) in ordered.iter().zip(offsets) {
                 let len = shape.iter().product::<usize>() as u64 * dt.size() as u64;
                 loc.insert(name.to_string(), (si, off, len));
@@ -330,7 +376,7 @@ impl HfOut {
             }
             shards.push(Shard {
                 file_name,
-                file,
+                sink,
                 path,
                 hashed: header.len() as u64,
                 hasher,
@@ -394,7 +440,9 @@ impl HfOut {
                     sh.end
                 );
             }
-            let h = hex(std::mem::take(&mut sh.hasher));
+            let h = sh
+                .finish()
+                .with_context(|| format!("writing {}", sh.path.display()))?;
             self.sums.insert(sh.file_name.clone(), h);
         }
         let mut names: Vec<String> = self.shards.iter().map(|s| s.file_name.clone()).collect();
@@ -704,7 +752,7 @@ pub fn run(a: Args) -> Result<Outcome> {
 
     // Outputs.
     let hf = match (&a.out, out_state) {
-        (Some(o), Some(st)) => Some(HfOut::create(o, st, &plan, max_shard)?),
+        (Some(o), Some(st)) => Some(HfOut::create(o, st, &plan, max_shard, a.gguf.is_none())?),
         _ => None,
     };
     let mut jobs_quant = None;
@@ -917,7 +965,7 @@ mod tests {
         h.update(&data[..8]);
         let mut sh = Shard {
             file_name: "s".into(),
-            file,
+            sink: Sink::Positioned(file),
             path: path.clone(),
             hasher: h,
             hashed: 8,
@@ -931,6 +979,40 @@ mod tests {
         assert_eq!(sh.hashed, sh.end);
         assert!(sh.pending.is_empty());
         assert_eq!(std::fs::read(&path).unwrap(), data);
-        assert_eq!(hex(sh.hasher), sha256_of(&path).unwrap());
+        assert_eq!(sh.finish().unwrap(), sha256_of(&path).unwrap());
+    }
+
+    #[test]
+    fn direct_shard_takes_tensors_in_file_order_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // pieces of both sides of the threaded-hash threshold
+        let data: Vec<u8> = (0..3 * HASH_THREAD_MIN as u32 + 77)
+            .map(|i| (i * 13 % 253) as u8)
+            .collect();
+        let cuts = [8usize, 100, HASH_THREAD_MIN + 3, data.len()];
+        let path = dir.path().join("s");
+        let mut d = DirectFile::create_new(&path).unwrap();
+        d.append(&data[..8]).unwrap();
+        let mut h = Sha256::new();
+        h.update(&data[..8]);
+        let mut sh = Shard {
+            file_name: "s".into(),
+            sink: Sink::Direct(d),
+            path: path.clone(),
+            hasher: h,
+            hashed: 8,
+            end: data.len() as u64,
+            pending: BTreeMap::new(),
+        };
+        assert!(sh
+            .write_at(cuts[1] as u64, &data[cuts[1]..cuts[2]])
+            .is_err());
+        for w in cuts.windows(2) {
+            sh.write_at(w[0] as u64, &data[w[0]..w[1]]).unwrap();
+        }
+        assert_eq!(sh.hashed, sh.end);
+        let hash = sh.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        assert_eq!(hash, sha256_of(&path).unwrap());
     }
 }
