@@ -1114,6 +1114,39 @@ pub fn materialize_into<'a>(
     Ok(Cow::Owned(out))
 }
 
+/// Reads a tensor's inputs (its source and LoRA factors) into memory ahead of its computation:
+/// one byte per page through the maps, so that the kernel's readahead streams the next tensor
+/// from disk while the current one is computed and written, instead of the compute threads
+/// stalling on page faults. Unknown names are skipped (materialize_into reports them).
+pub fn prefetch(t: &Planned, base: &Checkpoint, adapters: &[Adapter]) {
+    let touch = |bytes: &[u8]| {
+        std::hint::black_box(bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b));
+    };
+    let source = match &t.source {
+        Source::Base(n) => base.data(n),
+        Source::Adapter(i, n) => match adapters.get(*i) {
+            Some(a) => a.ckpt.data(n),
+            None => return,
+        },
+    };
+    if let Ok(d) = source {
+        touch(d.bytes);
+    }
+    for d in &t.deltas {
+        let Some(m) = adapters
+            .get(d.adapter)
+            .and_then(|a| a.modules.get(d.module).map(|m| (a, m)))
+        else {
+            continue;
+        };
+        for name in [&m.1.a, &m.1.b] {
+            if let Ok(f) = m.0.ckpt.data(name) {
+                touch(f.bytes);
+            }
+        }
+    }
+}
+
 /// Releases the pages of a tensor's inputs once it is written.
 pub fn release(t: &Planned, base: &Checkpoint, adapters: &[Adapter]) {
     match &t.source {

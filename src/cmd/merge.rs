@@ -810,12 +810,21 @@ pub fn run(a: Args) -> Result<Outcome> {
         let writer =
             s.spawn(move || write_items(rx, recycle_tx, hf, gg, plan_r, base_r, adapters_r, pb_r));
         let mut spare: Vec<u8> = Vec::new();
-        let produced = (|| -> Result<()> {
+        let produced = std::thread::scope(|ps| -> Result<()> {
+            // the next tensor's inputs are read from disk while this one is computed
+            let mut ahead: Option<std::thread::ScopedJoinHandle<'_, ()>> = None;
             for (k, &ti) in order.iter().enumerate() {
                 let t = plan
                     .tensors
                     .get(ti)
                     .ok_or_else(|| anyhow!("tensor {ti} missing from the plan"))?;
+                if let Some(h) = ahead.take() {
+                    h.join()
+                        .map_err(|_| anyhow!("the prefetch thread panicked"))?;
+                }
+                if let Some(next) = order.get(k + 1).and_then(|&i| plan.tensors.get(i)) {
+                    ahead = Some(ps.spawn(move || merge::prefetch(next, base_r, adapters_r)));
+                }
                 pb.set_message(t.name.clone());
                 if spare.capacity() == 0 {
                     spare = recycle_rx.try_recv().unwrap_or_default();
@@ -864,7 +873,7 @@ pub fn run(a: Args) -> Result<Outcome> {
                 }
             }
             Ok(())
-        })();
+        });
         drop(tx);
         let written = writer
             .join()
