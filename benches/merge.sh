@@ -72,8 +72,10 @@ fi
 rm -f "$OUT/cat.out" "$OUT/time.txt"
 
 echo
-echo "$PRESET shape; inputs $((in_bytes / 1000000)) MB; --out safetensors $((out_bytes / 1000000)) MB;" \
-  "q4_k_m GGUF $((gguf_bytes / 1000000)) MB; $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM"
+gguf_note=""
+[ "$gguf_bytes" -gt 0 ] && gguf_note=" q4_k_m GGUF $((gguf_bytes / 1000000)) MB;"
+echo "$PRESET shape; inputs $((in_bytes / 1000000)) MB; --out safetensors $((out_bytes / 1000000)) MB;$gguf_note" \
+  "$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM"
 echo
 echo "| run | wall s | peak RSS MiB | ratio to baseline | load avg (1 min) at start |"
 echo "|---|---:|---:|---:|---:|"
