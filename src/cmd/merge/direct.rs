@@ -13,6 +13,8 @@ use std::path::Path;
 const ALIGN: usize = 4096;
 /// Bytes staged per write.
 const CHUNK: usize = 8 << 20;
+/// EINVAL: what Linux returns for O_DIRECT where the file system does not support it.
+const INVAL: i32 = rustix::io::Errno::INVAL.raw_os_error();
 
 /// A new file written front to back.
 pub struct DirectFile {
@@ -41,7 +43,7 @@ impl DirectFile {
         let file = match open(direct) {
             Ok(f) => f,
             // no O_DIRECT on this file system (the file was not created)
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => open(0)?,
+            Err(e) if e.raw_os_error() == Some(INVAL) => open(0)?,
             Err(e) => return Err(e),
         };
         let buf = vec![0u8; CHUNK + ALIGN];
@@ -78,11 +80,28 @@ impl DirectFile {
 
     /// Writes the staged bytes rounded up to `len` (a multiple of ALIGN) at `pos`.
     fn flush_staged(&mut self, len: usize) -> io::Result<()> {
-        self.file
-            .write_all_at(&self.buf[self.start..self.start + len], self.pos)?;
+        let bytes = &self.buf[self.start..self.start + len];
+        match self.file.write_all_at(bytes, self.pos) {
+            // a file system that accepted O_DIRECT at open but refuses direct writes (some
+            // network and FUSE file systems): buffered writes from here on, this block again
+            Err(e) if e.raw_os_error() == Some(INVAL) && self.stop_direct()? => {
+                self.file.write_all_at(bytes, self.pos)?
+            }
+            r => r?,
+        }
         self.pos += len as u64;
         self.fill = 0;
         Ok(())
+    }
+
+    /// Clears O_DIRECT on the open file; false when it was not set.
+    fn stop_direct(&self) -> io::Result<bool> {
+        let flags = rustix::fs::fcntl_getfl(&self.file)?;
+        if !flags.contains(rustix::fs::OFlags::DIRECT) {
+            return Ok(false);
+        }
+        rustix::fs::fcntl_setfl(&self.file, flags - rustix::fs::OFlags::DIRECT)?;
+        Ok(true)
     }
 
     /// Writes what is staged and cuts the file to the bytes appended (nothing may be appended
@@ -128,6 +147,20 @@ mod tests {
             drop(f);
             assert_eq!(std::fs::read(&p).unwrap(), data);
         }
+        // after a switch to buffered writes (as on EINVAL) the file is the same
+        let p = dir.path().join("switched");
+        let mut f = DirectFile::create_new(&p).unwrap();
+        f.append(&data[..CHUNK + 3]).unwrap();
+        let was_direct = f.stop_direct().unwrap();
+        assert!(!f.stop_direct().unwrap(), "cleared once");
+        f.append(&data[CHUNK + 3..]).unwrap();
+        f.finish().unwrap();
+        drop(f);
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            data,
+            "direct at first: {was_direct}"
+        );
         let p = dir.path().join("empty");
         DirectFile::create_new(&p).unwrap().finish().unwrap();
         assert_eq!(std::fs::read(&p).unwrap().len(), 0);
