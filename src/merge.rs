@@ -313,6 +313,26 @@ pub enum Source {
     Adapter(usize, String),
 }
 
+impl Source {
+    /// The checkpoint holding the tensor, and its name there.
+    pub fn locate<'c>(
+        &self,
+        base: &'c Checkpoint,
+        adapters: &'c [Adapter],
+    ) -> Result<(&'c Checkpoint, &str)> {
+        Ok(match self {
+            Source::Base(n) => (base, n.as_str()),
+            Source::Adapter(i, n) => (
+                &adapters
+                    .get(*i)
+                    .ok_or_else(|| anyhow!("adapter {i} missing"))?
+                    .ckpt,
+                n.as_str(),
+            ),
+        })
+    }
+}
+
 /// One LoRA delta to add to a tensor.
 #[derive(Clone, Debug)]
 pub struct Delta {
@@ -943,14 +963,8 @@ pub fn materialize_into<'a>(
     adapters: &'a [Adapter],
     spare: Vec<u8>,
 ) -> Result<Cow<'a, [u8]>> {
-    let data = match &t.source {
-        Source::Base(n) => base.data(n)?,
-        Source::Adapter(i, n) => adapters
-            .get(*i)
-            .ok_or_else(|| anyhow!("adapter {i} missing"))?
-            .ckpt
-            .data(n)?,
-    };
+    let (ckpt, name) = t.source.locate(base, adapters)?;
+    let data = ckpt.data(name)?;
     let cols: usize = t.shape.iter().skip(1).product::<usize>().max(1);
     let cols = if t.shape.len() <= 1 {
         t.shape.first().copied().unwrap_or(1)
@@ -1122,15 +1136,10 @@ pub fn prefetch(t: &Planned, base: &Checkpoint, adapters: &[Adapter]) {
     let touch = |bytes: &[u8]| {
         std::hint::black_box(bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b));
     };
-    let source = match &t.source {
-        Source::Base(n) => base.data(n),
-        Source::Adapter(i, n) => match adapters.get(*i) {
-            Some(a) => a.ckpt.data(n),
-            None => return,
-        },
-    };
-    if let Ok(d) = source {
-        touch(d.bytes);
+    if let Ok((ckpt, name)) = t.source.locate(base, adapters) {
+        if let Ok(d) = ckpt.data(name) {
+            touch(d.bytes);
+        }
     }
     for d in &t.deltas {
         let Some(m) = adapters
@@ -1149,13 +1158,8 @@ pub fn prefetch(t: &Planned, base: &Checkpoint, adapters: &[Adapter]) {
 
 /// Releases the pages of a tensor's inputs once it is written.
 pub fn release(t: &Planned, base: &Checkpoint, adapters: &[Adapter]) {
-    match &t.source {
-        Source::Base(n) => base.release(n),
-        Source::Adapter(i, n) => {
-            if let Some(a) = adapters.get(*i) {
-                a.ckpt.release(n);
-            }
-        }
+    if let Ok((ckpt, name)) = t.source.locate(base, adapters) {
+        ckpt.release(name);
     }
 }
 
