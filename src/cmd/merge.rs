@@ -208,6 +208,21 @@ struct Shard {
 }
 
 impl Shard {
+    /// A shard whose `header` (its first bytes) is already in `sink`, `end` bytes long when done.
+    fn new(file_name: String, path: PathBuf, sink: Sink, header: &[u8], end: u64) -> Shard {
+        let mut hasher = Sha256::new();
+        hasher.update(header);
+        Shard {
+            file_name,
+            sink,
+            path,
+            hasher,
+            hashed: header.len() as u64,
+            end,
+            pending: BTreeMap::new(),
+        }
+    }
+
     fn write_at(&mut self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
         if off != self.hashed {
             let Sink::Positioned(file) = &self.sink else {
@@ -367,22 +382,12 @@ impl HfOut {
                 file.set_len(end).map_err(created)?;
                 Sink::Positioned(file)
             };
-            let mut hasher = Sha256::new();
-            hasher.update(&header);
             for ((name, dt, shape), off) in ordered.iter().zip(offsets) {
                 let len = shape.iter().product::<usize>() as u64 * dt.size() as u64;
                 loc.insert(name.to_string(), (si, off, len));
                 weight_map.insert(name.to_string(), file_name.clone());
             }
-            shards.push(Shard {
-                file_name,
-                sink,
-                path,
-                hashed: header.len() as u64,
-                hasher,
-                end,
-                pending: BTreeMap::new(),
-            });
+            shards.push(Shard::new(file_name, path, sink, &header, end));
         }
         Ok(HfOut {
             out: out.to_path_buf(),
@@ -970,17 +975,13 @@ mod tests {
             .open(&path)
             .unwrap();
         file.write_all_at(&data[..8], 0).unwrap();
-        let mut h = Sha256::new();
-        h.update(&data[..8]);
-        let mut sh = Shard {
-            file_name: "s".into(),
-            sink: Sink::Positioned(file),
-            path: path.clone(),
-            hasher: h,
-            hashed: 8,
-            end: 40_000,
-            pending: BTreeMap::new(),
-        };
+        let mut sh = Shard::new(
+            "s".into(),
+            path.clone(),
+            Sink::Positioned(file),
+            &data[..8],
+            40_000,
+        );
         for &i in &order {
             sh.write_at(cuts[i] as u64, &data[cuts[i]..cuts[i + 1]])
                 .unwrap();
@@ -1002,17 +1003,13 @@ mod tests {
         let path = dir.path().join("s");
         let mut d = DirectFile::create_new(&path).unwrap();
         d.append(&data[..8]).unwrap();
-        let mut h = Sha256::new();
-        h.update(&data[..8]);
-        let mut sh = Shard {
-            file_name: "s".into(),
-            sink: Sink::Direct(d),
-            path: path.clone(),
-            hasher: h,
-            hashed: 8,
-            end: data.len() as u64,
-            pending: BTreeMap::new(),
-        };
+        let mut sh = Shard::new(
+            "s".into(),
+            path.clone(),
+            Sink::Direct(d),
+            &data[..8],
+            data.len() as u64,
+        );
         assert!(sh
             .write_at(cuts[1] as u64, &data[cuts[1]..cuts[2]])
             .is_err());
