@@ -10,8 +10,8 @@ use kiln_formats::gguf::{GgufFile, TensorInfo};
 use kiln_quant::dot::attn::{attend_head, HeadView};
 use kiln_quant::dot::repack;
 use kiln_quant::dot::{
-    act_format, act_row_bytes, check_row, dot_many_fn, gemm_f16, quantize_act, ActFormat,
-    DotManyFn, TILED_MIN_ROWS,
+    act_format, act_row_bytes, check_row, dot_many_fn, gemm_f16_fast, gemm_f16_par, quantize_act,
+    ActFormat, DotManyFn, TILED_MIN_ROWS,
 };
 use kiln_quant::{GgmlType, Isa};
 use rayon::prelude::*;
@@ -288,7 +288,11 @@ impl Backend for CpuBackend {
             return packed_matmul(w.ty, p, k, n, &qa, rb, t);
         }
         let mut data = vec![0f32; n * t];
-        if t >= TOKEN_TILE {
+        if w.ty == GgmlType::F16 && t >= TOKEN_TILE && gemm_f16_fast() {
+            // packed, cache-blocked kernel: tiles of tokens times chunks of rows in parallel,
+            // outputs written in place
+            gemm_f16_par(wb, w.row_bytes, &qa, rb, t, &mut data, n, TOKEN_TILE);
+        } else if t >= TOKEN_TILE {
             // prompt: tiles of tokens in parallel; each weight row is decoded once per tile and
             // multiplied against all of its activation rows, outputs written in place
             data.par_chunks_mut(TOKEN_TILE * n)
@@ -298,10 +302,6 @@ impl Backend for CpuBackend {
                     let acts = qa
                         .get(gi * TOKEN_TILE * rb..(gi * TOKEN_TILE + nt) * rb)
                         .unwrap_or(&[]);
-                    if w.ty == GgmlType::F16 {
-                        // packed, cache-blocked kernel writing the outputs in place
-                        return gemm_f16(wb, w.row_bytes, acts, rb, nt, o, n);
-                    }
                     let mut tmp = [0f32; ROW_TILE * TOKEN_TILE];
                     for r0 in (0..n).step_by(ROW_TILE) {
                         let nr = ROW_TILE.min(n - r0);

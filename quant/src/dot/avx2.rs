@@ -1093,8 +1093,9 @@ unsafe fn reduce16(p: *const f32) -> __m512 {
 ///
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VL, AVX2, FMA and F16C; `w` is whole rows of `row_bytes` (even),
-/// `toks` activation rows of `row_bytes * 2` bytes lie `stride` apart in `a`, and `out` holds
-/// `(toks - 1) * ldo + rows` values with `ldo >= rows`.
+/// `toks` activation rows of `row_bytes * 2` bytes lie `stride` apart in `a`, and `out` is valid for
+/// writes of `(toks - 1) * ldo + rows` floats (of which only `out[j * ldo + r]`, `r < rows`, are
+/// written; nothing else may access those during the call) with `ldo >= rows`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn f16_gemm_512(
@@ -1103,7 +1104,7 @@ unsafe fn f16_gemm_512(
     a: &[u8],
     stride: usize,
     toks: usize,
-    out: &mut [f32],
+    out: *mut f32,
     ldo: usize,
 ) {
     let rows = w.len() / row_bytes;
@@ -1239,7 +1240,8 @@ unsafe fn f16_gemm_512(
                     *t += super::rd_f16(wr, 2 * e) * super::rd_f32(arow, 4 * e);
                 }
             }
-            let orow = &mut out[j * ldo + r0..][..nr];
+            // SAFETY: token j's outputs r0..r0 + nr are valid for writes (caller's contract).
+            let orow = unsafe { std::slice::from_raw_parts_mut(out.add(j * ldo + r0), nr) };
             if steps == 0 {
                 for (o, t) in orow.iter_mut().zip(tail) {
                     *o = lanes_sum([0f32; 16]) + t;
@@ -1264,16 +1266,16 @@ pub(super) fn f16_gemm_available() -> bool {
     avx512_available()
 }
 
-/// [`super::gemm_f16`] with AVX-512; `None` when the CPU lacks it or a length does not fit.
-pub(super) fn f16_gemm(
+/// Checks the lengths of an F16 gemm call (see [`super::gemm_f16`]); returns the weight rows.
+fn f16_gemm_fits(
     w: &[u8],
     row_bytes: usize,
     a: &[u8],
     stride: usize,
     toks: usize,
-    out: &mut [f32],
+    out_len: usize,
     ldo: usize,
-) -> Option<()> {
+) -> Option<usize> {
     if !f16_gemm_available() || toks == 0 || row_bytes == 0 || !row_bytes.is_multiple_of(2) {
         return None;
     }
@@ -1288,12 +1290,28 @@ pub(super) fn f16_gemm(
     if (toks - 1).checked_mul(stride)?.checked_add(need)? > a.len() {
         return None;
     }
-    if (toks - 1).checked_mul(ldo)?.checked_add(rows)? > out.len() {
+    if (toks - 1).checked_mul(ldo)?.checked_add(rows)? > out_len {
         return None;
     }
     toks.checked_mul(GEMM_RB * 16 * 4)?;
-    // tokens per pass: their packed activations (streamed once per block of weight rows) stay
-    // within about 1 MiB, i.e. in L2
+    Some(rows)
+}
+
+/// Runs [`f16_gemm_512`] in passes of tokens whose packed activations (streamed once per block
+/// of weight rows) stay within about 1 MiB, i.e. in L2.
+///
+/// # Safety
+/// The lengths passed [`f16_gemm_fits`] for an `out` of which `out` points at element 0; the
+/// outputs of these rows and tokens are written by nobody else during the call.
+unsafe fn f16_gemm_passes(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
     let sub = ((GEMM_PA_BYTES / (2 * row_bytes)) / GEMM_RN * GEMM_RN).max(GEMM_RN);
     // passes of (nearly) equal size: a short last pass would convert every weight for a few tokens
     let passes = toks.div_ceil(sub);
@@ -1301,8 +1319,8 @@ pub(super) fn f16_gemm(
     let mut t0 = 0;
     while t0 < toks {
         let tn = sub.min(toks - t0);
-        // SAFETY: the CPU has the features; tokens t0..t0+tn lie in `a` and their outputs in
-        // `out`, as validated above for all `toks`.
+        // SAFETY: the CPU has the features; tokens t0..t0+tn lie in `a` and their outputs at
+        // `out`, as the caller guarantees for all `toks`.
         unsafe {
             f16_gemm_512(
                 w,
@@ -1310,12 +1328,87 @@ pub(super) fn f16_gemm(
                 &a[t0 * stride..],
                 stride,
                 tn,
-                &mut out[t0 * ldo..],
+                out.add(t0 * ldo),
                 ldo,
             )
         };
         t0 += tn;
     }
+}
+
+/// [`super::gemm_f16`] with AVX-512; `None` when the CPU lacks it or a length does not fit.
+pub(super) fn f16_gemm(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    out: &mut [f32],
+    ldo: usize,
+) -> Option<()> {
+    f16_gemm_fits(w, row_bytes, a, stride, toks, out.len(), ldo)?;
+    // SAFETY: the lengths fit and `out` is borrowed mutably for the call.
+    unsafe { f16_gemm_passes(w, row_bytes, a, stride, toks, out.as_mut_ptr(), ldo) };
+    Some(())
+}
+
+/// The output matrix shared by the tasks of [`f16_gemm_par`], each writing only its own rows of
+/// its own tokens.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint elements, and `f16_gemm_par` borrows `out` mutably until all of
+// them have finished.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// [`super::gemm_f16_par`] with AVX-512: tiles of `tile` tokens times chunks of weight rows, as
+/// parallel tasks (enough of them for every thread to take several, so that a thread slowed down
+/// by other load does not hold up the rest); `None` when the CPU lacks it or a length does not fit.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn f16_gemm_par(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    out: &mut [f32],
+    ldo: usize,
+    tile: usize,
+) -> Option<()> {
+    use rayon::prelude::*;
+    let rows = f16_gemm_fits(w, row_bytes, a, stride, toks, out.len(), ldo)?;
+    let tile = tile.max(1);
+    let tiles = toks.div_ceil(tile);
+    let want = 4 * rayon::current_num_threads();
+    let chunks = want.div_ceil(tiles).min(rows.div_ceil(4 * GEMM_RB)).max(1);
+    let chunk = rows.div_ceil(chunks).div_ceil(GEMM_RB) * GEMM_RB;
+    let chunks = rows.div_ceil(chunk);
+    let o = SharedOut(out.as_mut_ptr());
+    (0..tiles * chunks).into_par_iter().for_each(|i| {
+        let (t0, r0) = (i / chunks * tile, i % chunks * chunk);
+        let (tn, rn) = (tile.min(toks - t0), chunk.min(rows - r0));
+        // SAFETY: rows r0..r0+rn and tokens t0..t0+tn lie within what `f16_gemm_fits` validated;
+        // task i alone writes outputs (t0.., r0..), and `out` stays borrowed until all tasks end.
+        unsafe {
+            f16_gemm_passes(
+                &w[r0 * row_bytes..(r0 + rn) * row_bytes],
+                row_bytes,
+                &a[t0 * stride..],
+                stride,
+                tn,
+                o.ptr().add(t0 * ldo + r0),
+                ldo,
+            )
+        }
+    });
     Some(())
 }
 

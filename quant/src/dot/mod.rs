@@ -425,6 +425,51 @@ pub fn gemm_f16(
     gemm_f16_scalar(w, row_bytes, a, stride, toks, out, ldo)
 }
 
+/// Whether [`gemm_f16`] and [`gemm_f16_par`] have a vector kernel on this CPU (otherwise they run
+/// the scalar reference, and the tiled dot kernels of [`dot_many_fn`] are faster).
+pub fn gemm_f16_fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::current() == Isa::Avx512 {
+        return avx2::f16_gemm_available();
+    }
+    false
+}
+
+/// [`gemm_f16`] spread over rayon's threads: tiles of `tile` tokens (each weight is converted once
+/// per tile) times chunks of weight rows, as many tasks as keep every thread busy. Same results.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f16_par(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    out: &mut [f32],
+    ldo: usize,
+    tile: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::current() == Isa::Avx512
+        && avx2::f16_gemm_par(w, row_bytes, a, stride, toks, out, ldo, tile).is_some()
+    {
+        return;
+    }
+    use rayon::prelude::*;
+    if ldo == 0 {
+        return;
+    }
+    let tile = tile.max(1);
+    out.par_chunks_mut(tile * ldo)
+        .take(toks.div_ceil(tile))
+        .enumerate()
+        .for_each(|(i, o)| {
+            let t0 = i * tile;
+            let tn = tile.min(toks - t0);
+            let a = a.get(t0.saturating_mul(stride)..).unwrap_or(&[]);
+            gemm_f16_scalar(w, row_bytes, a, stride, tn, o, ldo)
+        });
+}
+
 /// The scalar reference of [`gemm_f16`]: one [`dot_f16_f16`] per output.
 pub fn gemm_f16_scalar(
     w: &[u8],

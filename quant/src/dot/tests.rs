@@ -602,6 +602,19 @@ fn gemm_matches_scalar(k: usize, rows: usize, toks: usize, pad: usize, ldo_pad: 
         assert!(avx2::f16_gemm(&wb, 2 * k, &ab, stride, toks, &mut fast, ldo).is_some());
     }
     gemm_f16_scalar(&wb, 2 * k, &ab, stride, toks, &mut slow, ldo);
+    // the parallel version, with tiles of tokens that do and do not divide `toks`
+    for tile in [1, 7, 128] {
+        let mut par = vec![f32::NAN; ldo * toks];
+        gemm_f16_par(&wb, 2 * k, &ab, stride, toks, &mut par, ldo, tile);
+        let same = par
+            .iter()
+            .zip(&slow)
+            .all(|(p, s)| p.to_bits() == s.to_bits());
+        assert!(
+            same,
+            "gemm_f16_par k {k} rows {rows} toks {toks} tile {tile}"
+        );
+    }
     for j in 0..toks {
         for r in 0..ldo {
             let (f, s) = (fast[j * ldo + r], slow[j * ldo + r]);
@@ -628,6 +641,9 @@ fn gemm_f16_equals_scalar_on_model_shapes() {
     gemm_f16(&[0; 10], 4, &[0; 12], 8, 3, &mut o, 2);
     gemm_f16(&[], 0, &[], 0, 0, &mut [], 0);
     gemm_f16(&[0; 64], 64, &[0; 8], 128, 5, &mut o, 1);
+    gemm_f16_par(&[0; 10], 4, &[0; 12], 8, 3, &mut o, 2, 2);
+    gemm_f16_par(&[], 0, &[], 0, 0, &mut [], 0, 0);
+    gemm_f16_par(&[0; 64], 64, &[0; 8], 128, 5, &mut o, 1, 128);
 }
 
 proptest! {
