@@ -662,7 +662,8 @@ proptest! {
 }
 
 /// Timing of the F16 prompt kernels (`cargo test --release -p kiln-quant -- --ignored f16_speed
-/// --nocapture`): the tiled dot kernel against [`gemm_f16`], best of many short runs.
+/// --nocapture`): the tiled dot kernel against [`gemm_f16`] (one thread) and [`gemm_f16_par`] (all
+/// of rayon's threads), best of many short runs. `GEMM_K`, `GEMM_ROWS`, `GEMM_TOKS` set the shape.
 #[test]
 #[ignore]
 fn f16_speed() {
@@ -670,6 +671,8 @@ fn f16_speed() {
         Ok(v) => (v.parse().unwrap(), 512, 128),
         Err(_) => (2048, 256, 128),
     };
+    let env = |n: &str, d: usize| std::env::var(n).map_or(d, |v| v.parse().unwrap());
+    let (rows, toks) = (env("GEMM_ROWS", rows), env("GEMM_TOKS", toks));
     let mut wb = vec![0u8; 2 * k * rows];
     for (o, v) in wb.chunks_exact_mut(2).zip(signal(k * rows, 3)) {
         o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
@@ -696,13 +699,9 @@ fn f16_speed() {
     let t_many = best(&mut || {
         let mut tmp = vec![0f32; 16 * toks];
         for r0 in (0..rows).step_by(16) {
-            many(
-                &wb[r0 * 2 * k..(r0 + 16) * 2 * k],
-                2 * k,
-                &ab,
-                4 * k,
-                &mut tmp,
-            );
+            let r1 = rows.min(r0 + 16);
+            let tmp = &mut tmp[..(r1 - r0) * toks];
+            many(&wb[r0 * 2 * k..r1 * 2 * k], 2 * k, &ab, 4 * k, tmp);
             for (i, tr) in tmp.chunks_exact(toks).enumerate() {
                 for (j, &v) in tr.iter().enumerate() {
                     out[j * rows + r0 + i] = v;
@@ -712,6 +711,12 @@ fn f16_speed() {
     });
     let mut out2 = vec![0f32; rows * toks];
     let t_gemm = best(&mut || gemm_f16(&wb, 2 * k, &ab, 4 * k, toks, &mut out2, rows));
+    let t_par = best(&mut || gemm_f16_par(&wb, 2 * k, &ab, 4 * k, toks, &mut out2, rows, 128));
+    println!(
+        "par ({} threads): {:.1} GFLOP/s",
+        rayon::current_num_threads(),
+        flops / t_par / 1e9
+    );
     assert_eq!(out, out2);
     println!(
         "many: {:.2} ms {:.1} GFLOP/s; gemm: {:.2} ms {:.1} GFLOP/s",
