@@ -417,9 +417,7 @@ pub fn gemm_f16(
     ldo: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::current() == Isa::Avx512
-        && avx2::f16_gemm(w, row_bytes, a, stride, toks, out, ldo).is_some()
-    {
+    if gemm_f16_fast() && avx2::f16_gemm(w, row_bytes, a, stride, toks, out, ldo).is_some() {
         return;
     }
     gemm_f16_scalar(w, row_bytes, a, stride, toks, out, ldo)
@@ -437,6 +435,8 @@ pub fn gemm_f16_fast() -> bool {
 
 /// [`gemm_f16`] spread over rayon's threads: tiles of `tile` tokens (each weight is converted once
 /// per tile) times chunks of weight rows, as many tasks as keep every thread busy. Same results.
+/// Without the vector kernel ([`gemm_f16_fast`] false) it is the scalar reference on this thread;
+/// callers then do better with the tiled dot kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_f16_par(
     w: &[u8],
@@ -449,25 +449,12 @@ pub fn gemm_f16_par(
     tile: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::current() == Isa::Avx512
+    if gemm_f16_fast()
         && avx2::f16_gemm_par(w, row_bytes, a, stride, toks, out, ldo, tile).is_some()
     {
         return;
     }
-    use rayon::prelude::*;
-    if ldo == 0 {
-        return;
-    }
-    let tile = tile.max(1);
-    out.par_chunks_mut(tile * ldo)
-        .take(toks.div_ceil(tile))
-        .enumerate()
-        .for_each(|(i, o)| {
-            let t0 = i * tile;
-            let tn = tile.min(toks - t0);
-            let a = a.get(t0.saturating_mul(stride)..).unwrap_or(&[]);
-            gemm_f16_scalar(w, row_bytes, a, stride, tn, o, ldo)
-        });
+    gemm_f16_scalar(w, row_bytes, a, stride, toks, out, ldo)
 }
 
 /// The scalar reference of [`gemm_f16`]: one [`dot_f16_f16`] per output.
