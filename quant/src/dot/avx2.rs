@@ -1086,52 +1086,16 @@ unsafe fn reduce16(p: *const f32) -> __m512 {
     }
 }
 
-/// `out[j * ldo + r] = dot_f16_f16(w_r, a_j)` for every weight row `r` and token `j < toks`:
-/// weights converted to f32 once per block of [`GEMM_RB`] rows, `GEMM_RM × GEMM_RN` register tiles
-/// over K blocks of [`GEMM_KC`], the 16-lane accumulators kept in memory between K blocks (exact),
-/// then reduced pairwise with the scalar tail added as the scalar kernel does.
+/// Packs the first `kf` (a multiple of 16) activations of `toks` tokens (`stride` bytes apart in
+/// `a`, f32) into `pa` in the order [`f16_gemm_512`] reads them: K blocks of [`GEMM_KC`], in each
+/// groups of [`GEMM_RN`] tokens, in each 16-element steps of every token of the group.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F/BW/VL, AVX2, FMA and F16C; `w` is whole rows of `row_bytes` (even),
-/// `toks` activation rows of `row_bytes * 2` bytes lie `stride` apart in `a`, and `out` is valid for
-/// writes of `(toks - 1) * ldo + rows` floats (of which only `out[j * ldo + r]`, `r < rows`, are
-/// written; nothing else may access those during the call) with `ldo >= rows`.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn f16_gemm_512(
-    w: &[u8],
-    row_bytes: usize,
-    a: &[u8],
-    stride: usize,
-    toks: usize,
-    out: *mut f32,
-    ldo: usize,
-) {
-    let rows = w.len() / row_bytes;
-    let k = row_bytes / 2;
-    let steps = k / 16;
-    let kf = steps * 16;
-    let acc_row = GEMM_ACC_ROW;
-    // scratch buffers reused across calls on this thread (fresh large allocations would cost a
-    // page fault per 4 KiB every call); every element read below is written first
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const {
-            std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
-        };
-    }
-    let mut own: [Vec<f32>; 3] = SCRATCH.with(|c| c.take());
-    let [pw, acc, pa] = &mut own;
-    for (v, n) in [
-        (&mut *pw, GEMM_RB * GEMM_KC),
-        (&mut *acc, toks * acc_row),
-        (&mut *pa, kf * toks),
-    ] {
-        // 16 floats more, so that a 64-byte aligned start fits (vector loads never split lines)
-        if v.len() < n + 16 {
-            v.resize(n + 16, 0.0);
-        }
-    }
-    let (pw, acc, pa) = (aligned64(pw), aligned64(acc), aligned64(pa));
+/// AVX-512F; `a` holds `toks` rows of `kf` floats `stride` bytes apart and `pa` `toks * kf`
+/// floats.
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_pack_acts(a: &[u8], stride: usize, toks: usize, kf: usize, pa: &mut [f32]) {
+    let steps = kf / 16;
     let mut kb = 0;
     while kb < steps {
         let ks = (GEMM_KC / 16).min(steps - kb);
@@ -1154,6 +1118,51 @@ unsafe fn f16_gemm_512(
         }
         kb += ks;
     }
+}
+
+/// `out[j * ldo + r] = dot_f16_f16(w_r, a_j)` for every weight row `r` and token `j < toks`:
+/// weights converted to f32 once per block of [`GEMM_RB`] rows, `GEMM_RM × GEMM_RN` register tiles
+/// over K blocks of [`GEMM_KC`], the 16-lane accumulators kept in memory between K blocks (exact),
+/// then reduced pairwise with the scalar tail added as the scalar kernel does.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL, AVX2, FMA and F16C; `w` is whole rows of `row_bytes` (even),
+/// `toks` activation rows of `row_bytes * 2` bytes lie `stride` apart in `a`, and `out` is valid for
+/// writes of `(toks - 1) * ldo + rows` floats (of which only `out[j * ldo + r]`, `r < rows`, are
+/// written; nothing else may access those during the call) with `ldo >= rows`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f16_gemm_512(
+    w: &[u8],
+    row_bytes: usize,
+    a: &[u8],
+    stride: usize,
+    toks: usize,
+    pa: &[f32],
+    out: *mut f32,
+    ldo: usize,
+) {
+    let rows = w.len() / row_bytes;
+    let k = row_bytes / 2;
+    let steps = k / 16;
+    let kf = steps * 16;
+    let acc_row = GEMM_ACC_ROW;
+    // scratch buffers reused across calls on this thread (fresh large allocations would cost a
+    // page fault per 4 KiB every call); every element read below is written first
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const {
+            std::cell::RefCell::new([Vec::new(), Vec::new()])
+        };
+    }
+    let mut own: [Vec<f32>; 2] = SCRATCH.with(|c| c.take());
+    let [pw, acc] = &mut own;
+    for (v, n) in [(&mut *pw, GEMM_RB * GEMM_KC), (&mut *acc, toks * acc_row)] {
+        // 16 floats more, so that a 64-byte aligned start fits (vector loads never split lines)
+        if v.len() < n + 16 {
+            v.resize(n + 16, 0.0);
+        }
+    }
+    let (pw, acc) = (aligned64(pw), aligned64(acc));
     let ksb = GEMM_KC / 16;
     let mut r0 = 0;
     while r0 < rows {
@@ -1297,30 +1306,58 @@ fn f16_gemm_fits(
     Some(rows)
 }
 
-/// Runs [`f16_gemm_512`] in passes of tokens whose packed activations (streamed once per block
-/// of weight rows) stay within about 1 MiB, i.e. in L2.
+/// Tokens per pass of [`f16_gemm_512`] over a tile of `toks` tokens: passes whose packed
+/// activations (streamed once per block of weight rows) stay within about 1 MiB, i.e. in L2, of
+/// (nearly) equal size, since a short last pass would convert every weight for a few tokens.
+fn f16_pass_len(row_bytes: usize, toks: usize) -> usize {
+    let sub = ((GEMM_PA_BYTES / (2 * row_bytes)) / GEMM_RN * GEMM_RN).max(GEMM_RN);
+    let passes = toks.div_ceil(sub).max(1);
+    toks.div_ceil(passes).div_ceil(GEMM_RN) * GEMM_RN
+}
+
+/// Packs the activations of a tile of `toks` tokens for [`f16_gemm_passes`]: each pass's tokens
+/// ([`f16_pass_len`]) as [`f16_pack_acts`] lays them out, at `pa[t0 * kf..]` for the pass from
+/// token `t0`.
 ///
 /// # Safety
-/// The lengths passed [`f16_gemm_fits`] for an `out` of which `out` points at element 0; the
-/// outputs of these rows and tokens are written by nobody else during the call.
+/// As [`f16_pack_acts`] for all `toks` tokens.
+unsafe fn f16_pack_tile(a: &[u8], stride: usize, toks: usize, row_bytes: usize, pa: &mut [f32]) {
+    let kf = row_bytes / 32 * 16;
+    let sub = f16_pass_len(row_bytes, toks);
+    let mut t0 = 0;
+    while t0 < toks {
+        let tn = sub.min(toks - t0);
+        // SAFETY: guaranteed by the caller, for tokens t0..t0+tn.
+        unsafe { f16_pack_acts(&a[t0 * stride..], stride, tn, kf, &mut pa[t0 * kf..]) };
+        t0 += tn;
+    }
+}
+
+/// Runs [`f16_gemm_512`] in the passes of [`f16_pass_len`], over activations packed by
+/// [`f16_pack_tile`] into `pa`.
+///
+/// # Safety
+/// The lengths passed [`f16_gemm_fits`] for an `out` of which `out` points at element 0; `pa` holds
+/// the packed activations of all `toks` tokens; the outputs of these rows and tokens are written
+/// by nobody else during the call.
+#[allow(clippy::too_many_arguments)]
 unsafe fn f16_gemm_passes(
     w: &[u8],
     row_bytes: usize,
     a: &[u8],
     stride: usize,
     toks: usize,
+    pa: &[f32],
     out: *mut f32,
     ldo: usize,
 ) {
-    let sub = ((GEMM_PA_BYTES / (2 * row_bytes)) / GEMM_RN * GEMM_RN).max(GEMM_RN);
-    // passes of (nearly) equal size: a short last pass would convert every weight for a few tokens
-    let passes = toks.div_ceil(sub);
-    let sub = toks.div_ceil(passes).div_ceil(GEMM_RN) * GEMM_RN;
+    let kf = row_bytes / 32 * 16;
+    let sub = f16_pass_len(row_bytes, toks);
     let mut t0 = 0;
     while t0 < toks {
         let tn = sub.min(toks - t0);
-        // SAFETY: the CPU has the features; tokens t0..t0+tn lie in `a` and their outputs at
-        // `out`, as the caller guarantees for all `toks`.
+        // SAFETY: the CPU has the features; tokens t0..t0+tn lie in `a`, their packed
+        // activations in `pa` and their outputs at `out`, as the caller guarantees for all `toks`.
         unsafe {
             f16_gemm_512(
                 w,
@@ -1328,12 +1365,31 @@ unsafe fn f16_gemm_passes(
                 &a[t0 * stride..],
                 stride,
                 tn,
+                &pa[t0 * kf..],
                 out.add(t0 * ldo),
                 ldo,
             )
         };
         t0 += tn;
     }
+}
+
+thread_local! {
+    /// Packed activations of the F16 gemm calls made from this thread (reused: a fresh
+    /// allocation of this size would cost a page fault per 4 KiB on every call).
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's packed-activation buffer, at least `n` floats from a 64-byte
+/// aligned start.
+fn with_packed<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut v = PACKED.with(|c| c.take());
+    if v.len() < n + 16 {
+        v.resize(n + 16, 0.0);
+    }
+    let r = f(&mut aligned64(&mut v)[..n]);
+    PACKED.with(|c| c.replace(v));
+    r
 }
 
 /// [`super::gemm_f16`] with AVX-512; `None` when the CPU lacks it or a length does not fit.
@@ -1347,8 +1403,15 @@ pub(super) fn f16_gemm(
     ldo: usize,
 ) -> Option<()> {
     f16_gemm_fits(w, row_bytes, a, stride, toks, out.len(), ldo)?;
-    // SAFETY: the lengths fit and `out` is borrowed mutably for the call.
-    unsafe { f16_gemm_passes(w, row_bytes, a, stride, toks, out.as_mut_ptr(), ldo) };
+    let kf = row_bytes / 32 * 16;
+    with_packed(toks * kf, |pa| {
+        // SAFETY: the lengths fit (so the CPU has AVX-512), `pa` holds `toks * kf` floats and
+        // `out` is borrowed mutably for the call.
+        unsafe {
+            f16_pack_tile(a, stride, toks, row_bytes, pa);
+            f16_gemm_passes(w, row_bytes, a, stride, toks, pa, out.as_mut_ptr(), ldo)
+        }
+    });
     Some(())
 }
 
@@ -1369,9 +1432,15 @@ impl SharedOut {
     }
 }
 
-/// [`super::gemm_f16_par`] with AVX-512: tiles of `tile` tokens times chunks of weight rows, as
-/// parallel tasks (enough of them for every thread to take several, so that a thread slowed down
-/// by other load does not hold up the rest); `None` when the CPU lacks it or a length does not fit.
+/// Weight rows per task of [`f16_gemm_par`]: two blocks of [`GEMM_RB`], so that a task fetches its
+/// second block while computing the first. Tasks this small (a tenth of a millisecond) keep every
+/// thread busy until a product ends, however unevenly other load lets the threads run; chunks of
+/// a few hundred rows left one thread idle for up to a task's time at the end of every product.
+const GEMM_PAR_ROWS: usize = 2 * GEMM_RB;
+
+/// [`super::gemm_f16_par`] with AVX-512: tiles of `tile` tokens times chunks of
+/// [`GEMM_PAR_ROWS`] weight rows as parallel tasks, over activations packed once per call;
+/// `None` when the CPU lacks it or a length does not fit.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn f16_gemm_par(
     w: &[u8],
@@ -1387,27 +1456,42 @@ pub(super) fn f16_gemm_par(
     let rows = f16_gemm_fits(w, row_bytes, a, stride, toks, out.len(), ldo)?;
     let tile = tile.max(1);
     let tiles = toks.div_ceil(tile);
-    let want = 4 * rayon::current_num_threads();
-    let chunks = want.div_ceil(tiles).min(rows.div_ceil(4 * GEMM_RB)).max(1);
-    let chunk = rows.div_ceil(chunks).div_ceil(GEMM_RB) * GEMM_RB;
+    let chunk = GEMM_PAR_ROWS;
     let chunks = rows.div_ceil(chunk);
+    let kf = row_bytes / 32 * 16;
     let o = SharedOut(out.as_mut_ptr());
-    (0..tiles * chunks).into_par_iter().for_each(|i| {
-        let (t0, r0) = (i / chunks * tile, i % chunks * chunk);
-        let (tn, rn) = (tile.min(toks - t0), chunk.min(rows - r0));
-        // SAFETY: rows r0..r0+rn and tokens t0..t0+tn lie within what `f16_gemm_fits` validated;
-        // task i alone writes outputs (t0.., r0..), and `out` stays borrowed until all tasks end.
-        unsafe {
-            f16_gemm_passes(
-                &w[r0 * row_bytes..(r0 + rn) * row_bytes],
-                row_bytes,
-                &a[t0 * stride..],
-                stride,
-                tn,
-                o.ptr().add(t0 * ldo + r0),
-                ldo,
-            )
-        }
+    with_packed(toks * kf, |pa| {
+        // the activations are packed once, a tile per task, and shared by the tile's row chunks
+        pa.par_chunks_mut((tile * kf).max(1))
+            .enumerate()
+            .for_each(|(ti, p)| {
+                let t0 = ti * tile;
+                // SAFETY: the lengths fit (so the CPU has AVX-512); tokens t0..t0+tn lie in `a`
+                // and `p` holds their `tn * kf` floats.
+                unsafe {
+                    f16_pack_tile(&a[t0 * stride..], stride, tile.min(toks - t0), row_bytes, p)
+                }
+            });
+        let pa: &[f32] = pa;
+        (0..tiles * chunks).into_par_iter().for_each(|i| {
+            let (t0, r0) = (i / chunks * tile, i % chunks * chunk);
+            let (tn, rn) = (tile.min(toks - t0), chunk.min(rows - r0));
+            // SAFETY: rows r0..r0+rn and tokens t0..t0+tn lie within what `f16_gemm_fits`
+            // validated and the tile's packed activations at `pa[t0 * kf..]`; task i alone
+            // writes outputs (t0.., r0..), and `out` stays borrowed until all tasks end.
+            unsafe {
+                f16_gemm_passes(
+                    &w[r0 * row_bytes..(r0 + rn) * row_bytes],
+                    row_bytes,
+                    &a[t0 * stride..],
+                    stride,
+                    tn,
+                    &pa[t0 * kf..],
+                    o.ptr().add(t0 * ldo + r0),
+                    ldo,
+                )
+            }
+        });
     });
     Some(())
 }
@@ -1710,6 +1794,21 @@ pub(super) fn attend_head(
     }
     // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
     unsafe { attend_head_tf(kv, q, q_stride, q_off, t, pos0, scale, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rope_pairs_tf(x: &mut [f32], cs: &[f32]) {
+    super::rope_pairs_impl(x, cs)
+}
+
+/// [`super::rope_pairs`] compiled with FMA (the fused multiply-adds become instructions instead
+/// of calls to libm's `fmaf`; the same results).
+pub(super) fn rope_pairs(x: &mut [f32], cs: &[f32]) {
+    if !available() {
+        return super::rope_pairs_impl(x, cs);
+    }
+    // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
+    unsafe { rope_pairs_tf(x, cs) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -1024,6 +1024,27 @@ pub fn ggml_v_expf(x: f32) -> f32 {
     (f64::from(j) * p2) as f32
 }
 
+/// Rotates the adjacent pairs of `x` by the angles whose cosines and sines `cs` holds
+/// interleaved (`cs[2i]`, `cs[2i + 1]` for pair `i`), as ggml-cpu's `rotate_pairs` compiles on
+/// x86-64 with GCC: `x0*cos` and `x0*sin` fused into the subtraction and addition, `x1`'s
+/// products rounded first. Pairs past the shorter slice are left as they are.
+pub fn rope_pairs(x: &mut [f32], cs: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() && Isa::current() != Isa::Scalar {
+        return avx2::rope_pairs(x, cs);
+    }
+    rope_pairs_impl(x, cs)
+}
+
+#[inline(always)]
+pub(crate) fn rope_pairs_impl(x: &mut [f32], cs: &[f32]) {
+    for (p, c) in x.chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
+        let (x0, x1) = (p[0], p[1]);
+        p[0] = x0.mul_add(c[0], -(x1 * c[1]));
+        p[1] = x0.mul_add(c[1], x1 * c[0]);
+    }
+}
+
 /// ggml's `ggml_vec_swiglu_f32` on x86 with AVX-512: `out = x / (1 + v_expf(0 - x)) * g` over
 /// whole 16-lane groups, `x / (1 + expf(-x)) * g` (libm exp) on the tail. Stops at the shortest
 /// slice.

@@ -557,8 +557,8 @@ fn oracle_matmul_equals_ggml() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
-    /// The vectorized builds of the activation quantizers and of swiglu give the plain build's
-    /// bytes.
+    /// The vectorized builds of the activation quantizers, swiglu and rope's pair rotation give
+    /// the plain build's bytes.
     #[test]
     fn vectorized_helpers_equal_plain(x in proptest::collection::vec(-50.0f32..50.0, 512)) {
         for f in [ActFormat::F32, ActFormat::F16, ActFormat::BF16, ActFormat::Q8_0, ActFormat::Q8_1, ActFormat::Q8K] {
@@ -572,6 +572,12 @@ proptest! {
         let (mut a, mut b) = (vec![0f32; 500], vec![0f32; 500]);
         swiglu(&x[..500], &g[..500], &mut a);
         swiglu_impl(&x[..500], &g[..500], &mut b);
+        prop_assert_eq!(a, b);
+        // rope's pair rotation, with angles' cosines and sines
+        let cs: Vec<f32> = g.iter().map(|&v| if v > 0.0 { v.cos() } else { v.sin() }).collect();
+        let (mut a, mut b) = (x[..300].to_vec(), x[..300].to_vec());
+        rope_pairs(&mut a, &cs[..256]);
+        rope_pairs_impl(&mut b, &cs[..256]);
         prop_assert_eq!(a, b);
     }
 }
@@ -635,6 +641,9 @@ fn gemm_matches_scalar(k: usize, rows: usize, toks: usize, pad: usize, ldo_pad: 
 fn gemm_f16_equals_scalar_on_model_shapes() {
     gemm_matches_scalar(2048, 37, 131, 0, 0, 1);
     gemm_matches_scalar(5504, 18, 13, 3, 5, 2);
+    // several passes of packed activations per tile, with and without a K tail
+    gemm_matches_scalar(5504, 18, 131, 3, 5, 4);
+    gemm_matches_scalar(5500, 9, 100, 1, 2, 5);
     gemm_matches_scalar(7, 5, 3, 0, 0, 3);
     // bad lengths never panic
     let mut o = [0f32; 8];
