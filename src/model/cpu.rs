@@ -2,16 +2,18 @@
 //! activations to the weight type's partner format and use kiln-quant's dot kernels, tiled over
 //! weight rows and spread across threads with rayon; f16 KV cache; f32 everything else.
 
-use std::sync::Arc;
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context, Result};
 use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use kiln_formats::gguf::{GgufFile, TensorInfo};
 use kiln_quant::dot::attn::{attend_head, HeadView};
 use kiln_quant::dot::repack;
 use kiln_quant::dot::{
     act_format, act_row_bytes, check_row, dot_many_fn, gemm_f16_fast, gemm_f16_par, quantize_act,
-    ActFormat, DotManyFn, TILED_MIN_ROWS,
+    rope_pairs, ActFormat, DotManyFn, TILED_MIN_ROWS,
 };
 use kiln_quant::{GgmlType, Isa};
 use rayon::prelude::*;
@@ -53,12 +55,86 @@ impl CpuWeight {
     }
 }
 
-/// A row-major f32 matrix.
+/// A row-major f32 matrix. Its buffer goes back to the pool ([`POOL`]) when it is dropped.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuAct {
     pub data: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
+}
+
+impl Drop for CpuAct {
+    fn drop(&mut self) {
+        give_buf(std::mem::take(&mut self.data));
+    }
+}
+
+/// Buffers of dropped activations, kept for the next ones. A forward pass over a prompt frees and
+/// allocates the same few sizes (megabytes each) in every layer; the allocator hands such sizes
+/// back to the kernel, and every fresh allocation then costs a page fault per 4 KiB (about 40,000
+/// per pass over 512 tokens of the 400M test model, ~4% of its time).
+static POOL: Mutex<Pool> = Mutex::new(Pool(Vec::new()));
+/// Buffers the pool keeps at most (the largest ones).
+const POOL_MAX: usize = 8;
+
+/// Spare f32 buffers.
+struct Pool(Vec<Vec<f32>>);
+
+impl Pool {
+    /// The smallest buffer that holds `n` floats, as `n` floats of unspecified value.
+    fn take(&mut self, n: usize) -> Option<Vec<f32>> {
+        let i = (0..self.0.len())
+            .filter(|&i| self.0[i].capacity() >= n)
+            .min_by_key(|&i| self.0[i].capacity())?;
+        let mut v = self.0.swap_remove(i);
+        if v.len() < n {
+            v.resize(n, 0.0);
+        } else {
+            v.truncate(n);
+        }
+        Some(v)
+    }
+
+    /// Keeps `v`; when that makes more than [`POOL_MAX`], returns the smallest one to drop.
+    fn give(&mut self, v: Vec<f32>) -> Option<Vec<f32>> {
+        if v.capacity() == 0 {
+            return None;
+        }
+        self.0.push(v);
+        if self.0.len() <= POOL_MAX {
+            return None;
+        }
+        let i = (0..self.0.len()).min_by_key(|&i| self.0[i].capacity())?;
+        Some(self.0.swap_remove(i))
+    }
+}
+
+/// A buffer of `n` floats whose contents are unspecified (an earlier activation's values; NaN in
+/// debug builds, so that an element left unwritten shows): the caller writes every element.
+fn take_buf(n: usize) -> Vec<f32> {
+    let spare = POOL.lock().unwrap_or_else(PoisonError::into_inner).take(n);
+    match spare {
+        Some(mut v) => {
+            if cfg!(debug_assertions) {
+                v.fill(f32::NAN);
+            }
+            v
+        }
+        None => vec![0f32; n],
+    }
+}
+
+/// Returns a buffer to the pool.
+fn give_buf(v: Vec<f32>) {
+    // a buffer dropped by the pool is freed after the lock is released
+    let dropped = POOL.lock().unwrap_or_else(PoisonError::into_inner).give(v);
+    drop(dropped);
+}
+
+thread_local! {
+    /// The quantized activations of matrix products called from this thread (reused, for the
+    /// same reason as [`POOL`]; every byte used is written first).
+    static ACTS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The f16 K and V rows of every layer.
@@ -67,10 +143,6 @@ pub struct CpuCache {
     kv_dim: usize,
     k: Vec<Vec<u16>>,
     v: Vec<Vec<u16>>,
-}
-
-fn f16_bits(x: f32) -> u16 {
-    f16::from_f32(x).to_bits()
 }
 
 /// A product with repacked weights `p` (`n` rows of `k` values of type `ty`) and `t` activation
@@ -85,7 +157,8 @@ fn packed_matmul(
     t: usize,
 ) -> Result<CpuAct> {
     let gbytes = repack::repacked_bytes(ty, repack::GROUP, k).context("repacked size")?;
-    let mut data = vec![0f32; n * t];
+    // every output is written by repack::matmul (or the product fails)
+    let mut data = take_buf(n * t);
     let run = |j0: usize, nt: usize, w: &[u8], out: &mut [f32]| -> Result<()> {
         let acts = qa.get(j0 * rb..(j0 + nt) * rb).unwrap_or(&[]);
         let prep = repack::prepare(ty, k, acts, nt);
@@ -106,7 +179,7 @@ fn packed_matmul(
         let prep = repack::prepare(ty, k, acts, t);
         let a = prep.as_deref().unwrap_or(acts);
         let tile = GROUPS * repack::GROUP;
-        let mut parts = vec![0f32; n * t];
+        let mut parts = take_buf(n * t);
         parts
             .par_chunks_mut(tile * t)
             .zip(p.par_chunks(GROUPS * gbytes))
@@ -121,6 +194,88 @@ fn packed_matmul(
             for (j, row) in part.chunks_exact(rows).enumerate() {
                 data[j * n + c * tile..][..rows].copy_from_slice(row);
             }
+        }
+        give_buf(parts);
+    }
+    Ok(CpuAct {
+        data,
+        rows: t,
+        cols: n,
+    })
+}
+
+/// [`CpuBackend`]'s matrix product with `qa` (`rb` bytes for each of `x`'s rows) to quantize the
+/// activations into.
+fn matmul_acts(w: &CpuWeight, x: &CpuAct, qa: &mut [u8], rb: usize) -> Result<CpuAct> {
+    let (Some(af), Some((few, batch))) = (w.act, w.many) else {
+        bail!("{} weights cannot be multiplied", w.ty);
+    };
+    let k = w.cols;
+    let n = w.rows;
+    let t = x.rows;
+    let many = if t >= TILED_MIN_ROWS { batch } else { few };
+    let wb = w.bytes();
+    qa.par_chunks_mut(rb)
+        .zip(x.data.par_chunks(k))
+        .for_each(|(o, r)| quantize_act(af, r, o));
+    let wrows = |r: usize, nr: usize| {
+        wb.get(r * w.row_bytes..(r + nr) * w.row_bytes)
+            .unwrap_or(&[])
+    };
+    if let Some(p) = w.packed.as_deref().filter(|_| repack::handles(w.ty)) {
+        return packed_matmul(w.ty, p, k, n, qa, rb, t);
+    }
+    // every output is written below
+    let mut data = take_buf(n * t);
+    if w.ty == GgmlType::F16 && t >= TOKEN_TILE && gemm_f16_fast() {
+        // packed, cache-blocked kernel: tiles of tokens times chunks of rows in parallel,
+        // outputs written in place
+        gemm_f16_par(wb, w.row_bytes, qa, rb, t, &mut data, n, TOKEN_TILE);
+    } else if t >= TOKEN_TILE {
+        // prompt: tiles of tokens in parallel; each weight row is decoded once per tile and
+        // multiplied against all of its activation rows, outputs written in place
+        data.par_chunks_mut(TOKEN_TILE * n)
+            .enumerate()
+            .for_each(|(gi, o)| {
+                let nt = o.len() / n.max(1);
+                let acts = qa
+                    .get(gi * TOKEN_TILE * rb..(gi * TOKEN_TILE + nt) * rb)
+                    .unwrap_or(&[]);
+                let mut tmp = [0f32; ROW_TILE * TOKEN_TILE];
+                for r0 in (0..n).step_by(ROW_TILE) {
+                    let nr = ROW_TILE.min(n - r0);
+                    let tmp = &mut tmp[..nr * nt];
+                    many(wrows(r0, nr), w.row_bytes, acts, rb, tmp);
+                    for (i, tr) in tmp.chunks_exact(nt).enumerate() {
+                        for (j, &v) in tr.iter().enumerate() {
+                            o[j * n + r0 + i] = v;
+                        }
+                    }
+                }
+            });
+    } else {
+        // few tokens (decoding): tiles of weight rows in parallel, memory-bound
+        let mut out_t = if t == 1 {
+            std::mem::take(&mut data)
+        } else {
+            take_buf(n * t)
+        };
+        out_t
+            .par_chunks_mut(ROW_TILE * t)
+            .enumerate()
+            .for_each(|(ci, o)| {
+                let nr = o.len() / t;
+                many(wrows(ci * ROW_TILE, nr), w.row_bytes, qa, rb, o);
+            });
+        if t == 1 {
+            data = out_t;
+        } else {
+            for (ti, row) in data.chunks_mut(n).enumerate() {
+                for (r, y) in row.iter_mut().enumerate() {
+                    *y = out_t[r * t + ti];
+                }
+            }
+            give_buf(out_t);
         }
     }
     Ok(CpuAct {
@@ -246,16 +401,22 @@ impl Backend for CpuBackend {
             Some(v) if v.len() == x.cols => v,
             _ => bail!("norm weight does not match rows of {}", x.cols),
         };
-        let mut out = x.clone();
-        out.data.par_chunks_mut(x.cols).for_each(|row| {
-            let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
-            let mean = (sum / row.len() as f64) as f32;
-            let scale = 1.0 / (mean + eps).sqrt();
-            for (y, &g) in row.iter_mut().zip(wv) {
-                *y = *y * scale * g;
-            }
-        });
-        Ok(out)
+        let mut data = take_buf(x.data.len());
+        data.par_chunks_mut(x.cols)
+            .zip(x.data.par_chunks(x.cols))
+            .for_each(|(out, row)| {
+                let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+                let mean = (sum / row.len() as f64) as f32;
+                let scale = 1.0 / (mean + eps).sqrt();
+                for ((y, &v), &g) in out.iter_mut().zip(row).zip(wv) {
+                    *y = v * scale * g;
+                }
+            });
+        Ok(CpuAct {
+            data,
+            rows: x.rows,
+            cols: x.cols,
+        })
     }
 
     fn matmul(&self, w: &CpuWeight, x: &CpuAct) -> Result<CpuAct> {
@@ -267,82 +428,18 @@ impl Backend for CpuBackend {
                 w.cols
             );
         }
-        let (Some(af), Some((few, batch))) = (w.act, w.many) else {
+        let Some(af) = w.act else {
             bail!("{} weights cannot be multiplied", w.ty);
         };
-        let k = w.cols;
-        let n = w.rows;
         let t = x.rows;
-        let many = if t >= TILED_MIN_ROWS { batch } else { few };
-        let wb = w.bytes();
-        let rb = act_row_bytes(af, k).context("activation row does not fit blocks")?;
-        let mut qa = vec![0u8; rb * t];
-        qa.par_chunks_mut(rb)
-            .zip(x.data.par_chunks(k))
-            .for_each(|(o, r)| quantize_act(af, r, o));
-        let wrows = |r: usize, nr: usize| {
-            wb.get(r * w.row_bytes..(r + nr) * w.row_bytes)
-                .unwrap_or(&[])
-        };
-        if let Some(p) = w.packed.as_deref().filter(|_| repack::handles(w.ty)) {
-            return packed_matmul(w.ty, p, k, n, &qa, rb, t);
+        let rb = act_row_bytes(af, w.cols).context("activation row does not fit blocks")?;
+        let mut qbuf = ACTS.with(|c| c.take());
+        if qbuf.len() < rb * t {
+            qbuf.resize(rb * t, 0);
         }
-        let mut data = vec![0f32; n * t];
-        if w.ty == GgmlType::F16 && t >= TOKEN_TILE && gemm_f16_fast() {
-            // packed, cache-blocked kernel: tiles of tokens times chunks of rows in parallel,
-            // outputs written in place
-            gemm_f16_par(wb, w.row_bytes, &qa, rb, t, &mut data, n, TOKEN_TILE);
-        } else if t >= TOKEN_TILE {
-            // prompt: tiles of tokens in parallel; each weight row is decoded once per tile and
-            // multiplied against all of its activation rows, outputs written in place
-            data.par_chunks_mut(TOKEN_TILE * n)
-                .enumerate()
-                .for_each(|(gi, o)| {
-                    let nt = o.len() / n.max(1);
-                    let acts = qa
-                        .get(gi * TOKEN_TILE * rb..(gi * TOKEN_TILE + nt) * rb)
-                        .unwrap_or(&[]);
-                    let mut tmp = [0f32; ROW_TILE * TOKEN_TILE];
-                    for r0 in (0..n).step_by(ROW_TILE) {
-                        let nr = ROW_TILE.min(n - r0);
-                        let tmp = &mut tmp[..nr * nt];
-                        many(wrows(r0, nr), w.row_bytes, acts, rb, tmp);
-                        for (i, tr) in tmp.chunks_exact(nt).enumerate() {
-                            for (j, &v) in tr.iter().enumerate() {
-                                o[j * n + r0 + i] = v;
-                            }
-                        }
-                    }
-                });
-        } else {
-            // few tokens (decoding): tiles of weight rows in parallel, memory-bound
-            let mut out_t = if t == 1 {
-                std::mem::take(&mut data)
-            } else {
-                vec![0f32; n * t]
-            };
-            out_t
-                .par_chunks_mut(ROW_TILE * t)
-                .enumerate()
-                .for_each(|(ci, o)| {
-                    let nr = o.len() / t;
-                    many(wrows(ci * ROW_TILE, nr), w.row_bytes, &qa, rb, o);
-                });
-            if t == 1 {
-                data = out_t;
-            } else {
-                for (ti, row) in data.chunks_mut(n).enumerate() {
-                    for (r, y) in row.iter_mut().enumerate() {
-                        *y = out_t[r * t + ti];
-                    }
-                }
-            }
-        }
-        Ok(CpuAct {
-            data,
-            rows: t,
-            cols: n,
-        })
+        let r = matmul_acts(w, x, &mut qbuf[..rb * t], rb);
+        ACTS.with(|c| c.replace(qbuf));
+        r
     }
 
     fn rope(
@@ -370,13 +467,9 @@ impl Backend for CpuBackend {
                     theta *= theta_scale;
                 }
                 for h in row.chunks_exact_mut(head_dim).take(n_head) {
-                    for (p, c) in h[..n_rot].chunks_exact_mut(2).zip(cache.chunks_exact(2)) {
-                        // ggml-cpu's rotate_pairs as GCC contracts it (checked bit for bit
-                        // against libggml-cpu): x0*cos and x0*sin fused, x1's products rounded
-                        let (x0, x1) = (p[0], p[1]);
-                        p[0] = x0.mul_add(c[0], -(x1 * c[1]));
-                        p[1] = x0.mul_add(c[1], x1 * c[0]);
-                    }
+                    // ggml-cpu's rotate_pairs as GCC contracts it (checked bit for bit against
+                    // libggml-cpu)
+                    rope_pairs(&mut h[..n_rot], &cache);
                 }
             });
     }
@@ -413,21 +506,26 @@ impl Backend for CpuBackend {
         let (Some(kc), Some(vc)) = (cache.k.get_mut(layer), cache.v.get_mut(layer)) else {
             bail!("layer {layer} is not in the cache");
         };
-        for (dst, src) in kc[n_past * kvd..n_kv * kvd].iter_mut().zip(&k.data) {
-            *dst = f16_bits(*src);
+        for (c, x) in [(&mut *kc, k), (&mut *vc, v)] {
+            c[n_past * kvd..n_kv * kvd]
+                .par_chunks_mut(kvd.max(1))
+                .zip(x.data.par_chunks(kvd.max(1)))
+                .for_each(|(dst, src)| {
+                    let dst: &mut [f16] = dst.reinterpret_cast_mut();
+                    dst.convert_from_f32_slice(src);
+                });
         }
-        for (dst, src) in vc[n_past * kvd..n_kv * kvd].iter_mut().zip(&v.data) {
-            *dst = f16_bits(*src);
-        }
-        // ggml-cpu's tiled flash attention order, one head per task
+        // ggml-cpu's tiled flash attention order, one head per task, into head-major rows
         let (kc, vc): (&[u16], &[u16]) = (kc, vc);
         let hd = s.head_dim;
         let group = (s.n_head / s.n_head_kv.max(1)).max(1);
         let qc = q.cols;
-        let heads: Vec<Vec<f32>> = (0..s.n_head)
-            .into_par_iter()
-            .map(|h| {
-                let mut o = vec![0f32; tq * hd];
+        // every element is written (attend_head writes all `tq * hd` of its head)
+        let mut heads = take_buf(s.n_head * tq * hd);
+        heads
+            .par_chunks_mut((tq * hd).max(1))
+            .enumerate()
+            .for_each(|(h, o)| {
                 let view = HeadView {
                     k: &kc[..n_kv * kvd],
                     v: &vc[..n_kv * kvd],
@@ -437,16 +535,18 @@ impl Backend for CpuBackend {
                 };
                 // the queries are the last `tq` positions
                 let p0 = n_past + t - tq;
-                attend_head(view, &q.data, qc, h * hd, tq, p0, s.scale, &mut o);
-                o
-            })
-            .collect();
-        let mut out = vec![0f32; tq * qc];
-        for (h, o) in heads.iter().enumerate() {
-            for (orow, src) in out.chunks_exact_mut(qc).zip(o.chunks_exact(hd)) {
-                orow[h * hd..(h + 1) * hd].copy_from_slice(src);
-            }
-        }
+                attend_head(view, &q.data, qc, h * hd, tq, p0, s.scale, o);
+            });
+        // token-major: row i is head 0's row i, head 1's row i, ...
+        let mut out = take_buf(tq * qc);
+        out.par_chunks_mut(qc.max(1))
+            .enumerate()
+            .for_each(|(i, orow)| {
+                for (h, dst) in orow.chunks_exact_mut(hd.max(1)).enumerate() {
+                    dst.copy_from_slice(&heads[(h * tq + i) * hd..][..hd]);
+                }
+            });
+        give_buf(heads);
         Ok(CpuAct {
             data: out,
             rows: tq,
@@ -458,36 +558,47 @@ impl Backend for CpuBackend {
         if gate.rows != up.rows || gate.cols != up.cols {
             bail!("swiglu operands differ in shape");
         }
-        let mut out = gate.clone();
-        out.data
-            .par_chunks_mut(gate.cols.max(1))
+        let mut data = take_buf(gate.data.len());
+        data.par_chunks_mut(gate.cols.max(1))
             .zip(gate.data.par_chunks(gate.cols.max(1)))
             .zip(up.data.par_chunks(gate.cols.max(1)))
             .for_each(|((o, g), u)| kiln_quant::dot::swiglu(g, u, o));
-        Ok(out)
+        Ok(CpuAct {
+            data,
+            rows: gate.rows,
+            cols: gate.cols,
+        })
     }
 
     fn add(&self, x: &mut CpuAct, y: &CpuAct) -> Result<()> {
         if x.rows != y.rows || x.cols != y.cols {
             bail!("add operands differ in shape");
         }
-        for (a, b) in x.data.iter_mut().zip(&y.data) {
-            *a += b;
-        }
+        x.data
+            .par_chunks_mut(x.cols.max(1))
+            .zip(y.data.par_chunks(x.cols.max(1)))
+            .for_each(|(a, b)| {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a += b;
+                }
+            });
         Ok(())
     }
 
     fn tail_rows(&self, x: &CpuAct, from: usize) -> CpuAct {
         let from = from.min(x.rows);
+        let src = &x.data[from * x.cols..];
+        let mut data = take_buf(src.len());
+        data.copy_from_slice(src);
         CpuAct {
-            data: x.data[from * x.cols..].to_vec(),
+            data,
             rows: x.rows - from,
             cols: x.cols,
         }
     }
 
-    fn to_host(&self, x: CpuAct) -> Vec<f32> {
-        x.data
+    fn to_host(&self, mut x: CpuAct) -> Vec<f32> {
+        std::mem::take(&mut x.data)
     }
 
     fn host_view<'a>(&self, x: &'a CpuAct) -> std::borrow::Cow<'a, [f32]> {
@@ -506,6 +617,31 @@ mod tests {
         let b: Vec<f32> = (0..100).map(|i| (i as f32 * 0.7).cos()).collect();
         let naive: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x * y)).sum();
         assert!((f64::from(dot_f32(&a, &b)) - naive).abs() < 1e-4);
+    }
+
+    #[test]
+    fn the_pool_hands_out_the_best_fit_and_keeps_the_largest() {
+        let mut p = Pool(Vec::new());
+        assert!(p.take(1).is_none());
+        for n in [100, 10, 1000] {
+            assert!(p.give(vec![1.0; n]).is_none());
+        }
+        assert!(p.give(Vec::new()).is_none());
+        assert_eq!(p.0.len(), 3);
+        let v = p.take(50).unwrap();
+        assert_eq!((v.len(), v.capacity()), (50, 100));
+        assert!(p.take(2000).is_none());
+        // a shorter buffer grows to the length asked for, within its capacity
+        assert!(p.give(v).is_none());
+        assert_eq!(p.take(80).unwrap().len(), 80);
+        for i in 0..2 * POOL_MAX {
+            if let Some(d) = p.give(vec![0.0; 20 + i]) {
+                assert!(p.0.iter().all(|v| v.capacity() >= d.capacity()));
+            }
+        }
+        assert_eq!(p.0.len(), POOL_MAX);
+        assert!(p.0.iter().any(|v| v.capacity() == 1000));
+        assert_eq!(take_buf(7).len(), 7);
     }
 
     #[test]
