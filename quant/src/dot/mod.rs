@@ -433,8 +433,9 @@ pub fn gemm_f16_fast() -> bool {
     false
 }
 
-/// [`gemm_f16`] spread over rayon's threads: tiles of `tile` tokens (each weight is converted once
-/// per tile) times chunks of weight rows, as many tasks as keep every thread busy. Same results.
+/// [`gemm_f16`] spread over rayon's threads: the activations packed once, then tiles of `tile`
+/// tokens (each weight is converted once per tile) times chunks of 32 weight rows as tasks, small
+/// enough that the threads finish together. Same results.
 /// Without the vector kernel ([`gemm_f16_fast`] false) it is the scalar reference on this thread;
 /// callers then do better with the tiled dot kernels.
 #[allow(clippy::too_many_arguments)]
