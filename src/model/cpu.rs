@@ -205,9 +205,15 @@ fn packed_matmul(
 }
 
 /// [`CpuBackend`]'s matrix product with `qa` (`rb` bytes for each of `x`'s rows) to quantize the
-/// activations into.
-fn matmul_acts(w: &CpuWeight, x: &CpuAct, qa: &mut [u8], rb: usize) -> Result<CpuAct> {
-    let (Some(af), Some((few, batch))) = (w.act, w.many) else {
+/// activations into, in the weight's partner format `af`.
+fn matmul_acts(
+    w: &CpuWeight,
+    af: ActFormat,
+    x: &CpuAct,
+    qa: &mut [u8],
+    rb: usize,
+) -> Result<CpuAct> {
+    let Some((few, batch)) = w.many else {
         bail!("{} weights cannot be multiplied", w.ty);
     };
     let k = w.cols;
@@ -437,7 +443,7 @@ impl Backend for CpuBackend {
         if qbuf.len() < rb * t {
             qbuf.resize(rb * t, 0);
         }
-        let r = matmul_acts(w, x, &mut qbuf[..rb * t], rb);
+        let r = matmul_acts(w, af, x, &mut qbuf[..rb * t], rb);
         ACTS.with(|c| c.replace(qbuf));
         r
     }

@@ -1306,6 +1306,12 @@ fn f16_gemm_fits(
     Some(rows)
 }
 
+/// Elements of a weight row of `row_bytes` (f16) that whole 16-element steps cover: the packed
+/// length of each token's activations (the rest is the scalar tail).
+fn f16_whole_steps(row_bytes: usize) -> usize {
+    row_bytes / 2 / 16 * 16
+}
+
 /// Tokens per pass of [`f16_gemm_512`] over a tile of `toks` tokens: passes whose packed
 /// activations (streamed once per block of weight rows) stay within about 1 MiB, i.e. in L2, of
 /// (nearly) equal size, since a short last pass would convert every weight for a few tokens.
@@ -1322,7 +1328,7 @@ fn f16_pass_len(row_bytes: usize, toks: usize) -> usize {
 /// # Safety
 /// As [`f16_pack_acts`] for all `toks` tokens.
 unsafe fn f16_pack_tile(a: &[u8], stride: usize, toks: usize, row_bytes: usize, pa: &mut [f32]) {
-    let kf = row_bytes / 32 * 16;
+    let kf = f16_whole_steps(row_bytes);
     let sub = f16_pass_len(row_bytes, toks);
     let mut t0 = 0;
     while t0 < toks {
@@ -1351,7 +1357,7 @@ unsafe fn f16_gemm_passes(
     out: *mut f32,
     ldo: usize,
 ) {
-    let kf = row_bytes / 32 * 16;
+    let kf = f16_whole_steps(row_bytes);
     let sub = f16_pass_len(row_bytes, toks);
     let mut t0 = 0;
     while t0 < toks {
@@ -1403,7 +1409,7 @@ pub(super) fn f16_gemm(
     ldo: usize,
 ) -> Option<()> {
     f16_gemm_fits(w, row_bytes, a, stride, toks, out.len(), ldo)?;
-    let kf = row_bytes / 32 * 16;
+    let kf = f16_whole_steps(row_bytes);
     with_packed(toks * kf, |pa| {
         // SAFETY: the lengths fit (so the CPU has AVX-512), `pa` holds `toks * kf` floats and
         // `out` is borrowed mutably for the call.
@@ -1458,7 +1464,7 @@ pub(super) fn f16_gemm_par(
     let tiles = toks.div_ceil(tile);
     let chunk = GEMM_PAR_ROWS;
     let chunks = rows.div_ceil(chunk);
-    let kf = row_bytes / 32 * 16;
+    let kf = f16_whole_steps(row_bytes);
     let o = SharedOut(out.as_mut_ptr());
     with_packed(toks * kf, |pa| {
         // the activations are packed once, a tile per task, and shared by the tile's row chunks
