@@ -1,16 +1,6 @@
 //! The `kiln` command line: one binary for merge, convert, quantize and evaluation of Llama models.
 
 mod cmd;
-mod convert;
-mod demo;
-mod eval;
-mod merge;
-mod model;
-mod pipeline;
-mod progress;
-mod quant_plan;
-mod tokenizer;
-mod transcode;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -2,9 +2,9 @@
 //! measures pp512 / tg128 (warm-up run, random tokens, repeated runs, mean ± sd).
 
 use crate::cmd::perplexity::{thread_pool, Opened, RopeArgs};
-use crate::eval::bench::{bench, BenchParams, BenchStat};
 use crate::Outcome;
 use anyhow::Result;
+use kiln::eval::bench::{bench, BenchParams, BenchStat};
 use std::path::PathBuf;
 
 /// Arguments of `kiln bench` (llama-bench's flag names).
@@ -16,7 +16,7 @@ pub struct Args {
     pub model: PathBuf,
     /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
     #[arg(long, value_name = "DEV", default_value = "auto")]
-    pub device: super::Device,
+    pub device: kiln::model::device::Device,
     /// Prompt tokens of the pp test (0: skip it).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
     pub n_prompt: usize,

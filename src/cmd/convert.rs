@@ -1,9 +1,10 @@
 //! `kiln convert`: a Hugging Face Llama folder (safetensors or .bin, single or sharded) to GGUF.
 
-use crate::convert::{self, LlamaDims, OutType};
-use crate::progress;
+use crate::cmd::progress::Terminal;
 use crate::Outcome;
 use anyhow::{Context, Result};
+use kiln::convert::{self, LlamaDims, OutType};
+use kiln::progress::{Progress, Unit};
 use kiln_formats::checkpoint::Checkpoint;
 use kiln_formats::gguf::GgufWriter;
 use kiln_formats::hf::LlamaConfig;
@@ -68,9 +69,9 @@ pub fn run(a: Args) -> Result<Outcome> {
     let mut w = GgufWriter::create(&a.out, &meta, &infos)
         .with_context(|| format!("creating {}", a.out.display()))?;
     let total: u64 = jobs.iter().map(|j| j.n_bytes()).sum();
-    let pb = progress::bytes_bar(total, a.quiet);
+    let pb = Terminal::new(a.quiet).bar(total, Unit::Bytes);
     for job in &jobs {
-        pb.set_message(job.gguf_name.clone());
+        pb.set_message(&job.gguf_name);
         let data = ckpt.data(&job.hf_name)?;
         let unchanged = job.permute_heads.is_none() && convert::ggml_of(data.dtype) == job.ty;
         // Unchanged tensors go from the input map straight to the file; the rest are re-encoded.
@@ -88,7 +89,7 @@ pub fn run(a: Args) -> Result<Outcome> {
     }
     w.finish()
         .with_context(|| format!("finishing {}", a.out.display()))?;
-    pb.finish_and_clear();
+    pb.finish();
     eprintln!(
         "wrote {} ({} tensors, {:.1} MiB, {}) in {:.1}s",
         a.out.display(),

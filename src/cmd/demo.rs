@@ -3,10 +3,10 @@
 //! pipeline on them (merge, F16 GGUF, seven quantization levels, perplexity, KLD against F16,
 //! report).
 
-use crate::demo;
-use crate::pipeline::{self, RunEnd, Settings, Source};
 use crate::Outcome;
 use anyhow::{Context, Result};
+use kiln::demo;
+use kiln::pipeline::{self, RunEnd, Settings, Source};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -74,7 +74,7 @@ pub fn run(a: Args) -> Result<Outcome> {
             loras: vec![inputs.lora.clone()],
         },
         out: out.clone(),
-        quants: crate::cmd::pipeline::parse_quants(&a.quants)?,
+        quants: pipeline::parse_quants(&a.quants)?,
         texts: vec![inputs.text.clone()],
         n_ctx: a.ctx,
         n_batch: a.ctx,
@@ -91,7 +91,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         command: crate::cmd::pipeline::command_line(),
         device: "cpu".into(),
     };
-    match pipeline::run(&s)? {
+    match pipeline::run(&s, &crate::cmd::pipeline::terminal(&s))? {
         RunEnd::Done(report) => {
             println!(
                 "kiln demo: vocabulary {} (base {} + {} added by the LoRA), {} tokens of text, context {}",

@@ -2,14 +2,14 @@
 //! computes it (same chunks, BOS handling, tensors and tokens), written in llama.cpp's GGUF imatrix
 //! format or the legacy `.dat` format; `--in-file` merges earlier files.
 
-use crate::eval::imatrix::{collect, CollectParams, Collector};
-use crate::eval::perplexity::{n_chunks, PplParams};
-use crate::eval::read_text;
-use crate::model::cpu::CpuBackend;
-use crate::model::{Backend, Model};
-use crate::tokenizer::Tokenizer;
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
+use kiln::eval::imatrix::{collect, CollectParams, Collector};
+use kiln::eval::perplexity::{n_chunks, PplParams};
+use kiln::eval::read_text;
+use kiln::model::cpu::CpuBackend;
+use kiln::model::{Backend, Model};
+use kiln::tokenizer::Tokenizer;
 use kiln_formats::gguf::GgufFile;
 use kiln_formats::imatrix::{write_file, Imatrix};
 use std::io::Write;
@@ -35,7 +35,7 @@ pub struct Args {
     pub model: PathBuf,
     /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
     #[arg(long, value_name = "DEV", default_value = "auto")]
-    pub device: super::Device,
+    pub device: kiln::model::device::Device,
     /// Calibration text (its one trailing newline is dropped, as llama-imatrix does). Without it,
     /// the --in-file matrices are only combined.
     #[arg(short = 'f', long = "file")]

@@ -8,74 +8,7 @@ pub mod inspect;
 pub mod merge;
 pub mod perplexity;
 pub mod pipeline;
+pub mod progress;
 pub mod quantize;
 pub mod tokenize;
 pub mod verify;
-
-/// Where a model is evaluated: `--device cpu`, `cuda[:N]` or `auto` (the default).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Device {
-    /// The CPU backend.
-    Cpu,
-    /// An NVIDIA GPU by index.
-    Cuda(usize),
-    /// CUDA when a GPU backend is available, otherwise the CPU.
-    Auto,
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Device, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "cpu" => Ok(Device::Cpu),
-            "auto" => Ok(Device::Auto),
-            "cuda" => Ok(Device::Cuda(0)),
-            l => l
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| format!("'{s}' is not cpu, cuda, cuda:N or auto")),
-        }
-    }
-}
-
-impl Device {
-    /// The backend that runs for this choice, as reports state it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Device::Cpu | Device::Auto => "cpu",
-            Device::Cuda(_) => "cuda",
-        }
-    }
-
-    /// Checks that this build can evaluate on the device (today: the CPU only; `auto` picks it).
-    pub fn check(&self) -> anyhow::Result<()> {
-        match self {
-            Device::Cpu | Device::Auto => Ok(()),
-            Device::Cuda(n) => anyhow::bail!(
-                "--device cuda:{n}: this kiln has no CUDA backend yet (it needs a GPU machine to be \
-                 built and verified on); evaluate with --device cpu"
-            ),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Device;
-
-    #[test]
-    fn device_parses_and_cuda_is_refused_clearly() {
-        assert_eq!("cpu".parse(), Ok(Device::Cpu));
-        assert_eq!("auto".parse(), Ok(Device::Auto));
-        assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
-        assert_eq!("cuda:3".parse(), Ok(Device::Cuda(3)));
-        assert_eq!("CPU".parse(), Ok(Device::Cpu));
-        assert!("gpu".parse::<Device>().is_err());
-        assert!("cuda:x".parse::<Device>().is_err());
-        assert!(Device::Cpu.check().is_ok() && Device::Auto.check().is_ok());
-        let e = Device::Cuda(1).check().unwrap_err().to_string();
-        assert!(e.contains("cuda:1") && e.contains("--device cpu"), "{e}");
-    }
-}

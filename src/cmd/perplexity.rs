@@ -2,18 +2,18 @@
 //! model's saved log-probabilities, computed as llama-perplexity does (same chunks, BOS
 //! substitution, second-half scoring, base-file format and statistics).
 
-use crate::eval::kld::{self, BaseLogits, KldResult, DP_QUANTILES, KLD_QUANTILES};
-use crate::eval::perplexity::{
-    check_memory, n_chunks, perplexity, perplexity_save_base, PplParams, PplResult,
-};
-use crate::eval::read_text;
-use crate::eval::rope::{apply_rope, Ntk, RopeOverrides, RopeReport, RopeScaling};
-use crate::model::cpu::CpuBackend;
-use crate::model::{Backend, LlamaConfig, Model};
-use crate::tokenizer::Tokenizer;
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln::eval::kld::{self, BaseLogits, KldResult, DP_QUANTILES, KLD_QUANTILES};
+use kiln::eval::perplexity::{
+    check_memory, n_chunks, perplexity, perplexity_save_base, PplParams, PplResult,
+};
+use kiln::eval::read_text;
+use kiln::eval::rope::{apply_rope, Ntk, RopeOverrides, RopeReport, RopeScaling};
+use kiln::model::cpu::CpuBackend;
+use kiln::model::{Backend, LlamaConfig, Model};
+use kiln::tokenizer::Tokenizer;
 use kiln_formats::gguf::GgufFile;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -83,7 +83,7 @@ pub struct Args {
     pub model: PathBuf,
     /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
     #[arg(long, value_name = "DEV", default_value = "auto")]
-    pub device: super::Device,
+    pub device: kiln::model::device::Device,
     /// The text file (its one trailing newline is dropped, as llama-perplexity does).
     #[arg(short = 'f', long = "file", required_unless_present_any = ["token_ids", "kl_divergence"])]
     pub file: Option<PathBuf>,

@@ -1,10 +1,10 @@
 //! `kiln pipeline`: from a Llama base and PEFT LoRA(s) (or an F16 GGUF) to a folder of GGUF files at
 //! every requested quantization level, with perplexity per level and a reproducible report.
 
-use crate::pipeline::{self, RunEnd, Settings, Source};
-use crate::quant_plan::Ftype;
+use crate::cmd::progress::Terminal;
 use crate::Outcome;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
+use kiln::pipeline::{self, RunEnd, Settings, Source};
 use std::path::PathBuf;
 
 /// Arguments of `kiln pipeline`.
@@ -49,7 +49,7 @@ pub struct Args {
     pub chunks: Option<usize>,
     /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
     #[arg(long, value_name = "DEV", default_value = "auto")]
-    pub device: super::Device,
+    pub device: kiln::model::device::Device,
     /// KL divergence of each level against F16.
     #[arg(long)]
     pub kld: bool,
@@ -84,22 +84,6 @@ pub struct Args {
     pub threads: Option<usize>,
 }
 
-/// Parses the --quants list.
-pub fn parse_quants(list: &[String]) -> Result<Vec<Ftype>> {
-    list.iter()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            Ftype::parse(s).ok_or_else(|| {
-                anyhow!(
-                    "--quants: unknown level {s:?} (use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_S, Q3_K_M, \
-                     Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q2_K_S with an imatrix)"
-                )
-            })
-        })
-        .collect()
-}
-
 /// The exact command line, shell-quoted.
 pub fn command_line() -> String {
     std::env::args()
@@ -119,7 +103,7 @@ pub fn command_line() -> String {
 pub fn settings(a: Args) -> Result<Settings> {
     a.device.check()?;
     let device = a.device.name().to_string();
-    let quants = parse_quants(&a.quants)?;
+    let quants = pipeline::parse_quants(&a.quants)?;
     if let Some(n) = a.threads {
         if n == 0 {
             bail!("threads must be at least 1");
@@ -163,9 +147,17 @@ pub fn settings(a: Args) -> Result<Settings> {
     })
 }
 
+/// The pipeline's progress sink: bars indented under the step lines, hidden with --quiet.
+pub fn terminal(s: &Settings) -> Terminal {
+    Terminal {
+        quiet: s.quiet,
+        indent: true,
+    }
+}
+
 pub fn run(a: Args) -> Result<Outcome> {
     let s = settings(a)?;
-    match pipeline::run(&s)? {
+    match pipeline::run(&s, &terminal(&s))? {
         RunEnd::Done(report) => {
             print!("{}", report.summary());
             Ok(Outcome::Ok)

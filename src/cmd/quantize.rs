@@ -1,21 +1,13 @@
-//! `kiln quantize`: a GGUF file to any llama.cpp quantization level, byte-identical to llama-quantize.
+//! `kiln quantize`: parses llama-quantize's command line into [`QuantizeOptions`], runs the job
+//! and prints the plan (--dry-run) or the summary.
 
-use crate::progress;
-use crate::quant_plan::{self, Ftype, ModelShape, Overrides, PlanTensor, Planner};
+use crate::cmd::progress::Terminal;
 use crate::Outcome;
 use anyhow::{anyhow, bail, Context, Result};
-use kiln_formats::gguf::{GgufFile, GgufValue, GgufWriter, TensorInfo};
-use kiln_formats::imatrix::Imatrix;
-use kiln_quant::GgmlType;
-use rayon::prelude::*;
+use kiln::quant_plan::{Ftype, Overrides};
+use kiln::quantize::{parse_type, quantize, QuantizeOptions, TYPES_HELP};
 use regex::Regex;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
-
-const TYPES_HELP: &str =
-    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S (needs --imatrix), Q3_K_S, Q3_K_M, Q3_K_L, \
-Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (aliases Q3_K, Q4_K, Q5_K; case-insensitive)";
 
 /// Arguments of `kiln quantize` (llama-quantize's positional form and flag names).
 #[derive(clap::Args)]
@@ -75,217 +67,7 @@ pub struct Args {
     pub quiet: bool,
 }
 
-fn parse_type(s: &str, flag: &str) -> Result<GgmlType> {
-    GgmlType::from_name(s)
-        .filter(|t| *t != GgmlType::Q8K)
-        .ok_or_else(|| {
-            anyhow!("{flag}: unknown tensor type {s:?} (use a ggml type such as Q8_0, Q6_K, F16)")
-        })
-}
-
-/// The model facts the mix rules need, from the GGUF metadata.
-fn model_shape(f: &GgufFile) -> Result<ModelShape> {
-    let arch = f
-        .get("general.architecture")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| anyhow!("{}: no general.architecture key", f.path().display()))?
-        .to_string();
-    if arch != "llama" {
-        bail!(
-            "{}: architecture {arch:?} is not supported; kiln quantizes Llama-family models (general.architecture = \"llama\")",
-            f.path().display()
-        );
-    }
-    let get = |k: &str| f.get(k).and_then(|v| v.as_u32());
-    let n_layer = get("llama.block_count")
-        .ok_or_else(|| anyhow!("{}: no llama.block_count key", f.path().display()))?;
-    let n_head = get("llama.attention.head_count")
-        .ok_or_else(|| anyhow!("{}: no llama.attention.head_count key", f.path().display()))?;
-    let n_head_kv = get("llama.attention.head_count_kv").unwrap_or(n_head);
-    Ok(ModelShape {
-        n_layer,
-        n_head,
-        n_head_kv,
-    })
-}
-
-/// ggml's n_dims: trailing dimensions of size 1 dropped (at least one kept), as llama-quantize writes.
-fn c_shape(shape: &[u64]) -> Vec<u64> {
-    let n = shape
-        .iter()
-        .rposition(|&d| d != 1)
-        .map(|i| i + 1)
-        .unwrap_or(1);
-    shape[..n].to_vec()
-}
-
-/// The imatrix as llama-quantize uses it: per-column weights by tensor name after the include /
-/// exclude filters, and the metadata it records in the output.
-pub struct QuantWeights {
-    pub weights: BTreeMap<String, Vec<f32>>,
-    pub metadata: Vec<(String, GgufValue)>,
-}
-
-/// A string as llama.cpp's 128-byte KV override holds it (at most 127 bytes).
-fn kv_str(s: &str) -> String {
-    let mut n = s.len().min(127);
-    while !s.is_char_boundary(n) {
-        n -= 1;
-    }
-    s[..n].to_string()
-}
-
-/// Loads `path` and applies `--exclude-weights` / `--include-weights` (substring matches) as
-/// llama-quantize's `prepare_imatrix` does.
-pub fn load_quant_weights(
-    path: &std::path::Path,
-    include: &[String],
-    exclude: &[String],
-) -> Result<QuantWeights> {
-    let m = Imatrix::read(path)?;
-    if !m.is_legacy && !m.has_metadata {
-        bail!(
-            "{}: missing imatrix metadata (imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size)",
-            path.display()
-        );
-    }
-    let mut weights = m.quant_weights();
-    for name in exclude {
-        weights.retain(|k, _| !k.contains(name.as_str()));
-    }
-    if !include.is_empty() {
-        weights.retain(|k, _| include.iter().any(|n| k.contains(n.as_str())));
-    }
-    for (name, w) in &weights {
-        if let Some(v) = w.iter().find(|v| !v.is_finite()) {
-            bail!(
-                "{}: imatrix contains non-finite value {v} (entry {name})",
-                path.display()
-            );
-        }
-    }
-    let mut metadata = Vec::new();
-    if !weights.is_empty() {
-        metadata.push((
-            "quantize.imatrix.file".to_string(),
-            GgufValue::String(kv_str(&path.to_string_lossy())),
-        ));
-        if let Some(d) = m.datasets.first() {
-            metadata.push((
-                "quantize.imatrix.dataset".to_string(),
-                GgufValue::String(kv_str(d)),
-            ));
-        }
-        metadata.push((
-            "quantize.imatrix.entries_count".to_string(),
-            GgufValue::U32(weights.len() as u32),
-        ));
-        if m.chunk_count as i32 > 0 {
-            metadata.push((
-                "quantize.imatrix.chunks_count".to_string(),
-                GgufValue::U32(m.chunk_count),
-            ));
-        }
-    }
-    Ok(QuantWeights { weights, metadata })
-}
-
-/// One tensor to re-encode: its source bytes, what it becomes, and its importance weights
-/// (`cols` values per matrix of `rows_per_mat` rows) when the target type uses them.
-struct Job<'a> {
-    tensor: &'a str,
-    src_ty: GgmlType,
-    src: &'a [u8],
-    dst_ty: GgmlType,
-    rows: usize,
-    cols: usize,
-    in_row: usize,
-    out_row: usize,
-    rows_per_mat: usize,
-    weights: Option<&'a [f32]>,
-}
-
-/// Output bytes per chunk handed from the encoder to the writer: small enough that a few chunks in
-/// flight keep the resident set low, large enough that every thread gets many rows.
-const CHUNK_BYTES: usize = 8 << 20;
-
-impl<'a> Job<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        tensor: &'a str,
-        src_ty: GgmlType,
-        src: &'a [u8],
-        dst_ty: GgmlType,
-        rows: usize,
-        cols: usize,
-        rows_per_mat: usize,
-        weights: Option<&'a [f32]>,
-    ) -> Result<Job<'a>> {
-        let (in_row, out_row) =
-            crate::transcode::row_sizes(tensor, src_ty, src.len(), dst_ty, rows, cols)?;
-        Ok(Job {
-            tensor,
-            src_ty,
-            src,
-            dst_ty,
-            rows,
-            cols,
-            in_row,
-            out_row,
-            rows_per_mat: rows_per_mat.max(1),
-            weights,
-        })
-    }
-
-    /// Row ranges of about [`CHUNK_BYTES`] of input or output each, in order.
-    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> {
-        let per = (CHUNK_BYTES / self.in_row.max(self.out_row).max(1)).max(1);
-        let rows = self.rows;
-        (0..rows.div_ceil(per)).map(move |c| (c * per, ((c + 1) * per).min(rows)))
-    }
-
-    /// Encodes rows `r0..r1` into `out` (resized to fit; its old contents are all overwritten),
-    /// rows in parallel: each row is decoded to f32, checked finite when the target is quantized
-    /// (llama.cpp's quantizers would write NaN or Inf scales its own loader then rejects), and
-    /// quantized, with the importance weights of its matrix when there are any.
-    fn encode_rows(&self, r0: usize, r1: usize, out: &mut Vec<u8>) -> Result<()> {
-        let n = (r1 - r0) * self.out_row;
-        out.truncate(n);
-        out.resize(n, 0);
-        let src = &self.src[r0 * self.in_row..r1 * self.in_row];
-        out.par_chunks_mut(self.out_row)
-            .zip(src.par_chunks(self.in_row))
-            .enumerate()
-            .try_for_each_init(
-                || vec![0f32; self.cols],
-                |buf, (i, (dst, s))| -> Result<()> {
-                    let r = r0 + i;
-                    let w = match self.weights {
-                        Some(w) => {
-                            let m = r / self.rows_per_mat;
-                            Some(w.get(m * self.cols..(m + 1) * self.cols).ok_or_else(|| {
-                                anyhow!("tensor {}: no importance weights for row {r}", self.tensor)
-                            })?)
-                        }
-                        None => None,
-                    };
-                    crate::transcode::encode_row(
-                        self.tensor,
-                        r,
-                        self.src_ty,
-                        s,
-                        self.dst_ty,
-                        w,
-                        buf,
-                        dst,
-                    )
-                },
-            )
-    }
-}
-
 pub fn run(a: Args) -> Result<Outcome> {
-    let t0 = Instant::now();
     let ftype_s = a
         .ftype
         .as_deref()
@@ -315,105 +97,50 @@ pub fn run(a: Args) -> Result<Outcome> {
         let re = Regex::new(re).with_context(|| format!("--tensor-type {spec:?}: bad regex"))?;
         ov.tensor_types.push((re, parse_type(t, "--tensor-type")?));
     }
-    let qw = match &a.imatrix {
-        Some(p) => Some(load_quant_weights(
-            p,
-            &a.include_weights,
-            &a.exclude_weights,
-        )?),
-        None => None,
+    let opts = QuantizeOptions {
+        input: a.input.clone(),
+        ftype,
+        overrides: ov,
+        imatrix: a.imatrix.clone(),
+        include_weights: a.include_weights.clone(),
+        exclude_weights: a.exclude_weights.clone(),
+        allow_requantize: a.allow_requantize,
     };
-    let weights = qw.as_ref().map(|q| &q.weights).filter(|w| !w.is_empty());
-    ov.imatrix = weights.is_some();
-    if let Some(n) = a.threads.or(a.nthreads) {
-        if n == 0 {
-            bail!("threads must be at least 1");
-        }
+    // imatrix filters are read before the pool is sized, as before
+    let threads = a.threads.or(a.nthreads);
+    if threads == Some(0) {
+        bail!("threads must be at least 1");
+    }
+    let job = quantize(&opts)?;
+    if let Some(n) = threads {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
     }
-
-    let input =
-        GgufFile::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
-    let shape = model_shape(&input)?;
-    let mut order: Vec<&TensorInfo> = input.tensors.iter().collect();
-    order.sort_by(|x, y| {
-        quant_plan::loader_order_key(&x.name).cmp(&quant_plan::loader_order_key(&y.name))
-    });
-    let plan_in: Vec<PlanTensor> = order
-        .iter()
-        .map(|t| PlanTensor {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            ty: t.ty,
-        })
-        .collect();
-    let types = Planner::plan(ftype, shape, &ov, &plan_in);
-    if weights.is_none() {
-        if let Some((t, ty)) = order
-            .iter()
-            .zip(&types)
-            .find(|(t, ty)| **ty != t.ty && ftype.requires_imatrix(&t.name, **ty))
-        {
-            bail!(
-                "{ftype} requires an importance matrix (--imatrix FILE): tensor {} would be {ty} \
-                 (make one with `kiln imatrix -m MODEL -f TEXT`)",
-                t.name
-            );
-        }
-    }
-
-    if !a.allow_requantize {
-        if let Some((t, _)) = order
-            .iter()
-            .zip(&types)
-            .find(|(t, ty)| t.ty.is_quantized() && **ty != t.ty)
-        {
-            bail!(
-                "{}: tensor {} is already quantized ({}); requantizing loses quality twice, so it needs --allow-requantize (better: quantize from the F16 file)",
-                a.input.display(),
-                t.name,
-                t.ty
-            );
-        }
-    }
-
-    let n_elements: u64 = order.iter().map(|t| t.n_elements()).sum();
-    let new_sizes: Vec<u64> = order
-        .iter()
-        .zip(&types)
-        .map(|(t, ty)| {
-            ty.row_size(t.row_len()).unwrap_or(0) * (t.n_elements() / t.row_len().max(1))
-        })
-        .collect();
-    let total_in: u64 = order.iter().map(|t| t.n_bytes()).sum();
-    let total_out: u64 = new_sizes.iter().sum();
-    let bpw = |b: u64| b as f64 * 8.0 / n_elements.max(1) as f64;
-
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if a.dry_run {
         println!(
             "{:<36} {:>22} {:>6} -> {:<6} {:>12} {:>12}",
             "tensor", "shape", "type", "new", "MiB in", "MiB out"
         );
-        for ((t, ty), ns) in order.iter().zip(&types).zip(&new_sizes) {
+        for t in &job.tensors {
             println!(
                 "{:<36} {:>22} {:>6} -> {:<6} {:>12.3} {:>12.3}",
                 t.name,
                 format!("{:?}", t.shape),
-                t.ty.name(),
-                ty.name(),
-                t.n_bytes() as f64 / (1 << 20) as f64,
-                *ns as f64 / (1 << 20) as f64
+                t.from.name(),
+                t.to.name(),
+                mib(t.bytes_in),
+                mib(t.bytes_out)
             );
         }
         println!(
             "{ftype} ({}): model size {:.2} MiB ({:.2} BPW) -> quant size {:.2} MiB ({:.2} BPW)",
             ftype.description(),
-            total_in as f64 / (1 << 20) as f64,
-            bpw(total_in),
-            total_out as f64 / (1 << 20) as f64,
-            bpw(total_out)
+            mib(job.total_in),
+            job.bpw(job.total_in),
+            mib(job.total_out),
+            job.bpw(job.total_out)
         );
         return Ok(Outcome::Ok);
     }
@@ -424,152 +151,16 @@ pub fn run(a: Args) -> Result<Outcome> {
     if a.ftype.is_none() {
         bail!("missing TYPE: one of {TYPES_HELP}");
     }
-
-    let mut meta = quant_plan::quantized_metadata(input.metadata.iter().cloned(), ftype);
-    if let (Some(q), Some(_)) = (&qw, weights) {
-        for (k, v) in &q.metadata {
-            meta.retain(|(m, _)| m != k);
-            meta.push((k.clone(), v.clone()));
-        }
-    }
-    let infos: Vec<(String, Vec<u64>, GgmlType)> = order
-        .iter()
-        .zip(&types)
-        .map(|(t, ty)| (t.name.clone(), c_shape(&t.shape), *ty))
-        .collect();
-    let mut w = GgufWriter::create(out_path, &meta, &infos)
-        .with_context(|| format!("creating {}", out_path.display()))?;
-    // Every check first (importance weights, row sizes), so a bad tensor stops the run before
-    // anything is written.
-    let mut jobs = Vec::with_capacity(order.len());
-    for (t, ty) in order.iter().zip(&types) {
-        if t.ty == *ty {
-            jobs.push(None);
-            continue;
-        }
-        let cols = t.row_len() as usize;
-        let rows = (t.n_elements() / t.row_len().max(1)) as usize;
-        let rows_per_mat = t.shape.get(1).copied().unwrap_or(1) as usize;
-        let n_mat = t.shape.get(2).copied().unwrap_or(1) as usize;
-        let tw = match weights.and_then(|w| w.get(&t.name)) {
-            Some(w) if w.len() == cols * n_mat => Some(w.as_slice()),
-            Some(w) if t.name != "token_embd.weight" => bail!(
-                "imatrix size {} is different from tensor size {} for {}",
-                w.len(),
-                cols * n_mat,
-                t.name
-            ),
-            _ => None,
-        };
-        if tw.is_none() && ftype.requires_imatrix(&t.name, *ty) {
-            bail!(
-                "missing importance matrix for tensor {} in a very low-bit quantization ({ty}); \
-                 the result would be garbage",
-                t.name
-            );
-        }
-        let tw = tw.filter(|_| kiln_quant::uses_weights(*ty));
-        let src = input.tensor_data(t);
-        jobs.push(Some(Job::new(
-            &t.name,
-            t.ty,
-            src,
-            *ty,
-            rows,
-            cols,
-            rows_per_mat,
-            tw,
-        )?));
-    }
-
-    let in_file =
-        std::fs::File::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
-    let pb = progress::bytes_bar(total_in, a.quiet);
-    // An encoder thread quantizes chunk after chunk (rows in parallel on the rayon pool) while this
-    // thread writes the previous chunk, so the file write overlaps the arithmetic. Three buffers
-    // circulate: one being filled, one queued, one being written.
-    std::thread::scope(|scope| -> Result<()> {
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<(Vec<u8>, u64)>>(1);
-        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        for _ in 0..3 {
-            let _ = free_tx.send(Vec::new());
-        }
-        let todo = &jobs;
-        let input = &input;
-        let tensors = &order;
-        scope.spawn(move || {
-            for (t, job) in tensors.iter().zip(todo) {
-                let Some(job) = job else { continue };
-                for (r0, r1) in job.chunks() {
-                    let Ok(mut buf) = free_rx.recv() else { return };
-                    let done = job
-                        .encode_rows(r0, r1, &mut buf)
-                        .map(|()| (buf, ((r1 - r0) * job.in_row) as u64));
-                    // the input rows are not read again: their pages can go
-                    input.release_part(t, (r0 * job.in_row) as u64, (r1 * job.in_row) as u64);
-                    let failed = done.is_err();
-                    if full_tx.send(done).is_err() || failed {
-                        return;
-                    }
-                }
-            }
-        });
-        for ((t, ty), job) in order.iter().zip(&types).zip(&jobs) {
-            pb.set_message(format!("{} {} -> {}", t.name, t.ty, ty));
-            let Some(job) = job else {
-                // A tensor that keeps its type is copied file to file by the kernel.
-                w.write_tensor_from_file(
-                    &t.name,
-                    &in_file,
-                    input.data_offset + t.offset,
-                    t.n_bytes(),
-                )
-                .with_context(|| format!("writing {}", out_path.display()))?;
-                input.release(t);
-                pb.inc(t.n_bytes());
-                continue;
-            };
-            let mut failure = None;
-            let n_bytes = (job.rows * job.out_row) as u64;
-            let written = w.write_tensor_streamed(&t.name, n_bytes, |out| {
-                let mut left = n_bytes;
-                while left > 0 {
-                    match full_rx.recv() {
-                        Ok(Ok((buf, in_bytes))) => {
-                            out.write_all(&buf)?;
-                            left = left.saturating_sub(buf.len() as u64);
-                            pb.inc(in_bytes);
-                            let _ = free_tx.send(buf);
-                        }
-                        Ok(Err(e)) => {
-                            failure = Some(e);
-                            return Err(std::io::Error::other("encoding failed"));
-                        }
-                        Err(_) => return Err(std::io::Error::other("the encoder stopped")),
-                    }
-                }
-                Ok(())
-            });
-            if let Some(e) = failure {
-                return Err(e);
-            }
-            written.with_context(|| format!("writing {}", out_path.display()))?;
-            input.release(t);
-        }
-        Ok(())
-    })?;
-    w.finish()
-        .with_context(|| format!("finishing {}", out_path.display()))?;
-    pb.finish_and_clear();
+    let done = job.write(out_path, &Terminal::new(a.quiet))?;
     eprintln!(
         "{ftype}: {} -> {}: {:.2} MiB ({:.2} BPW) -> {:.2} MiB ({:.2} BPW) in {:.1}s",
         a.input.display(),
         out_path.display(),
-        total_in as f64 / (1 << 20) as f64,
-        bpw(total_in),
-        total_out as f64 / (1 << 20) as f64,
-        bpw(total_out),
-        t0.elapsed().as_secs_f64()
+        mib(done.bytes_in),
+        done.bpw_in,
+        mib(done.bytes_out),
+        done.bpw_out,
+        done.seconds
     );
     Ok(Outcome::Ok)
 }

@@ -1,9 +1,9 @@
 //! `kiln tokenize`: tokenize a prompt or a file with a GGUF model's vocabulary, printing what
 //! llama.cpp's `llama-tokenize` prints.
 
-use crate::tokenizer::Tokenizer;
 use crate::Outcome;
 use anyhow::{bail, Context, Result};
+use kiln::tokenizer::Tokenizer;
 use kiln_formats::gguf::GgufFile;
 use serde_json::json;
 use std::io::Write;

@@ -1,9 +1,9 @@
 //! `kiln verify`: re-hashes every file a folder's SHA256SUMS lists (a kiln pipeline output folder,
 //! a merged HF folder) and reports each mismatch; exit 1 if any file differs or is missing.
 
-use crate::pipeline::sums;
 use crate::Outcome;
 use anyhow::Result;
+use kiln::sums;
 use std::path::PathBuf;
 
 /// Arguments of `kiln verify`.

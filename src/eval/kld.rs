@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
-use crate::eval::perplexity::for_each_chunk;
+use crate::eval::chunks::for_each_chunk;
 use crate::model::{Backend, Model};
 
 /// The first 8 bytes of a base log-probability file.

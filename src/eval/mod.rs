@@ -3,6 +3,7 @@
 //! and RoPE context extension.
 
 pub mod bench;
+pub mod chunks;
 pub mod imatrix;
 pub mod kld;
 pub mod perplexity;

@@ -3,12 +3,12 @@
 //! cache of input hashes keyed by path, size and modification time, so unchanged inputs are not
 //! re-read.
 
+pub use crate::sums::sha256_file;
 use anyhow::{bail, Context, Result};
 use kiln_formats::atomic::AtomicFile;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
@@ -190,24 +190,6 @@ impl Manifest {
     pub fn output(&self, id: &str, rel: &str) -> Option<&Output> {
         self.steps.get(id)?.outputs.iter().find(|o| o.path == rel)
     }
-}
-
-/// Streams a file through SHA-256.
-pub fn sha256_file(path: &Path, on_bytes: &mut dyn FnMut(u64)) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        on_bytes(n as u64);
-    }
-    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Hashes a freshly written output (relative path `rel` under `out`).

@@ -10,16 +10,15 @@ pub mod eval;
 pub mod manifest;
 pub mod report;
 pub mod space;
-pub mod sums;
 pub mod svg;
 
-use crate::convert::LlamaDims;
 use crate::eval::perplexity::PplParams;
-use crate::merge::{self, Adapter, TOKENIZER_FILES};
+use crate::merge::{self, TOKENIZER_FILES};
+use crate::progress::{Bar, Progress, Unit};
 use crate::quant_plan::Ftype;
+use crate::quantize::{quantize, QuantizeOptions};
+use crate::sums;
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_formats::checkpoint::Checkpoint;
 use kiln_formats::gguf::GgufFile;
 use kiln_formats::hf::LlamaConfig;
 use kiln_quant::GgmlType;
@@ -86,6 +85,22 @@ pub enum RunEnd {
     ExpectMismatch,
 }
 
+/// Parses the --quants list.
+pub fn parse_quants(list: &[String]) -> Result<Vec<Ftype>> {
+    list.iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            Ftype::parse(s).ok_or_else(|| {
+                anyhow!(
+                    "--quants: unknown level {s:?} (use Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_S, Q3_K_M, \
+                     Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q2_K_S with an imatrix)"
+                )
+            })
+        })
+        .collect()
+}
+
 /// Quant level name used in step ids and file names ("q4_k_m", "f16", "q4_k_m-imatrix").
 pub fn level_file_name(level: &str) -> String {
     level.to_ascii_lowercase().replace('+', "-")
@@ -148,39 +163,31 @@ pub fn shell_quote(a: &str) -> String {
     }
 }
 
-/// Step status lines and progress bars on stderr.
-struct Log {
-    quiet: bool,
+/// Step status lines and progress bars, through the caller's [`Progress`].
+struct Log<'p> {
+    progress: &'p dyn Progress,
     n_steps: usize,
     k: usize,
 }
 
-impl Log {
+impl Log<'_> {
     fn step(&mut self, what: &str) {
         self.k += 1;
-        eprintln!("[{}/{}] {what}", self.k, self.n_steps);
+        self.progress
+            .note(&format!("[{}/{}] {what}", self.k, self.n_steps));
     }
     fn skip(&mut self, id: &str) {
         self.k += 1;
-        eprintln!("[{}/{}] skip {id} (up to date)", self.k, self.n_steps);
+        self.progress.note(&format!(
+            "[{}/{}] skip {id} (up to date)",
+            self.k, self.n_steps
+        ));
     }
-    fn bar(&self, total: u64, unit: &str) -> ProgressBar {
-        if self.quiet {
-            return ProgressBar::hidden();
-        }
-        let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        let tmpl = if unit == "bytes" {
-            "  {spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}"
-                .to_string()
-        } else {
-            format!(
-                "  {{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}} {{msg}}"
-            )
-        };
-        if let Ok(st) = ProgressStyle::with_template(&tmpl) {
-            pb.set_style(st);
-        }
-        pb
+    fn note(&self, line: &str) {
+        self.progress.note(line);
+    }
+    fn bar(&self, total: u64, unit: Unit) -> Box<dyn Bar> {
+        self.progress.bar(total, unit)
     }
 }
 
@@ -228,12 +235,12 @@ fn text_names(texts: &[PathBuf]) -> Vec<String> {
 /// returned handle is dropped or the process dies), so a second pipeline on the same folder stops
 /// with a clear error instead of both writing the same files. Where folders cannot be locked
 /// (a file system without locks, a platform that cannot open folders) there is only a warning.
-fn lock_out(out: &Path) -> Result<Option<std::fs::File>> {
+fn lock_out(out: &Path, log: &Log) -> Result<Option<std::fs::File>> {
     let warn = |e: &dyn std::fmt::Display| {
-        eprintln!(
+        log.note(&format!(
             "warning: cannot lock {} ({e}); make sure no other pipeline uses this folder",
             out.display()
-        );
+        ));
         Ok(None)
     };
     let f = match std::fs::File::open(out) {
@@ -379,11 +386,9 @@ fn test_stall(point: &str) {
 #[cfg(not(debug_assertions))]
 fn test_stall(_point: &str) {}
 
-/// The input files of a merge (base config, weights, tokenizer files; each adapter's files).
-fn merge_inputs(
-    base: &Path,
-    loras: &[PathBuf],
-) -> Result<(Vec<PathBuf>, Checkpoint, Vec<Adapter>)> {
+/// The merge of a run, opened and planned once, and its input files (base config, weights,
+/// tokenizer files; each adapter's files).
+fn merge_inputs(base: &Path, loras: &[PathBuf]) -> Result<(Vec<PathBuf>, merge::MergeJob)> {
     let cfg_path = base.join("config.json");
     if !cfg_path.is_file() {
         bail!(
@@ -391,14 +396,13 @@ fn merge_inputs(
             base.display()
         );
     }
-    let ckpt = Checkpoint::open(base)
-        .with_context(|| format!("opening the base weights in {}", base.display()))?;
-    let adapters: Vec<Adapter> = loras
-        .iter()
-        .map(|d| Adapter::open(d))
-        .collect::<Result<_>>()?;
+    let job = merge::MergeJob::open(&merge::MergeInputs {
+        base: base.to_path_buf(),
+        loras: loras.to_vec(),
+        vocab_size: None,
+    })?;
     let mut files = vec![cfg_path];
-    files.extend(ckpt.files().iter().cloned());
+    files.extend(job.base.files().iter().cloned());
     for f in ["generation_config.json"]
         .iter()
         .chain(TOKENIZER_FILES.iter())
@@ -408,11 +412,11 @@ fn merge_inputs(
             files.push(p);
         }
     }
-    for a in &adapters {
+    for a in &job.adapters {
         files.extend(a.files());
     }
     files.dedup();
-    Ok((files, ckpt, adapters))
+    Ok((files, job))
 }
 
 /// The folder whose tokenizer a merge uses: the last adapter with a tokenizer.model, else the base.
@@ -454,7 +458,7 @@ fn make_imatrix(
     let n_chunk = eval::check_length(text_path, tokens.len(), &params)?;
     let chunk_size = u32::try_from(s.n_ctx).context("-c is too large")?;
     let mut col = Collector::new(chunk_size, false);
-    let pb = log.bar(n_chunk as u64, "chunks");
+    let pb = log.bar(n_chunk as u64, Unit::Chunks);
     let r = collect(
         &m.model,
         &tokens,
@@ -470,12 +474,12 @@ fn make_imatrix(
             Ok(())
         },
     )?;
-    pb.finish_and_clear();
-    eprintln!(
+    pb.finish();
+    log.note(&format!(
         "  {} entries from {n_chunk} chunks, PPL {:.4}",
         col.entries.len(),
         r.ppl
-    );
+    ));
     col.gguf_bytes(Some(dataset))
 }
 
@@ -529,14 +533,19 @@ fn json_step<T: serde::Serialize + serde::de::DeserializeOwned>(
 }
 
 /// Runs the pipeline.
-pub fn run(s: &Settings) -> Result<RunEnd> {
+pub fn run(s: &Settings, progress: &dyn Progress) -> Result<RunEnd> {
+    let mut log = Log {
+        progress,
+        n_steps: 0,
+        k: 0,
+    };
     let t_start = Instant::now();
     let out = s.out.clone();
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a folder", out.display());
     }
     if s.quants.is_empty() && s.texts.is_empty() {
-        eprintln!("note: no --quants and no --eval-text: only the F16 GGUF will be made");
+        log.note("note: no --quants and no --eval-text: only the F16 GGUF will be made");
     }
     for (i, q) in s.quants.iter().enumerate() {
         if s.quants[..i].contains(q) {
@@ -556,10 +565,10 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
     }
 
     // 1. Inputs, opened and checked before anything is written.
-    let (input_files, merge_parts) = match &s.source {
+    let (input_files, merge_job) = match &s.source {
         Source::Merge { base, loras } => {
-            let (files, ckpt, adapters) = merge_inputs(base, loras)?;
-            (files, Some((ckpt, adapters)))
+            let (files, job) = merge_inputs(base, loras)?;
+            (files, Some(job))
         }
         Source::Model(m) => {
             if !m.is_file() {
@@ -621,11 +630,6 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
     } else {
         Manifest::empty()
     };
-    let mut log = Log {
-        quiet: s.quiet,
-        n_steps: 0,
-        k: 0,
-    };
     let to_hash: Vec<PathBuf> = input_files
         .iter()
         .cloned()
@@ -638,23 +642,23 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
-    eprintln!(
+    log.note(&format!(
         "hashing {} input files ({})",
         to_hash.len(),
         space::human(total)
-    );
-    let pb = log.bar(total, "bytes");
+    ));
+    let pb = log.bar(total, Unit::Bytes);
     let mut hashes: Vec<(PathBuf, String)> = Vec::new();
     for p in &to_hash {
         pb.set_message(
-            p.file_name()
+            &p.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
         let h = man.hash_input(p, &mut |n| pb.inc(n))?;
         hashes.push((p.clone(), h));
     }
-    pb.finish_and_clear();
+    pb.finish();
     for (t, (_, h)) in texts.iter_mut().zip(hashes[input_files.len()..].iter()) {
         t.sha256 = h.clone();
     }
@@ -676,26 +680,26 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         let mut unlisted = 0;
         for ((p, actual), r) in hashes.iter().zip(&res) {
             match r {
-                Some(sums::Expect::Ok) => eprintln!("OK        {}", p.display()),
+                Some(sums::Expect::Ok) => log.note(&format!("OK        {}", p.display())),
                 Some(sums::Expect::Mismatch { expected }) => {
                     bad += 1;
-                    eprintln!(
+                    log.note(&format!(
                         "MISMATCH  {}: sha256 {actual}, {} expects {expected}",
                         p.display(),
                         list_path.display()
-                    );
+                    ));
                 }
                 None => unlisted += 1,
             }
         }
         if bad > 0 {
-            eprintln!(
+            log.note(&format!(
                 "error: {bad} input file(s) differ from {}; nothing was written",
                 list_path.display()
-            );
+            ));
             return Ok(RunEnd::ExpectMismatch);
         }
-        eprintln!(
+        log.note(&format!(
             "--expect-sha256: {} input(s) match {}{}",
             res.iter().filter(|r| r.is_some()).count(),
             list_path.display(),
@@ -704,13 +708,13 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
             } else {
                 String::new()
             }
-        );
+        ));
     }
 
     // 4. The output folder.
     std::fs::create_dir_all(&out)
         .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
-    let _lock = lock_out(&out)?;
+    let _lock = lock_out(&out, &log)?;
     clean_leftovers(&out)?;
     let staging = out.join(STAGING);
     std::fs::create_dir_all(staging.join(EVAL_DIR)).with_context(|| {
@@ -747,7 +751,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
         .map(|(p, h)| (p.display().to_string(), h.clone()))
         .collect();
     let (f16_path, f16_rel, f16_sha) = match &s.source {
-        Source::Merge { base, loras } => {
+        Source::Merge { loras, .. } => {
             let id = "merge";
             let name = s.name.clone().unwrap_or_else(|| {
                 std::path::absolute(&out)
@@ -765,36 +769,30 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                 log.skip(id);
             } else {
                 log.step(&format!("merge {} LoRA(s) → {F16_FILE}", loras.len()));
-                let (ckpt, adapters) = merge_parts
+                let job = merge_job
                     .as_ref()
                     .ok_or_else(|| anyhow!("merge inputs were not opened"))?;
-                let cfg = LlamaConfig::load(&base.join("config.json"))?;
-                let dims = LlamaDims::from_config(&cfg)?;
-                let plan = merge::plan(base, ckpt, &dims, adapters, None)?;
-                let elems: u64 = plan
-                    .tensors
-                    .iter()
-                    .map(|t| t.shape.iter().product::<usize>() as u64)
-                    .sum();
-                let mut need = elems * 2 + (8 << 20);
+                let mut need = job.n_elements() * 2 + (8 << 20);
                 if s.keep_hf {
-                    need += plan.tensors.iter().map(|t| t.n_bytes()).sum::<u64>();
+                    need += job.hf_bytes();
                 }
                 space::check_dir(&out, "the merged model", need)?;
                 let t0 = Instant::now();
-                crate::cmd::merge::run(crate::cmd::merge::Args {
-                    base: base.clone(),
-                    lora: loras.clone(),
-                    out: s.keep_hf.then(|| staging.join("hf")),
-                    gguf: Some(staging.join(F16_FILE)),
-                    outtype: "f16".into(),
-                    vocab_size: None,
-                    max_shard_size: "5GB".into(),
-                    name: Some(name),
-                    force: false,
-                    threads: None,
-                    quiet: s.quiet,
-                })?;
+                let r = job.write(
+                    &merge::MergeOutputs {
+                        out: s.keep_hf.then(|| staging.join("hf")),
+                        gguf: Some(staging.join(F16_FILE)),
+                        kind: merge::GgufKind::Float(crate::convert::OutType::F16),
+                        max_shard_size: merge::parse_size("5GB")?,
+                        name: Some(name),
+                        force: false,
+                        hash_inputs: false,
+                    },
+                    log.progress,
+                )?;
+                for w in &r.written {
+                    log.note(&format!("  {w}"));
+                }
                 // merge writes a SHA256SUMS beside its GGUF; the pipeline writes its own.
                 let _ = std::fs::remove_file(staging.join(sums::SUMS));
                 publish(&out, F16_FILE)?;
@@ -814,7 +812,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                     },
                 );
                 man.save(&out)?;
-                eprintln!("  done in {:.1}s", t0.elapsed().as_secs_f64());
+                log.note(&format!("  done in {:.1}s", t0.elapsed().as_secs_f64()));
             }
             let sha = man
                 .output(id, F16_FILE)
@@ -871,7 +869,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                     },
                 );
                 man.save(&out)?;
-                eprintln!("  done in {:.1}s", t0.elapsed().as_secs_f64());
+                log.note(&format!("  done in {:.1}s", t0.elapsed().as_secs_f64()));
             }
             let sha = man
                 .output(id, rel)
@@ -912,24 +910,9 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
             };
             space::check_dir(&out, &rel, need)?;
             let t0 = Instant::now();
-            crate::cmd::quantize::run(crate::cmd::quantize::Args {
-                input: f16_path.clone(),
-                output: Some(staging.join(&rel)),
-                ftype: Some(q.name().to_string()),
-                nthreads: None,
-                threads: None,
-                pure: false,
-                output_tensor_type: None,
-                token_embedding_type: None,
-                tensor_type: Vec::new(),
-                leave_output_tensor: false,
-                allow_requantize: false,
-                dry_run: false,
-                quiet: s.quiet,
-                imatrix: imatrix.as_ref().map(|(p, _)| p.clone()),
-                include_weights: Vec::new(),
-                exclude_weights: Vec::new(),
-            })?;
+            let mut qo = QuantizeOptions::new(f16_path.clone(), *q);
+            qo.imatrix = imatrix.as_ref().map(|(p, _)| p.clone());
+            quantize(&qo)?.write(&staging.join(&rel), log.progress)?;
             test_stall(&id);
             publish(&out, &rel)?;
             man.steps.insert(
@@ -941,7 +924,7 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                 },
             );
             man.save(&out)?;
-            eprintln!("  done in {:.1}s", t0.elapsed().as_secs_f64());
+            log.note(&format!("  done in {:.1}s", t0.elapsed().as_secs_f64()));
         }
         let sha = man
             .output(&id, &rel)
@@ -983,14 +966,14 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                 |log| {
                     log.step(&format!("perplexity {level} on {}", t.name));
                     let m = load_once(&mut loaded, path)?;
-                    let pb = log.bar((t.n_chunk * params.n_ctx) as u64, "tokens");
+                    let pb = log.bar((t.n_chunk * params.n_ctx) as u64, Unit::Tokens);
                     let r = eval::ppl(m, &t.text, &params, |n| pb.set_position(n))?;
-                    pb.finish_and_clear();
+                    pb.finish();
                     let err = r.ppl_err.map(|e| format!(" ± {e:.4}")).unwrap_or_default();
-                    eprintln!(
+                    log.note(&format!(
                         "  PPL {:.4}{err} ({} chunks, {:.1} tok/s)",
                         r.ppl, r.n_chunk, r.tokens_per_second
-                    );
+                    ));
                     Ok(r)
                 },
             )?;
@@ -1011,11 +994,11 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                     let m = load_once(&mut loaded, path)?;
                     let need = eval::kld_base_size(t.n_chunk, params.n_ctx, m.model.cfg.n_vocab);
                     space::check_dir(&out, &rel, need)?;
-                    let pb = log.bar((t.n_chunk * params.n_ctx) as u64, "tokens");
+                    let pb = log.bar((t.n_chunk * params.n_ctx) as u64, Unit::Tokens);
                     eval::kld_base(m, &t.text, &params, &out.join(STAGING).join(&rel), |n| {
                         pb.set_position(n)
                     })?;
-                    pb.finish_and_clear();
+                    pb.finish();
                     publish(&out, &rel)?;
                     man.steps.insert(
                         id.clone(),
@@ -1053,15 +1036,15 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                     |log| {
                         log.step(&format!("KLD {level} vs F16 on {}", t.name));
                         let m = load_once(&mut loaded, path)?;
-                        let pb = log.bar((t.n_chunk * params.n_ctx) as u64, "tokens");
+                        let pb = log.bar((t.n_chunk * params.n_ctx) as u64, Unit::Tokens);
                         let r = eval::kld(m, &bpath, &params, |n| pb.set_position(n))?;
-                        pb.finish_and_clear();
-                        eprintln!(
+                        pb.finish();
+                        log.note(&format!(
                             "  mean KLD {:.6} ± {:.6}, same top {:.2}%",
                             r.mean_kld,
                             r.mean_kld_unc,
                             100.0 * r.same_top
-                        );
+                        ));
                         Ok(r)
                     },
                 )?;
@@ -1087,10 +1070,10 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
                     let m = load_once(&mut loaded, path)?;
                     let bp = eval::bench_params(m.model.cfg.n_ctx_train);
                     let r = eval::speed(m, &bp)?;
-                    eprintln!(
+                    log.note(&format!(
                         "  pp{} {:.2} tok/s, tg{} {:.2} ms/tok",
                         r.pp_tokens, r.pp_tok_s, r.tg_tokens, r.tg_ms_tok
-                    );
+                    ));
                     Ok(r)
                 },
             )?;
@@ -1231,17 +1214,24 @@ pub fn run(s: &Settings) -> Result<RunEnd> {
     }
     write_if_changed(&out.join(sums::SUMS), sums::format(&entries).as_bytes())?;
     let _ = std::fs::remove_dir_all(&staging);
-    eprintln!(
+    log.note(&format!(
         "pipeline finished in {:.1}s: {} (kiln verify {} re-checks every file)",
         t_start.elapsed().as_secs_f64(),
         out.display(),
         out.display()
-    );
+    ));
     Ok(RunEnd::Done(Box::new(report)))
 }
 
 #[cfg(test)]
 mod tests {
+    fn quiet_log() -> super::Log<'static> {
+        super::Log {
+            progress: &crate::progress::Silent,
+            n_steps: 0,
+            k: 0,
+        }
+    }
     use super::*;
 
     #[test]
@@ -1307,11 +1297,11 @@ mod tests {
     #[test]
     fn second_pipeline_on_one_folder_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        let held = lock_out(d.path()).unwrap();
+        let held = lock_out(d.path(), &quiet_log()).unwrap();
         assert!(held.is_some());
-        let e = lock_out(d.path()).unwrap_err().to_string();
+        let e = lock_out(d.path(), &quiet_log()).unwrap_err().to_string();
         assert!(e.contains("another kiln pipeline"), "{e}");
         drop(held);
-        assert!(lock_out(d.path()).unwrap().is_some());
+        assert!(lock_out(d.path(), &quiet_log()).unwrap().is_some());
     }
 }

@@ -17,10 +17,16 @@ use kiln_formats::sentencepiece::SpModel;
 use kiln_quant::lowrank::{add_lowrank, add_lowrank_f16, LowRankShape};
 use rayon::prelude::*;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::convert::{is_dropped, LlamaDims};
+
+mod direct;
+mod write;
+pub use write::{
+    merge, parse_outtype, GgufKind, MergeInputs, MergeJob, MergeOptions, MergeOutputs, MergeReport,
+};
 
 /// PEFT's prefix of every adapter tensor name (`PeftModel.base_model.model`).
 const PEFT_PREFIX: &str = "base_model.model.";
@@ -1250,13 +1256,6 @@ pub fn safetensors_header(tensors: &[(&str, DType, &[usize])]) -> Result<(Vec<u8
     header.extend_from_slice(&json);
     let base = header.len() as u64;
     Ok((header, rel.into_iter().map(|o| o + base).collect()))
-}
-
-/// Lines of a SHA256SUMS file (sha256sum format), sorted by name.
-pub fn sha256sums(entries: &HashMap<String, String>) -> String {
-    let mut v: Vec<_> = entries.iter().collect();
-    v.sort();
-    v.into_iter().map(|(n, h)| format!("{h}  {n}\n")).collect()
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
-//! `SHA256SUMS` files (the `sha256sum` format): writing the list of a pipeline's outputs, reading a
-//! published list for `--expect-sha256`, and re-hashing a folder for `kiln verify`.
+//! `SHA256SUMS` files (the `sha256sum` format) and the streaming file hash: the lists merge and
+//! the pipeline write, reading a published list for `--expect-sha256`, and re-hashing a folder
+//! for `kiln verify`.
 
-use super::manifest::sha256_file;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// File name of the checksum list inside --out.
@@ -26,6 +29,65 @@ pub fn format(entries: &[Entry]) -> String {
     v.iter()
         .map(|e| format!("{}  {}\n", e.sha256, e.name))
         .collect()
+}
+
+/// The lines of a SHA256SUMS file for a name → hash map (sorted by name).
+pub fn format_map(entries: &HashMap<String, String>) -> String {
+    let v: Vec<Entry> = entries
+        .iter()
+        .map(|(n, h)| Entry {
+            sha256: h.clone(),
+            name: n.clone(),
+        })
+        .collect();
+    format(&v)
+}
+
+/// Adds or replaces `file`'s line in the SHA256SUMS beside it (lines that are not
+/// `HASH  NAME` are dropped).
+pub fn upsert_beside(file: &Path, hash: &str) -> Result<()> {
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sums_path = dir.join(SUMS);
+    let mut entries: HashMap<String, String> = HashMap::new();
+    if let Ok(text) = std::fs::read_to_string(&sums_path) {
+        for line in text.lines() {
+            if let Some((h, n)) = line.split_once("  ") {
+                entries.insert(n.to_string(), h.to_string());
+            }
+        }
+    }
+    entries.insert(name, hash.to_string());
+    let mut f = kiln_formats::atomic::AtomicFile::create(&sums_path)
+        .with_context(|| format!("writing {}", sums_path.display()))?;
+    std::io::Write::write_all(&mut f, format_map(&entries).as_bytes())
+        .with_context(|| format!("writing {}", sums_path.display()))?;
+    f.commit()
+        .with_context(|| format!("writing {}", sums_path.display()))
+}
+
+/// Streams a file through SHA-256; `on_bytes(n)` after every block read.
+pub fn sha256_file(path: &Path, on_bytes: &mut dyn FnMut(u64)) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        on_bytes(n as u64);
+    }
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Parses sha256sum output: `HASH  NAME` or `HASH *NAME` (binary mode), blank lines and `#`
