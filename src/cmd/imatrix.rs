@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use kiln::eval::imatrix::{collect, CollectParams, Collector};
 use kiln::eval::perplexity::{n_chunks, PplParams};
 use kiln::eval::read_text;
-use kiln::model::cpu::CpuBackend;
-use kiln::model::{Backend, Model};
+use kiln::model::device;
+use kiln::model::Backend;
 use kiln::tokenizer::Tokenizer;
 use kiln_formats::gguf::GgufFile;
 use kiln_formats::imatrix::{write_file, Imatrix};
@@ -138,7 +138,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         pool = pool.num_threads(t.max(1));
     }
     let pool = pool.build().context("starting threads")?;
-    let model = Model::load(Arc::clone(&file), CpuBackend)
+    let model = device::load(Arc::clone(&file), &a.device)
         .with_context(|| format!("loading {}", a.model.display()))?;
     if !a.quiet {
         eprintln!(

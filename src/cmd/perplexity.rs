@@ -11,8 +11,8 @@ use kiln::eval::perplexity::{
 };
 use kiln::eval::read_text;
 use kiln::eval::rope::{apply_rope, Ntk, RopeOverrides, RopeReport, RopeScaling};
-use kiln::model::cpu::CpuBackend;
-use kiln::model::{Backend, LlamaConfig, Model};
+use kiln::model::device::{self, Device, Evaluator};
+use kiln::model::{Backend, LlamaConfig};
 use kiln::tokenizer::Tokenizer;
 use kiln_formats::gguf::GgufFile;
 use std::io::BufWriter;
@@ -176,9 +176,9 @@ impl Opened {
     }
 
     /// Loads the weights with the RoPE overrides applied for context `n_ctx`.
-    pub fn load(&self, rope: &RopeArgs, n_ctx: usize) -> Result<(Model<CpuBackend>, RopeReport)> {
+    pub fn load(&self, rope: &RopeArgs, n_ctx: usize) -> Result<(Evaluator, RopeReport)> {
         let path = self.file.path().to_path_buf();
-        let mut model = Model::load(Arc::clone(&self.file), CpuBackend)
+        let mut model = device::load(Arc::clone(&self.file), &Device::Cpu)
             .with_context(|| format!("loading {}", path.display()))?;
         let report = apply_rope(&mut model.cfg, &self.file, &rope.overrides()?, n_ctx)?;
         Ok((model, report))

@@ -49,6 +49,18 @@ impl Device {
     }
 }
 
+/// The model every evaluation runs: on the CPU backend until a GPU backend lands.
+pub type Evaluator = super::Model<super::cpu::CpuBackend>;
+
+/// Loads `file` for evaluation on `device`: the one place the backend is chosen.
+pub fn load(
+    file: std::sync::Arc<kiln_formats::gguf::GgufFile>,
+    device: &Device,
+) -> anyhow::Result<Evaluator> {
+    device.check()?;
+    super::Model::load(file, super::cpu::CpuBackend)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Device;

@@ -5,8 +5,8 @@
 use crate::eval::bench::{bench, BenchParams};
 use crate::eval::kld::{kld_stats, row_len, scored_per_chunk, BaseLogits};
 use crate::eval::perplexity::{n_chunks, perplexity, perplexity_save_base, PplParams};
-use crate::model::cpu::CpuBackend;
-use crate::model::{Backend, Model};
+use crate::model::device::{self, Evaluator};
+use crate::model::Backend;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use kiln_formats::gguf::{serialize_header, GgufFile, GgufHeader};
@@ -82,7 +82,7 @@ pub struct PplRecord {
 
 /// A loaded model with its vocabulary.
 pub struct Loaded {
-    pub model: Model<CpuBackend>,
+    pub model: Evaluator,
     pub tok: Tokenizer,
 }
 
@@ -98,7 +98,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
     }
     let tok = Tokenizer::from_gguf(&file)
         .with_context(|| format!("reading the vocabulary of {}", path.display()))?;
-    let model = Model::load(Arc::clone(&file), CpuBackend)
+    let model = device::load(Arc::clone(&file), &device::Device::Cpu)
         .with_context(|| format!("loading {}", path.display()))?;
     Ok(Loaded { model, tok })
 }
