@@ -251,7 +251,9 @@ fn llama_cpp_loads_merged_gguf() {
             // The cached CPU build of llama.cpp may use instructions this machine lacks for quantized
             // dot products (it dies the same way on llama-quantize's own files): not our file's fault.
             if ty != "f16" && o.status.signal() == Some(4) {
-                eprintln!("skipping {ty}: llama-perplexity dies with SIGILL on quantized models on this CPU");
+                skip_unsupported(&format!(
+                    "{ty}: llama-perplexity dies with SIGILL on quantized models on this CPU"
+                ));
                 continue;
             }
         }

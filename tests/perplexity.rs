@@ -40,10 +40,7 @@ fn final_ppl(s: &str) -> Option<f64> {
 fn same_ppl_as_llama_perplexity() {
     let Some(fx) = fixtures() else { return };
     let Some(bin) = llamacpp_bin() else { return };
-    let Some(text) = zh_text() else {
-        eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
-        return;
-    };
+    let Some(text) = zh_text() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let f16 = gqa_f16(&fx, tmp.path());
     let mut report = Vec::new();
@@ -335,10 +332,7 @@ fn decode_base(p: &Path) -> (Vec<u8>, Vec<Vec<f32>>) {
 fn kld_files_and_statistics_match_llama_perplexity() {
     let Some(fx) = fixtures() else { return };
     let Some(bin) = llamacpp_bin() else { return };
-    let Some(text) = zh_text() else {
-        eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
-        return;
-    };
+    let Some(text) = zh_text() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let f16 = gqa_f16(&fx, tmp.path());
     let (kiln_base, llama_base) = (tmp.path().join("kiln.kld"), tmp.path().join("llama.kld"));
@@ -527,10 +521,7 @@ fn with_context_length(src: &Path, dst: &Path, n: u32) {
 fn ntk_and_linear_rope_match_llama_perplexity() {
     let Some(fx) = fixtures() else { return };
     let Some(bin) = llamacpp_bin() else { return };
-    let Some(text) = zh_text() else {
-        eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
-        return;
-    };
+    let Some(text) = zh_text() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let f16 = gqa_f16(&fx, tmp.path());
     let short = tmp.path().join("ctx64.gguf");

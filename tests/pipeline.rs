@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_exit, demo_pipeline_args, kiln, sha256_file};
+use common::{assert_exit, demo_pipeline_args, kiln, sha256_file, skip_unsupported};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -528,7 +528,7 @@ fn hostile_outputs_and_texts_are_clear_errors() {
         assert_exit(&o, 2);
         assert!(stderr(&o).contains("cannot write"), "{}", stderr(&o));
     } else {
-        eprintln!("skipping the read-only folder case: running as root");
+        skip_unsupported("the read-only folder case: running as root");
     }
     // eval text too short for the context: exit 2, finished steps kept
     let out = copy_of_finished(&dir.path().join("zh-demo"));

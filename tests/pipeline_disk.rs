@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_exit, demo_pipeline_args, kiln, sha256_file};
+use common::{assert_exit, demo_pipeline_args, kiln, sha256_file, skip};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -19,7 +19,7 @@ fn pipeline(inputs: &Path, out: &Path, quants: &str) -> Vec<String> {
 #[test]
 fn a_full_disk_is_a_clear_error_and_finished_steps_are_kept() {
     if !Path::new("/bin/sh").exists() {
-        eprintln!("skipping: /bin/sh not found");
+        skip("/bin/sh", "install a POSIX shell");
         return;
     }
     let d = tempfile::tempdir().unwrap();

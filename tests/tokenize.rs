@@ -235,15 +235,10 @@ fn python_sentencepiece() -> bool {
 
 #[test]
 fn identical_to_llama_tokenize() {
-    let Some(shared) = shared_dir() else {
-        eprintln!("skipping: ../shared not found");
+    let Some(shared) = shared_dir() else { return };
+    let Some(bin) = llamacpp_tools(&["llama-tokenize"]) else {
         return;
     };
-    let Some(bin) = llamacpp_bin() else { return };
-    if !bin.join("llama-tokenize").is_file() {
-        eprintln!("skipping: no llama-tokenize in {}", bin.display());
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let texts = texts(&shared);
     let files = write_texts(tmp.path(), &texts);
@@ -290,12 +285,9 @@ fn identical_to_llama_tokenize() {
 
 #[test]
 fn identical_to_sentencepiece() {
-    let Some(shared) = shared_dir() else {
-        eprintln!("skipping: ../shared not found");
-        return;
-    };
+    let Some(shared) = shared_dir() else { return };
     if !python_sentencepiece() {
-        eprintln!("skipping: python3 with sentencepiece is needed");
+        skip("python3 with sentencepiece", HOW_PYTHON);
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -324,7 +316,10 @@ fn llama_cpp_spm_test_corpus() {
         models.join("ggml-vocab-llama-spm.gguf.out"),
     );
     if !(gguf.is_file() && inp.is_file() && outp.is_file()) {
-        eprintln!("skipping: {} not found", models.display());
+        skip(
+            &format!("llama.cpp's SPM test corpus in {}", models.display()),
+            HOW_LLAMACPP,
+        );
         return;
     }
     let raw = std::fs::read(&inp).unwrap();
@@ -361,10 +356,7 @@ fn llama_cpp_spm_test_corpus() {
 
 #[test]
 fn empty_text_is_just_bos_and_json_output() {
-    let Some(shared) = shared_dir() else {
-        eprintln!("skipping: ../shared not found");
-        return;
-    };
+    let Some(shared) = shared_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let (_, spm) = &tokenizers(&shared)[1];
     let gguf = tmp.path().join("v.gguf");

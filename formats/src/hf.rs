@@ -913,33 +913,7 @@ impl AdapterConfig {
 mod tests {
     use super::*;
 
-    fn shared_dir() -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("KILN_SHARED") {
-            let p = PathBuf::from(p);
-            if p.join("spec/llamacpp.md").is_file() {
-                return Some(p);
-            }
-        }
-        let mut dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")));
-        while let Some(d) = dir {
-            let cand = d.join("shared");
-            if cand.join("spec/llamacpp.md").is_file() {
-                return Some(cand);
-            }
-            dir = d.parent();
-        }
-        None
-    }
-
-    fn fixture(rel: &str) -> Option<PathBuf> {
-        match shared_dir() {
-            Some(d) => Some(d.join(rel)),
-            None => {
-                eprintln!("skipping: ../shared not found");
-                None
-            }
-        }
-    }
+    use crate::torch::tests::shared_path as fixture;
 
     fn write_tmp(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
         let p = dir.path().join(name);

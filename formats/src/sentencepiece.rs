@@ -690,33 +690,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn shared_dir() -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("KILN_SHARED") {
-            let p = PathBuf::from(p);
-            if p.join("spec/llamacpp.md").is_file() {
-                return Some(p);
-            }
-        }
-        let mut dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")));
-        while let Some(d) = dir {
-            let cand = d.join("shared");
-            if cand.join("spec/llamacpp.md").is_file() {
-                return Some(cand);
-            }
-            dir = d.parent();
-        }
-        None
-    }
-
-    fn fixture(rel: &str) -> Option<PathBuf> {
-        match shared_dir() {
-            Some(d) => Some(d.join(rel)),
-            None => {
-                eprintln!("skipping: ../shared not found");
-                None
-            }
-        }
-    }
+    use crate::torch::tests::{shared_path as fixture, skip, HOW_PYTHON};
 
     // ---- synthetic models, written with the module's protobuf writer ----
     fn piece_msg(piece: &[u8], score: Option<f32>, kind: Option<i64>) -> Vec<u8> {
@@ -1253,18 +1227,14 @@ json.dump({
         {
             Ok(o) => o,
             Err(e) => {
-                eprintln!("skipping python comparison: python3 not runnable: {e}");
+                skip(&format!("python3 ({e})"), HOW_PYTHON);
                 return None;
             }
         };
         if !out.status.success() {
-            eprintln!(
-                "skipping python comparison: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().last().unwrap_or("");
+            skip(&format!("python3 with sentencepiece ({last})"), HOW_PYTHON);
             return None;
         }
         Some(serde_json::from_slice(&out.stdout).unwrap())

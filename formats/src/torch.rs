@@ -276,7 +276,7 @@ pub fn scan(path: &Path, bytes: &[u8]) -> Result<Vec<FileTensor>, CheckpointErro
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::checkpoint::Checkpoint;
     use crate::pickle::tests::{tensor_pickle, TestEntry as Entry};
@@ -284,10 +284,12 @@ mod tests {
     use std::path::PathBuf;
     use zip::write::SimpleFileOptions;
 
-    /// The shared fixtures folder (walks up from the crate looking for `shared/spec/llamacpp.md`).
+    /// The shared fixtures folder: `$KILN_SHARED` when set (only that folder), else the first
+    /// `shared/` with `spec/llamacpp.md` walking up from the crate.
     pub(crate) fn shared_dir() -> Option<PathBuf> {
-        if let Ok(p) = std::env::var("KILN_SHARED") {
-            return Some(PathBuf::from(p));
+        if let Some(p) = std::env::var_os("KILN_SHARED") {
+            let p = PathBuf::from(p);
+            return p.join("spec/llamacpp.md").is_file().then_some(p);
         }
         let mut d = Some(Path::new(env!("CARGO_MANIFEST_DIR")));
         while let Some(p) = d {
@@ -300,9 +302,44 @@ mod tests {
         None
     }
 
+    /// How to provide ../shared and the Python packages, for [`skip`].
+    pub(crate) const HOW_SHARED: &str =
+        "put the shared fixtures beside the checkout as ../shared or set KILN_SHARED";
+    pub(crate) const HOW_PYTHON: &str = "pip install numpy safetensors sentencepiece gguf";
+
+    /// The crate's one way to skip a test for a missing fixture or tool (as the workspace's
+    /// tests/common does): prints `SKIPPED <test>: ...`, or panics under `KILN_REQUIRE_INTEROP=1`.
+    pub(crate) fn skip(what: &str, how: &str) {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("<unnamed test>")
+            .to_string();
+        if std::env::var("KILN_REQUIRE_INTEROP").as_deref() == Ok("1") {
+            panic!("KILN_REQUIRE_INTEROP=1 but {name} needs {what}: {how}");
+        }
+        // Straight to stderr: libtest captures `eprintln!` of passing tests, not the stream.
+        let line =
+            format!("SKIPPED {name}: {what} ({how}; KILN_REQUIRE_INTEROP=1 makes this a failure)");
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
+
+    /// `rel` inside the shared fixtures folder; None after a [`skip`] when that folder is missing.
+    pub(crate) fn shared_path(rel: &str) -> Option<PathBuf> {
+        let d = shared_dir();
+        if d.is_none() {
+            skip("../shared", HOW_SHARED);
+        }
+        Some(d?.join(rel))
+    }
+
     fn fixture() -> Option<PathBuf> {
-        let p = shared_dir()?.join("fixtures/torch-save-llama/pytorch_model.bin");
-        p.is_file().then_some(p)
+        let rel = "fixtures/torch-save-llama/pytorch_model.bin";
+        let p = shared_path(rel)?;
+        if !p.is_file() {
+            skip(&format!("../shared/{rel}"), HOW_SHARED);
+            return None;
+        }
+        Some(p)
     }
 
     /// Writes a torch-style zip: data.pkl, byteorder, data/<key> storages.
@@ -631,10 +668,7 @@ mod tests {
 
     #[test]
     fn real_torch_save_fixture() {
-        let Some(p) = fixture() else {
-            eprintln!("skipping: ../shared not found");
-            return;
-        };
+        let Some(p) = fixture() else { return };
         let ck = Checkpoint::open(p.parent().unwrap()).unwrap();
         assert_eq!(ck.format(), "pytorch zip");
         let cfg: serde_json::Value =
@@ -725,7 +759,7 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/torch_bin.py")
     }
 
-    /// Runs the Python helper; None (with a skip note) when python3 is unavailable.
+    /// Runs the Python helper; None after a [`skip`] when python3 or numpy is unavailable.
     fn python_json(args: &[&str]) -> Option<serde_json::Value> {
         let out = match std::process::Command::new("python3")
             .arg(script())
@@ -734,15 +768,13 @@ mod tests {
         {
             Ok(o) => o,
             Err(e) => {
-                eprintln!("skipping python cross-check: {e}");
+                skip(&format!("python3 ({e})"), HOW_PYTHON);
                 return None;
             }
         };
         if out.status.code() == Some(77) {
-            eprintln!(
-                "skipping python cross-check: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let why = String::from_utf8_lossy(&out.stderr);
+            skip(&format!("python3 with numpy ({})", why.trim()), HOW_PYTHON);
             return None;
         }
         assert!(

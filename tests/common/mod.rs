@@ -1,5 +1,5 @@
-//! Shared helpers of the CLI end-to-end tests: the kiln binary, ../shared, generated fixture models
-//! and llama.cpp's reference tools.
+//! Shared helpers of the CLI end-to-end tests: the kiln binary, ../shared, generated fixture models,
+//! llama.cpp's reference tools, and the one way a test skips when one of those is missing.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -19,10 +19,68 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared` (or `$KILN_SHARED`): the tokenizers, texts and spec beside the checkout.
-pub fn shared_dir() -> Option<PathBuf> {
-    if let Ok(s) = std::env::var("KILN_SHARED") {
-        return Some(PathBuf::from(s));
+/// How to provide ../shared.
+pub const HOW_SHARED: &str =
+    "put the shared fixtures beside the checkout as ../shared or set KILN_SHARED";
+/// How to provide the Python packages of the fixture generator and the independent checks.
+pub const HOW_PYTHON: &str = "pip install numpy safetensors sentencepiece gguf";
+/// How to provide llama.cpp's tools.
+pub const HOW_LLAMACPP: &str = "export KILN_LLAMACPP_BIN=$(bash scripts/llamacpp-tools.sh)";
+
+/// Whether `KILN_REQUIRE_INTEROP=1`: every fixture and external tool must be present (CI sets it
+/// where it built llama.cpp's tools), so a missing one fails the test instead of skipping it.
+pub fn interop_required() -> bool {
+    std::env::var("KILN_REQUIRE_INTEROP").as_deref() == Ok("1")
+}
+
+fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string()
+}
+
+/// The one way a test skips for a missing fixture or external tool: `what` is missing, `how` says
+/// how to provide it. Prints `SKIPPED <test>: ...` to stderr, or panics under
+/// `KILN_REQUIRE_INTEROP=1`. The caller then returns.
+pub fn skip(what: &str, how: &str) {
+    let name = test_name();
+    if interop_required() {
+        panic!("KILN_REQUIRE_INTEROP=1 but {name} needs {what}: {how}");
+    }
+    visible(&format!(
+        "SKIPPED {name}: {what} ({how}; KILN_REQUIRE_INTEROP=1 makes this a failure)"
+    ));
+}
+
+/// Writes a line straight to the process's stderr: libtest captures `eprintln!` of passing tests,
+/// not writes to the stream itself, so a skip shows in a plain `cargo test`.
+fn visible(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// [`skip`], then None: for the helpers that hand a test what it needs.
+fn missing<T>(what: &str, how: &str) -> Option<T> {
+    skip(what, how);
+    None
+}
+
+/// A visible skip for something of the machine rather than a fixture or tool (a CPU feature,
+/// running as root): never a failure, not even under `KILN_REQUIRE_INTEROP=1`.
+pub fn skip_unsupported(why: &str) {
+    visible(&format!(
+        "SKIPPED {}: {why} (a property of this machine, not a missing fixture or tool)",
+        test_name()
+    ));
+}
+
+/// `$KILN_SHARED` when set (only that folder), else the first `shared/` with `spec/llamacpp.md`
+/// walking up from the checkout.
+fn find_shared() -> Option<PathBuf> {
+    if let Some(s) = std::env::var_os("KILN_SHARED") {
+        let s = PathBuf::from(s);
+        return s.join("spec/llamacpp.md").is_file().then_some(s);
     }
     let mut d = root();
     loop {
@@ -36,6 +94,12 @@ pub fn shared_dir() -> Option<PathBuf> {
     }
 }
 
+/// `../shared` (or `$KILN_SHARED`): the tokenizers, texts and spec beside the checkout; None after
+/// a [`skip`] when it is missing.
+pub fn shared_dir() -> Option<PathBuf> {
+    find_shared().or_else(|| missing("../shared", HOW_SHARED))
+}
+
 fn python_ok() -> bool {
     Command::new("python3")
         .args(["-c", "import numpy, safetensors, sentencepiece, gguf"])
@@ -45,16 +109,19 @@ fn python_ok() -> bool {
 }
 
 /// Runs a fixture generator (`python3 SCRIPT OUT --shared SHARED`) once into `target/NAME`, again
-/// whenever one of the generator scripts changed. None (with a printed reason) when Python or
-/// ../shared is missing.
-fn generated(name: &str, script: &str, generators: &[&str]) -> Option<PathBuf> {
-    let shared = shared_dir().or_else(|| {
-        eprintln!("skipping: ../shared not found (set KILN_SHARED)");
-        None
-    })?;
+/// whenever one of the generator scripts changed. Err(what is missing, how to provide it) when
+/// Python or ../shared is missing.
+fn generated(
+    name: &str,
+    script: &str,
+    generators: &[&str],
+) -> Result<PathBuf, (&'static str, &'static str)> {
+    let shared = find_shared().ok_or(("../shared", HOW_SHARED))?;
     if !python_ok() {
-        eprintln!("skipping: python3 with numpy, safetensors, sentencepiece and gguf is needed");
-        return None;
+        return Err((
+            "python3 with numpy, safetensors, sentencepiece and gguf",
+            HOW_PYTHON,
+        ));
     }
     let out = root().join("target").join(name);
     let stamp = generators
@@ -67,7 +134,7 @@ fn generated(name: &str, script: &str, generators: &[&str]) -> Option<PathBuf> {
         .as_deref()
         == Some(stamp.as_str())
     {
-        return Some(out);
+        return Ok(out);
     }
     let tmp = root()
         .join("target")
@@ -88,12 +155,13 @@ fn generated(name: &str, script: &str, generators: &[&str]) -> Option<PathBuf> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     assert!(out.join(".complete").is_file());
-    Some(out)
+    Ok(out)
 }
 
-/// The generated fixture models (`fixtures/gen_models.py`), made once per target folder.
+/// The generated fixture models (`fixtures/gen_models.py`), made once per target folder; None after
+/// a [`skip`] when Python or ../shared is missing.
 pub fn fixtures() -> Option<PathBuf> {
-    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static DIR: OnceLock<Result<PathBuf, (&str, &str)>> = OnceLock::new();
     DIR.get_or_init(|| {
         generated(
             "kiln-fixtures",
@@ -102,27 +170,39 @@ pub fn fixtures() -> Option<PathBuf> {
         )
     })
     .clone()
+    .map_or_else(|(what, how)| missing(what, how), Some)
 }
 
-/// The folder of llama.cpp's tools: `$KILN_LLAMACPP_BIN`, else the oracle script's cache.
-pub fn llamacpp_bin() -> Option<PathBuf> {
-    let cands =
-        std::env::var("KILN_LLAMACPP_BIN")
-            .ok()
-            .map(PathBuf::from)
-            .into_iter()
-            .chain(std::env::var("HOME").ok().map(|h| {
-                PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu-noamx/bin")
-            }));
-    for c in cands {
-        if c.join("llama-quantize").is_file() && c.join("llama-perplexity").is_file() {
-            return Some(c);
+/// The folder of llama.cpp's tools: `$KILN_LLAMACPP_BIN` when set (only that folder), else the
+/// cache of scripts/llamacpp-tools.sh. None after a [`skip`] naming the first of llama-quantize,
+/// llama-perplexity and `extra` that it lacks.
+pub fn llamacpp_tools(extra: &[&str]) -> Option<PathBuf> {
+    let dir = match std::env::var_os("KILN_LLAMACPP_BIN") {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".cache/llamacpp-oracle/0.3.36/build-cpu-noamx/bin"),
+            None => {
+                return missing(
+                    "llama.cpp's tools (KILN_LLAMACPP_BIN unset, no HOME)",
+                    HOW_LLAMACPP,
+                )
+            }
+        },
+    };
+    for tool in ["llama-quantize", "llama-perplexity"].iter().chain(extra) {
+        if !dir.join(tool).is_file() {
+            return missing(
+                &format!("llama.cpp's {tool} (not in {})", dir.display()),
+                HOW_LLAMACPP,
+            );
         }
     }
-    eprintln!(
-        "skipping llama.cpp interop: build the tools with `export KILN_LLAMACPP_BIN=$(bash scripts/llamacpp-tools.sh)`"
-    );
-    None
+    Some(dir)
+}
+
+/// [`llamacpp_tools`] with llama-quantize and llama-perplexity.
+pub fn llamacpp_bin() -> Option<PathBuf> {
+    llamacpp_tools(&[])
 }
 
 /// Runs a Python check script from tests/interop and asserts it succeeds.
@@ -158,9 +238,9 @@ pub fn sha256_file(p: &Path) -> String {
 }
 
 /// The generated LoRA fixtures (`fixtures/gen_lora.py`: a GQA base and PEFT adapters), made once per
-/// target folder.
+/// target folder; None after a [`skip`] when Python or ../shared is missing.
 pub fn lora_fixtures() -> Option<PathBuf> {
-    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static DIR: OnceLock<Result<PathBuf, (&str, &str)>> = OnceLock::new();
     DIR.get_or_init(|| {
         generated(
             "kiln-lora-fixtures",
@@ -173,6 +253,7 @@ pub fn lora_fixtures() -> Option<PathBuf> {
         )
     })
     .clone()
+    .map_or_else(|(what, how)| missing(what, how), Some)
 }
 
 /// Compares two GGUF files: equal metadata values (order-insensitive), the same tensor names,
@@ -224,13 +305,17 @@ pub fn assert_same_gguf(a: &Path, b: &Path) {
     }
 }
 
-/// `../shared/fixtures/texts/zh-libai.txt`, the Chinese evaluation text (None, with a note, when
-/// ../shared is missing).
+/// `../shared/fixtures/texts/zh-libai.txt`, the Chinese evaluation text; None after a [`skip`] when
+/// it is missing.
 pub fn zh_text() -> Option<PathBuf> {
-    let t = shared_dir()?.join("fixtures/texts/zh-libai.txt");
+    shared_file("fixtures/texts/zh-libai.txt")
+}
+
+/// `rel` inside ../shared; None after a [`skip`] when ../shared or the file is missing.
+pub fn shared_file(rel: &str) -> Option<PathBuf> {
+    let t = shared_dir()?.join(rel);
     if !t.is_file() {
-        eprintln!("skipping: ../shared/fixtures/texts/zh-libai.txt not found");
-        return None;
+        return missing(&format!("../shared/{rel}"), HOW_SHARED);
     }
     Some(t)
 }

@@ -46,8 +46,11 @@ def main():
         same = mine == real
         print(f"real torch.save file ({len(sd)} tensors, {len(real)} bytes): {'identical' if same else 'DIFFERENT'}")
         fails += not same
+    elif os.environ.get("KILN_REQUIRE_INTEROP") == "1":
+        print("KILN_REQUIRE_INTEROP=1 but the shared torch-save-llama fixture is missing (../shared or KILN_SHARED)")
+        fails += 1
     else:
-        print("skipping byte comparison: shared torch-save-llama fixture not found")
+        print("SKIPPED byte comparison: shared torch-save-llama fixture not found (../shared or KILN_SHARED)")
 
     rng = np.random.default_rng(7)
     base = rng.standard_normal(64).astype(np.float32)

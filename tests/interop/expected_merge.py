@@ -303,7 +303,10 @@ def check_hf(out: str, base_dir: str, config: dict, exp: dict, tok_dir: str, err
                 if arr.tobytes() != got_map[name][1].tobytes():
                     errors.append(f"{s}: safetensors package reads {name} differently")
     except ImportError:
-        print("note: safetensors package missing; official-reader check skipped")
+        if os.environ.get("KILN_REQUIRE_INTEROP") == "1":
+            errors.append("KILN_REQUIRE_INTEROP=1 but the safetensors package is missing (pip install safetensors)")
+        else:
+            print("SKIPPED official-reader check: safetensors package missing (pip install safetensors)")
     except (TypeError, ValueError) as e:  # bf16 has no numpy dtype
         print(f"note: safetensors.numpy cannot read these shards ({e}); official-reader check skipped")
     # side files

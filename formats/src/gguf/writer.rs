@@ -693,14 +693,18 @@ mod tests {
         assert_eq!(h.metadata, md);
     }
 
-    /// Writes a file with kiln and reads it with the Python `gguf` package (skipped if missing).
+    /// Writes a file with kiln and reads it with the Python `gguf` package (a visible skip if missing,
+    /// a failure under `KILN_REQUIRE_INTEROP=1`).
     #[test]
     fn python_gguf_reads_our_files() {
         let probe = std::process::Command::new("python3")
             .args(["-c", "import gguf"])
             .output();
         if !matches!(probe, Ok(ref o) if o.status.success()) {
-            eprintln!("skipping: python3 with the gguf package not found");
+            crate::torch::tests::skip(
+                "python3 with the gguf package",
+                crate::torch::tests::HOW_PYTHON,
+            );
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -751,7 +751,21 @@ mod tests {
     /// Repacked products equal the scalar reference bit for bit.
     fn check(ty: GgmlType, rows: usize, cols: usize, t: usize, seed: u64) {
         if !supported(ty, rows, cols) {
-            eprintln!("skipping: no AVX-512 VNNI");
+            // A hardware capability, not a fixture or tool: never a failure, not even under
+            // KILN_REQUIRE_INTEROP=1 (CI machines may lack VNNI).
+            // Straight to stderr (libtest captures `eprintln!` of passing tests, not the stream),
+            // once per test thread rather than once per proptest case.
+            use std::io::Write;
+            thread_local!(static SAID: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+            if SAID.with(|s| s.replace(true)) {
+                return;
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {}: repacked kernels unavailable (no AVX-512 VNNI on this CPU, or the scalar path \
+                 is forced); a hardware capability, not a failure even under KILN_REQUIRE_INTEROP=1",
+                std::thread::current().name().unwrap_or("<unnamed test>")
+            );
             return;
         }
         let rb = ty.row_size(cols as u64).unwrap() as usize;
