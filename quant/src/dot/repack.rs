@@ -48,7 +48,7 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::Isa::current() == crate::Isa::Avx512
-            && super::avx2::avx512_available()
+            && super::avx512::available()
             && is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -150,7 +150,7 @@ fn pack_block(ty: GgmlType, x: &[u8], r: usize, db: &mut [u8]) {
             db[32 + 2 * r..34 + 2 * r].copy_from_slice(&x[2..4]);
             let sc = &x[4..16];
             for j in 0..8 {
-                let (s, m) = super::scale_min_k4(j, sc);
+                let (s, m) = super::scalar::scale_min_k4(j, sc);
                 db[64 + 16 * j + r] = s as u8;
                 db[192 + 32 * (j / 2) + 2 * r + j % 2] = m as u8;
             }
@@ -214,7 +214,7 @@ pub fn prepare(ty: GgmlType, cols: usize, qa: &[u8], t: usize) -> Option<Vec<u8>
                 .sum();
             o[32 + 4 * m..36 + 4 * m].copy_from_slice(&(-off * s).to_le_bytes());
         }
-        o[64..68].copy_from_slice(&super::rd_f16(y, 0).to_le_bytes());
+        o[64..68].copy_from_slice(&super::scalar::rd_f16(y, 0).to_le_bytes());
     }
     Some(out)
 }
