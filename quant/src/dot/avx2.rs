@@ -12,9 +12,9 @@
 use std::arch::x86_64::*;
 
 use super::flash::{self, HeadView};
-use super::format::ActFormat;
+use super::format::{ActFormat, Q8_1_BYTES};
 use super::scalar::{self, decode_q3_k, hsum8, lanes_sum, rd_f16, rd_f32, scale_min_k4, KBlock};
-use crate::blocks::QK_K;
+use crate::blocks::{BlockQ3K, BlockQ8K, BlockQ8_0, QK_K};
 
 /// Whether this CPU runs these kernels.
 pub(super) fn available() -> bool {
@@ -170,7 +170,7 @@ unsafe fn legacy_tile<const TY: u8, const ONE: bool, const RM: usize, const RN: 
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); RN]; RM];
         let mut summs = [[0f32; RN]; RM];
-        let abs = if ONE { 36 } else { 34 };
+        let abs = if ONE { Q8_1_BYTES } else { BlockQ8_0::BYTES };
         let qo = if ONE { 4 } else { 2 };
         for b in 0..nb {
             let mut xv = [_mm256_setzero_si256(); RM];
@@ -326,7 +326,7 @@ unsafe fn dec_k<const TY: u8>(x: *const u8, k: &mut KDec) {
                     vals: [0; QK_K],
                     scales: [0; 16],
                 };
-                decode_q3_k(bytes(0, 110), &mut kb);
+                decode_q3_k(bytes(0, BlockQ3K::BYTES), &mut kb);
                 let hm = ld(x);
                 for j in 0..2 {
                     let bits = ld(x.add(32 + 32 * j));
@@ -510,7 +510,9 @@ pub(super) unsafe fn k_body<const TY: u8, const VNNI: bool, const TILED: bool>(
                     let mut s2 = [zero; 8];
                     let mut dy = [0f32; 8];
                     for t in 0..8 {
-                        let y = a.as_ptr().add(base + (gi * 8 + t) * stride + b * 292);
+                        let y = a
+                            .as_ptr()
+                            .add(base + (gi * 8 + t) * stride + b * BlockQ8K::BYTES);
                         dy[t] = f32_at(y);
                         let bsums = ld(y.add(260));
                         let mut sumi = k_sumi::<VNNI>(TY == 3, &k, y.add(4));
@@ -544,7 +546,7 @@ pub(super) unsafe fn k_body<const TY: u8, const VNNI: bool, const TILED: bool>(
                     *av = _mm256_fmadd_ps(res, _mm256_loadu_ps(dy.as_ptr()), *av);
                 }
                 for j in grouped..og.len() {
-                    let y = a.as_ptr().add(base + j * stride + b * 292);
+                    let y = a.as_ptr().add(base + j * stride + b * BlockQ8K::BYTES);
                     let yd = f32_at(y);
                     let bsums = ld(y.add(260));
                     let mut sumi = k_sumi::<VNNI>(TY == 3, &k, y.add(4));

@@ -7,7 +7,9 @@ use std::arch::x86_64::*;
 
 use super::avx2::{self, bits16, h2f, ld, legacy_drive, nib, store8};
 use super::flash::{self, HeadView};
+use super::format::Q8_1_BYTES;
 use super::scalar::{hsum8, lanes_sum, rd_f16, rd_f32};
+use crate::blocks::BlockQ8_0;
 
 /// A legacy block as unsigned bytes for `vpdpbusd`: the `_0` types offset by `OFF` (Q4_0 8,
 /// Q5_0 16, Q8_0 128; the products are corrected by `OFF * Σq` per lane, exactly).
@@ -46,7 +48,7 @@ unsafe fn legacy_tile_vnni<const TY: u8, const ONE: bool, const RM: usize, const
         let zero = _mm256_setzero_si256();
         let mut acc = [[_mm256_setzero_ps(); RN]; RM];
         let mut summs = [[0f32; RN]; RM];
-        let abs = if ONE { 36 } else { 34 };
+        let abs = if ONE { Q8_1_BYTES } else { BlockQ8_0::BYTES };
         let qo = if ONE { 4 } else { 2 };
         let idx: [__m256i; 4] = [
             _mm256_set1_epi32(0),

@@ -1,8 +1,12 @@
 //! The activation formats of the dot products ([`ActFormat`]: what activations are converted to
 //! before a dot with a weight row of each ggml type) and the row-length checks every kernel relies on.
 
-use crate::blocks::{QK, QK_K};
+use crate::blocks::{BlockQ8K, BlockQ8_0, QK, QK_K};
 use crate::{GgmlType, QuantError};
+
+/// Bytes of one Q8_1 activation block, `d:f16 | s:f16 | qs[32]` (a format of activations only, so
+/// not in the type table).
+pub(crate) const Q8_1_BYTES: usize = 2 + 2 + QK;
 
 /// The format activations are converted to before a dot product with a weight row
 /// (ggml's `vec_dot_type`).
@@ -39,9 +43,9 @@ impl ActFormat {
         match self {
             ActFormat::F32 | ActFormat::F16 => 4,
             ActFormat::BF16 => 2,
-            ActFormat::Q8_0 => 34,
-            ActFormat::Q8_1 => 36,
-            ActFormat::Q8K => 292,
+            ActFormat::Q8_0 => BlockQ8_0::BYTES,
+            ActFormat::Q8_1 => Q8_1_BYTES,
+            ActFormat::Q8K => BlockQ8K::BYTES,
         }
     }
 }

@@ -9,8 +9,11 @@
 
 use half::f16;
 
-use super::format::ActFormat;
-use crate::blocks::{QK, QK_K};
+use super::format::{ActFormat, Q8_1_BYTES};
+use crate::blocks::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, QK, QK_K,
+};
 use crate::GgmlType;
 
 #[inline]
@@ -46,12 +49,15 @@ fn absmax(x: &[f32]) -> f32 {
 /// `id` and in the rounding of ties.)
 #[inline(always)]
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [u8]) {
-    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
+    for (xb, ob) in x
+        .chunks_exact(QK)
+        .zip(out.chunks_exact_mut(BlockQ8_0::BYTES))
+    {
         let amax = absmax(xb);
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         ob[0..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
-        for (q, &v) in ob[2..34].iter_mut().zip(xb) {
+        for (q, &v) in ob[2..BlockQ8_0::BYTES].iter_mut().zip(xb) {
             *q = (round_even(v * id) as i32).clamp(-128, 127) as i8 as u8;
         }
     }
@@ -60,12 +66,12 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [u8]) {
 /// ggml-cpu's x86 `quantize_row_q8_1`: as [`quantize_row_q8_0`] plus `s = f16(d * Σq)`.
 #[inline(always)]
 pub fn quantize_row_q8_1(x: &[f32], out: &mut [u8]) {
-    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(36)) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_1_BYTES)) {
         let amax = absmax(xb);
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
-        for (q, &v) in ob[4..36].iter_mut().zip(xb) {
+        for (q, &v) in ob[4..Q8_1_BYTES].iter_mut().zip(xb) {
             let qi = (round_even(v * id) as i32).clamp(-128, 127);
             sum += qi;
             *q = qi as i8 as u8;
@@ -77,7 +83,10 @@ pub fn quantize_row_q8_1(x: &[f32], out: &mut [u8]) {
 
 /// `quantize_row_q8_K` (ggml-cpu uses the reference on x86).
 pub fn quantize_row_q8_k(x: &[f32], out: &mut [u8]) {
-    for (xb, ob) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(292)) {
+    for (xb, ob) in x
+        .chunks_exact(QK_K)
+        .zip(out.chunks_exact_mut(BlockQ8K::BYTES))
+    {
         if let Ok(a) = <&[f32; QK_K]>::try_from(xb) {
             let b = crate::reference::kquants::quantize_q8_k(a);
             ob.copy_from_slice(&b.to_bytes());
@@ -289,10 +298,10 @@ fn i8_at(b: &[u8], i: usize) -> i32 {
 fn dot_q0_lanes(w: &[u8], a: &[u8], wbs: usize, vals: impl Fn(&[u8], &mut [i32; QK])) -> f32 {
     let mut acc = [0.0f32; 8];
     let mut xv = [0i32; QK];
-    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(34)) {
+    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(BlockQ8_0::BYTES)) {
         vals(x, &mut xv);
         let d = rd_f16(x, 0) * rd_f16(y, 0);
-        let q8 = &y[2..34];
+        let q8 = &y[2..BlockQ8_0::BYTES];
         for (m, c) in acc.iter_mut().enumerate() {
             let mut lane = 0i32;
             for e in 4 * m..4 * m + 4 {
@@ -313,7 +322,7 @@ pub(super) fn hsum8(c: [f32; 8]) -> f32 {
 
 /// Q4_0 · Q8_0.
 pub fn dot_q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    dot_q0_lanes(w, a, 18, |x, v| {
+    dot_q0_lanes(w, a, BlockQ4_0::BYTES, |x, v| {
         for j in 0..16 {
             v[j] = i32::from(x[2 + j] & 0x0F) - 8;
             v[j + 16] = i32::from(x[2 + j] >> 4) - 8;
@@ -329,11 +338,11 @@ fn dot_q1_lanes(w: &[u8], a: &[u8], wbs: usize, vals: impl Fn(&[u8], &mut [i32; 
     let mut acc = [0.0f32; 8];
     let mut summs = 0.0f32;
     let mut xv = [0i32; QK];
-    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(36)) {
+    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(Q8_1_BYTES)) {
         vals(x, &mut xv);
         summs = rd_f16(x, 2).mul_add(rd_f16(y, 2), summs);
         let d = rd_f16(x, 0) * rd_f16(y, 0);
-        let q8 = &y[4..36];
+        let q8 = &y[4..Q8_1_BYTES];
         for (m, c) in acc.iter_mut().enumerate() {
             let mut lane = 0i32;
             for e in 4 * m..4 * m + 4 {
@@ -347,7 +356,7 @@ fn dot_q1_lanes(w: &[u8], a: &[u8], wbs: usize, vals: impl Fn(&[u8], &mut [i32; 
 
 /// Q4_1 · Q8_1.
 pub fn dot_q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
-    dot_q1_lanes(w, a, 20, |x, v| {
+    dot_q1_lanes(w, a, BlockQ4_1::BYTES, |x, v| {
         for j in 0..16 {
             v[j] = i32::from(x[4 + j] & 0x0F);
             v[j + 16] = i32::from(x[4 + j] >> 4);
@@ -365,10 +374,10 @@ fn q5_vals(qh: u32, qs: &[u8], j: usize) -> (i32, i32) {
 
 /// Q5_0 · Q8_0.
 pub fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    dot_q0_lanes(w, a, 22, |x, v| {
+    dot_q0_lanes(w, a, BlockQ5_0::BYTES, |x, v| {
         let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
         for j in 0..16 {
-            let (v0, v1) = q5_vals(qh, &x[6..22], j);
+            let (v0, v1) = q5_vals(qh, &x[6..BlockQ5_0::BYTES], j);
             v[j] = v0 - 16;
             v[j + 16] = v1 - 16;
         }
@@ -377,10 +386,10 @@ pub fn dot_q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
 
 /// Q5_1 · Q8_1.
 pub fn dot_q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
-    dot_q1_lanes(w, a, 24, |x, v| {
+    dot_q1_lanes(w, a, BlockQ5_1::BYTES, |x, v| {
         let qh = u32::from_le_bytes([x[4], x[5], x[6], x[7]]);
         for j in 0..16 {
-            let (v0, v1) = q5_vals(qh, &x[8..24], j);
+            let (v0, v1) = q5_vals(qh, &x[8..BlockQ5_1::BYTES], j);
             v[j] = v0;
             v[j + 16] = v1;
         }
@@ -389,8 +398,8 @@ pub fn dot_q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
 
 /// Q8_0 · Q8_0.
 pub fn dot_q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    dot_q0_lanes(w, a, 34, |x, v| {
-        for (o, &b) in v.iter_mut().zip(&x[2..34]) {
+    dot_q0_lanes(w, a, BlockQ8_0::BYTES, |x, v| {
+        for (o, &b) in v.iter_mut().zip(&x[2..BlockQ8_0::BYTES]) {
             *o = i32::from(b as i8);
         }
     })
@@ -458,7 +467,10 @@ pub fn dot_q2_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         vals: [0; QK_K],
         scales: [0; 16],
     };
-    for (x, y) in w.chunks_exact(84).zip(a.chunks_exact(292)) {
+    for (x, y) in w
+        .chunks_exact(BlockQ2K::BYTES)
+        .zip(a.chunks_exact(BlockQ8K::BYTES))
+    {
         let y = q8k(y);
         let mins = decode_q2_k(x, &mut kb);
         let d = y.d * rd_f16(x, 80);
@@ -510,7 +522,10 @@ pub fn dot_q3_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         vals: [0; QK_K],
         scales: [0; 16],
     };
-    for (x, y) in w.chunks_exact(110).zip(a.chunks_exact(292)) {
+    for (x, y) in w
+        .chunks_exact(BlockQ3K::BYTES)
+        .zip(a.chunks_exact(BlockQ8K::BYTES))
+    {
         let y = q8k(y);
         decode_q3_k(x, &mut kb);
         let d = y.d * rd_f16(x, 108);
@@ -539,9 +554,9 @@ pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
 pub(crate) fn decode_q45_k(x: &[u8], five: bool, kb: &mut KBlock) -> [i32; 8] {
     let sc = &x[4..16];
     let (qh, q4) = if five {
-        (&x[16..48], &x[48..176])
+        (&x[16..48], &x[48..BlockQ5K::BYTES])
     } else {
-        (&x[0..0], &x[16..144])
+        (&x[0..0], &x[16..BlockQ4K::BYTES])
     };
     for (e, v) in kb.vals.iter_mut().enumerate() {
         let chunk = e / 64;
@@ -588,7 +603,10 @@ pub fn dot_q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         vals: [0; QK_K],
         scales: [0; 16],
     };
-    for (x, y) in w.chunks_exact(144).zip(a.chunks_exact(292)) {
+    for (x, y) in w
+        .chunks_exact(BlockQ4K::BYTES)
+        .zip(a.chunks_exact(BlockQ8K::BYTES))
+    {
         let y = q8k(y);
         let mins = decode_q45_k(x, false, &mut kb);
         let d = y.d * rd_f16(x, 0);
@@ -613,7 +631,10 @@ pub fn dot_q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         vals: [0; QK_K],
         scales: [0; 16],
     };
-    for (x, y) in w.chunks_exact(176).zip(a.chunks_exact(292)) {
+    for (x, y) in w
+        .chunks_exact(BlockQ5K::BYTES)
+        .zip(a.chunks_exact(BlockQ8K::BYTES))
+    {
         let y = q8k(y);
         let mins = decode_q45_k(x, true, &mut kb);
         let d = y.d * rd_f16(x, 0);
@@ -658,7 +679,10 @@ pub fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         vals: [0; QK_K],
         scales: [0; 16],
     };
-    for (x, y) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
+    for (x, y) in w
+        .chunks_exact(BlockQ6K::BYTES)
+        .zip(a.chunks_exact(BlockQ8K::BYTES))
+    {
         let y = q8k(y);
         decode_q6_k(x, &mut kb);
         let d = y.d * rd_f16(x, 208);
@@ -679,18 +703,18 @@ pub fn dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
 /// `TY`: 2..=6 for Q2_K..Q6_K.
 fn dot_k_tiled<const TY: u8>(w: &[u8], a: &[u8]) -> f32 {
     let wbs = match TY {
-        2 => 84,
-        3 => 110,
-        4 => 144,
-        5 => 176,
-        _ => 210,
+        2 => BlockQ2K::BYTES,
+        3 => BlockQ3K::BYTES,
+        4 => BlockQ4K::BYTES,
+        5 => BlockQ5K::BYTES,
+        _ => BlockQ6K::BYTES,
     };
     let mut acc = 0f32;
     let mut kb = KBlock {
         vals: [0; QK_K],
         scales: [0; 16],
     };
-    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(292)) {
+    for (x, y) in w.chunks_exact(wbs).zip(a.chunks_exact(BlockQ8K::BYTES)) {
         let y = q8k(y);
         let (d, dmin, s2) = match TY {
             2 => {

@@ -2,8 +2,13 @@
 //! (each checks the CPU and every length, falling back to the narrower kernel or the scalar loop),
 //! and [`many_fn`], which picks among them.
 
+use super::format::{ActFormat, Q8_1_BYTES};
 use super::scalar::{self, scalar_many, DotManyFn};
 use super::{avx2, avx512};
+use crate::blocks::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0,
+};
 use crate::GgmlType;
 
 /// A one-weight-row kernel: `(row, activations, stride, out)`.
@@ -74,7 +79,7 @@ macro_rules! kquant {
             $name,
             $name512,
             $wbs,
-            292,
+            BlockQ8K::BYTES,
             $scalar,
             |w, rb, a, s, o| unsafe {
                 per_row(
@@ -112,7 +117,7 @@ macro_rules! kquant {
             $tname,
             $tname512,
             $wbs,
-            292,
+            BlockQ8K::BYTES,
             $tscalar,
             |w, rb, a, s, o| unsafe {
                 per_row(
@@ -149,18 +154,58 @@ macro_rules! kquant {
     };
 }
 
-legacy!(q4_0, q4_0_512, 0, false, 18, 34, scalar::dot_q4_0_q8_0);
-legacy!(q5_0, q5_0_512, 1, false, 22, 34, scalar::dot_q5_0_q8_0);
-legacy!(q8_0, q8_0_512, 2, false, 34, 34, scalar::dot_q8_0_q8_0);
-legacy!(q4_1, q4_1_512, 3, true, 20, 36, scalar::dot_q4_1_q8_1);
-legacy!(q5_1, q5_1_512, 4, true, 24, 36, scalar::dot_q5_1_q8_1);
+legacy!(
+    q4_0,
+    q4_0_512,
+    0,
+    false,
+    BlockQ4_0::BYTES,
+    BlockQ8_0::BYTES,
+    scalar::dot_q4_0_q8_0
+);
+legacy!(
+    q5_0,
+    q5_0_512,
+    1,
+    false,
+    BlockQ5_0::BYTES,
+    BlockQ8_0::BYTES,
+    scalar::dot_q5_0_q8_0
+);
+legacy!(
+    q8_0,
+    q8_0_512,
+    2,
+    false,
+    BlockQ8_0::BYTES,
+    BlockQ8_0::BYTES,
+    scalar::dot_q8_0_q8_0
+);
+legacy!(
+    q4_1,
+    q4_1_512,
+    3,
+    true,
+    BlockQ4_1::BYTES,
+    Q8_1_BYTES,
+    scalar::dot_q4_1_q8_1
+);
+legacy!(
+    q5_1,
+    q5_1_512,
+    4,
+    true,
+    BlockQ5_1::BYTES,
+    Q8_1_BYTES,
+    scalar::dot_q5_1_q8_1
+);
 kquant!(
     q2_k,
     q2_k_512,
     q2_k_t,
     q2_k_t512,
     2,
-    84,
+    BlockQ2K::BYTES,
     scalar::dot_q2_k_q8_k,
     scalar::dot_q2_k_q8_k_tiled
 );
@@ -170,7 +215,7 @@ kquant!(
     q3_k_t,
     q3_k_t512,
     3,
-    110,
+    BlockQ3K::BYTES,
     scalar::dot_q3_k_q8_k,
     scalar::dot_q3_k_q8_k_tiled
 );
@@ -180,7 +225,7 @@ kquant!(
     q4_k_t,
     q4_k_t512,
     4,
-    144,
+    BlockQ4K::BYTES,
     scalar::dot_q4_k_q8_k,
     scalar::dot_q4_k_q8_k_tiled
 );
@@ -190,7 +235,7 @@ kquant!(
     q5_k_t,
     q5_k_t512,
     5,
-    176,
+    BlockQ5K::BYTES,
     scalar::dot_q5_k_q8_k,
     scalar::dot_q5_k_q8_k_tiled
 );
@@ -200,15 +245,15 @@ kquant!(
     q6_k_t,
     q6_k_t512,
     6,
-    210,
+    BlockQ6K::BYTES,
     scalar::dot_q6_k_q8_k,
     scalar::dot_q6_k_q8_k_tiled
 );
 kernel!(
     f16,
     f16_512,
-    2,
-    4,
+    GgmlType::F16.type_size(),
+    ActFormat::F16.block_bytes(),
     scalar::dot_f16_f16,
     |w, rb, a, s, o| unsafe { per_row(|w, a, s, o| avx2::f16_many(w, a, s, o), w, rb, a, s, o) },
     |w, rb, a, s, o| unsafe { avx512::f16_many_512(w, rb, a, s, o) }
