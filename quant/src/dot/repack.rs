@@ -23,6 +23,7 @@
 //!   (p = 0..8); then for half c = 0..2, m = 0..8 the dwords of `ql_r[64c+4m..]`,
 //!   `ql_r[64c+32+4m..]` and `qh_r[32c+4m..]`.
 
+use crate::blocks::{BlockQ8K, BlockQ8_0, QK, QK_K};
 use crate::GgmlType;
 
 /// Weight rows per interleaved group.
@@ -48,7 +49,7 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::Isa::current() == crate::Isa::Avx512
-            && super::avx2::avx512_available()
+            && super::avx512::available()
             && is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -150,7 +151,7 @@ fn pack_block(ty: GgmlType, x: &[u8], r: usize, db: &mut [u8]) {
             db[32 + 2 * r..34 + 2 * r].copy_from_slice(&x[2..4]);
             let sc = &x[4..16];
             for j in 0..8 {
-                let (s, m) = super::scale_min_k4(j, sc);
+                let (s, m) = super::scalar::scale_min_k4(j, sc);
                 db[64 + 16 * j + r] = s as u8;
                 db[192 + 32 * (j / 2) + 2 * r + j % 2] = m as u8;
             }
@@ -182,8 +183,8 @@ fn pack_block(ty: GgmlType, x: &[u8], r: usize, db: &mut [u8]) {
 /// values per row (prepared Q8_0 blocks for Q4_0/Q8_0, the Q8_K row itself for K-quants).
 pub fn act_stride(ty: GgmlType, cols: usize) -> Option<usize> {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (cols / 32).checked_mul(PREP),
-        GgmlType::Q4K | GgmlType::Q6K => (cols / 256).checked_mul(292),
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (cols / QK).checked_mul(PREP),
+        GgmlType::Q4K | GgmlType::Q6K => (cols / QK_K).checked_mul(BlockQ8K::BYTES),
         _ => None,
     }
 }
@@ -199,14 +200,14 @@ pub fn prepare(ty: GgmlType, cols: usize, qa: &[u8], t: usize) -> Option<Vec<u8>
         GgmlType::Q8_0 => 128,
         _ => return None,
     };
-    let nb = cols / 32;
+    let nb = cols / QK;
     let mut out = vec![0u8; act_stride(ty, cols)?.checked_mul(t)?];
     for (y, o) in qa
-        .chunks_exact(34)
+        .chunks_exact(BlockQ8_0::BYTES)
         .zip(out.chunks_exact_mut(PREP))
         .take(nb * t)
     {
-        o[0..32].copy_from_slice(&y[2..34]);
+        o[0..32].copy_from_slice(&y[2..BlockQ8_0::BYTES]);
         for m in 0..8 {
             let s: i32 = y[2 + 4 * m..6 + 4 * m]
                 .iter()
@@ -214,7 +215,7 @@ pub fn prepare(ty: GgmlType, cols: usize, qa: &[u8], t: usize) -> Option<Vec<u8>
                 .sum();
             o[32 + 4 * m..36 + 4 * m].copy_from_slice(&(-off * s).to_le_bytes());
         }
-        o[64..68].copy_from_slice(&super::rd_f16(y, 0).to_le_bytes());
+        o[64..68].copy_from_slice(&super::scalar::rd_f16(y, 0).to_le_bytes());
     }
     Some(out)
 }
@@ -275,6 +276,7 @@ pub fn matmul(
 mod vnni {
     use std::arch::x86_64::*;
 
+    use crate::blocks::BlockQ8K;
     use crate::GgmlType;
 
     #[inline(always)]
@@ -411,7 +413,7 @@ mod vnni {
                         let lo = _mm512_and_si512(p, m4);
                         let hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
                         for t in 0..N {
-                            let y = a.add(t * astride + b * 292 + 4 + 64 * c + 4 * m);
+                            let y = a.add(t * astride + b * BlockQ8K::BYTES + 4 + 64 * c + 4 * m);
                             sl[t] = _mm512_dpbusd_epi32(sl[t], lo, _mm512_set1_epi32(rd32(y)));
                             sh[t] =
                                 _mm512_dpbusd_epi32(sh[t], hi, _mm512_set1_epi32(rd32(y.add(32))));
@@ -430,7 +432,7 @@ mod vnni {
                 for p in 0..4 {
                     let mp = _mm512_cvtepu8_epi16(ld256(x.add(192 + 32 * p)));
                     for t in 0..N {
-                        let y = a.add(t * astride + b * 292);
+                        let y = a.add(t * astride + b * BlockQ8K::BYTES);
                         let bs = y.add(260 + 8 * p);
                         let pair = (i32::from((bs as *const i16).read_unaligned())
                             + i32::from((bs.add(2) as *const i16).read_unaligned()))
@@ -444,7 +446,7 @@ mod vnni {
                 let d = _mm512_cvtph_ps(ld256(x));
                 let dmin = _mm512_cvtph_ps(ld256(x.add(32)));
                 for t in 0..N {
-                    let yd = f32::from_bits(rd32(a.add(t * astride + b * 292)) as u32);
+                    let yd = f32::from_bits(rd32(a.add(t * astride + b * BlockQ8K::BYTES)) as u32);
                     let res = _mm512_mul_ps(d, _mm512_cvtepi32_ps(s1[t]));
                     let res = _mm512_fnmadd_ps(dmin, _mm512_cvtepi32_ps(s2[t]), res);
                     acc[t] = _mm512_fmadd_ps(res, _mm512_set1_ps(yd), acc[t]);
@@ -480,7 +482,8 @@ mod vnni {
                             let at = x.add(544 + 192 * (8 * c + m));
                             let v = q6_unpack(at);
                             for t in 0..N {
-                                let y = a.add(t * astride + b * 292 + 4 + 128 * c + 4 * m);
+                                let y =
+                                    a.add(t * astride + b * BlockQ8K::BYTES + 4 + 128 * c + 4 * m);
                                 for k in 0..4 {
                                     let q = _mm512_set1_epi32(rd32(y.add(32 * k)));
                                     sa[t][k] = _mm512_dpbusd_epi32(sa[t][k], v[k], q);
@@ -500,14 +503,14 @@ mod vnni {
                 for p in 0..8 {
                     let sp = _mm512_cvtepi8_epi16(ld256(x.add(288 + 32 * p)));
                     for (t, bv) in bsc.iter_mut().enumerate() {
-                        let bs = a.add(t * astride + b * 292 + 260 + 4 * p);
+                        let bs = a.add(t * astride + b * BlockQ8K::BYTES + 260 + 4 * p);
                         *bv = _mm512_dpwssd_epi32(*bv, sp, _mm512_set1_epi32(rd32(bs)));
                     }
                 }
                 let d = _mm512_cvtph_ps(ld256(x));
                 for t in 0..N {
                     let s = _mm512_sub_epi32(s1[t], _mm512_slli_epi32(bsc[t], 5));
-                    let yd = f32::from_bits(rd32(a.add(t * astride + b * 292)) as u32);
+                    let yd = f32::from_bits(rd32(a.add(t * astride + b * BlockQ8K::BYTES)) as u32);
                     let res = _mm512_mul_ps(d, _mm512_cvtepi32_ps(s));
                     acc[t] = _mm512_fmadd_ps(res, _mm512_set1_ps(yd), acc[t]);
                 }
@@ -563,7 +566,7 @@ mod vnni {
             let mut accm = [_mm512_setzero_ps(); 4];
             for b in 0..nb {
                 let x = wg.add(b * 2368);
-                let y = a.add(b * 292);
+                let y = a.add(b * BlockQ8K::BYTES);
                 let yd = f32::from_bits(rd32(y) as u32);
                 let d = _mm512_mul_ps(_mm512_set1_ps(yd), _mm512_cvtph_ps(ld256(x)));
                 let dmin = _mm512_mul_ps(_mm512_set1_ps(-yd), _mm512_cvtph_ps(ld256(x.add(32))));
@@ -623,7 +626,7 @@ mod vnni {
             let mut acc = [_mm512_setzero_ps(); 8];
             for b in 0..nb {
                 let x = wg.add(b * 3616);
-                let y = a.add(b * 292);
+                let y = a.add(b * BlockQ8K::BYTES);
                 let yd = f32::from_bits(rd32(y) as u32);
                 let d = _mm512_mul_ps(_mm512_set1_ps(yd), _mm512_cvtph_ps(ld256(x)));
                 let mut l = [zero; 8];

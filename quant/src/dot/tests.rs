@@ -1,5 +1,8 @@
 //! Tests of the reference dot kernels: each equals the f64 dot of the dequantized operands.
 
+use half::f16;
+
+use super::scalar::{quantize_act_impl, rd_f16, rope_pairs_impl, swiglu_impl};
 use super::*;
 use crate::{dequantize_row, quantize_row_ref};
 use proptest::prelude::*;
@@ -278,7 +281,7 @@ fn tiled_attention_matches_plain_softmax() {
         let mut got = vec![0f32; t * hd];
         attn::attend_head(view, &q, hd, 0, t, pos0, 0.25, &mut got);
         let mut plain = vec![0f32; t * hd];
-        attn::attend_head_impl(view, &q, hd, 0, t, pos0, 0.25, &mut plain);
+        flash::attend_head_impl(view, &q, hd, 0, t, pos0, 0.25, &mut plain);
         assert_eq!(got, plain, "vectorized and plain builds differ");
         for (g, w) in got.iter().zip(&want) {
             assert!(
@@ -310,7 +313,7 @@ fn attend_head_old(
     out.iter_mut().take(t * hd).for_each(|o| *o = 0.0);
     for ic in (0..pos0 + t).step_by(kvn) {
         let kvt = kvn.min(pos0 + t - ic);
-        attn::load_tile(kv, ic, kvt, &mut kt, &mut krow, &mut vt);
+        flash::load_tile(kv, ic, kvt, &mut kt, &mut krow, &mut vt);
         for i in (ic.saturating_sub(pos0))..t {
             let mut kq = [0f32; attn::KV_TILE];
             for dk in 0..hd {
@@ -323,7 +326,7 @@ fn attend_head_old(
             let Some(o) = out.get_mut(i * hd..(i + 1) * hd) else {
                 continue;
             };
-            if attn::softmax_tile(&mut kq, visible, scale, &mut m[i], &mut s[i], o) {
+            if flash::softmax_tile(&mut kq, visible, scale, &mut m[i], &mut s[i], o) {
                 for (tk, &pw) in kq.iter().enumerate().take(visible) {
                     for (x, &vv) in o.iter_mut().zip(&vt[tk * hd..(tk + 1) * hd]) {
                         *x = vv.mul_add(pw, *x);
@@ -332,7 +335,7 @@ fn attend_head_old(
             }
         }
     }
-    attn::normalize(out, &s, hd);
+    flash::normalize(out, &s, hd);
 }
 
 #[test]
@@ -366,7 +369,7 @@ fn attention_equals_first_version() {
         let mut got = vec![0f32; t * hd];
         attn::attend_head(view, &q, hd + 5, 3, t, pos0, 0.125, &mut got);
         let mut plain = vec![0f32; t * hd];
-        attn::attend_head_impl(view, &q, hd + 5, 3, t, pos0, 0.125, &mut plain);
+        flash::attend_head_impl(view, &q, hd + 5, 3, t, pos0, 0.125, &mut plain);
         let mut old = vec![0f32; t * hd];
         attend_head_old(view, &q, hd + 5, 3, t, pos0, 0.125, &mut old);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -602,10 +605,10 @@ fn gemm_matches_scalar(k: usize, rows: usize, toks: usize, pad: usize, ldo_pad: 
     let mut slow = fast.clone();
     gemm_f16(&wb, 2 * k, &ab, stride, toks, &mut fast, ldo);
     #[cfg(target_arch = "x86_64")]
-    if avx2::f16_gemm_available() {
+    if avx512::f16_gemm_available() {
         // the vector kernel itself, whatever KILN_FORCE_SCALAR says
         fast.fill(f32::NAN);
-        assert!(avx2::f16_gemm(&wb, 2 * k, &ab, stride, toks, &mut fast, ldo).is_some());
+        assert!(avx512::f16_gemm(&wb, 2 * k, &ab, stride, toks, &mut fast, ldo).is_some());
     }
     gemm_f16_scalar(&wb, 2 * k, &ab, stride, toks, &mut slow, ldo);
     // the parallel version, with tiles of tokens that do and do not divide `toks`

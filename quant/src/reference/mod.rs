@@ -119,29 +119,39 @@ pub fn quantize_row_ref(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(),
         }
         GgmlType::F16 => float::f32_to_f16_bytes(src, dst),
         GgmlType::BF16 => float::f32_to_bf16_bytes(src, dst),
-        GgmlType::Q4_0 => quant_blocks::<QK, 18>(src, dst, |x| legacy::quantize_q4_0(x).to_bytes()),
-        GgmlType::Q4_1 => quant_blocks::<QK, 20>(src, dst, |x| legacy::quantize_q4_1(x).to_bytes()),
-        GgmlType::Q5_0 => quant_blocks::<QK, 22>(src, dst, |x| legacy::quantize_q5_0(x).to_bytes()),
-        GgmlType::Q5_1 => quant_blocks::<QK, 24>(src, dst, |x| legacy::quantize_q5_1(x).to_bytes()),
-        GgmlType::Q8_0 => quant_blocks::<QK, 34>(src, dst, |x| legacy::quantize_q8_0(x).to_bytes()),
-        GgmlType::Q2K => {
-            quant_blocks::<QK_K, 84>(src, dst, |x| kquants::quantize_q2_k(x).to_bytes())
-        }
-        GgmlType::Q3K => {
-            quant_blocks::<QK_K, 110>(src, dst, |x| kquants::quantize_q3_k(x).to_bytes())
-        }
-        GgmlType::Q4K => {
-            quant_blocks::<QK_K, 144>(src, dst, |x| kquants::quantize_q4_k(x).to_bytes())
-        }
-        GgmlType::Q5K => {
-            quant_blocks::<QK_K, 176>(src, dst, |x| kquants::quantize_q5_k(x).to_bytes())
-        }
-        GgmlType::Q6K => {
-            quant_blocks::<QK_K, 210>(src, dst, |x| kquants::quantize_q6_k(x).to_bytes())
-        }
-        GgmlType::Q8K => {
-            quant_blocks::<QK_K, 292>(src, dst, |x| kquants::quantize_q8_k(x).to_bytes())
-        }
+        GgmlType::Q4_0 => quant_blocks::<QK, { BlockQ4_0::BYTES }>(src, dst, |x| {
+            legacy::quantize_q4_0(x).to_bytes()
+        }),
+        GgmlType::Q4_1 => quant_blocks::<QK, { BlockQ4_1::BYTES }>(src, dst, |x| {
+            legacy::quantize_q4_1(x).to_bytes()
+        }),
+        GgmlType::Q5_0 => quant_blocks::<QK, { BlockQ5_0::BYTES }>(src, dst, |x| {
+            legacy::quantize_q5_0(x).to_bytes()
+        }),
+        GgmlType::Q5_1 => quant_blocks::<QK, { BlockQ5_1::BYTES }>(src, dst, |x| {
+            legacy::quantize_q5_1(x).to_bytes()
+        }),
+        GgmlType::Q8_0 => quant_blocks::<QK, { BlockQ8_0::BYTES }>(src, dst, |x| {
+            legacy::quantize_q8_0(x).to_bytes()
+        }),
+        GgmlType::Q2K => quant_blocks::<QK_K, { BlockQ2K::BYTES }>(src, dst, |x| {
+            kquants::quantize_q2_k(x).to_bytes()
+        }),
+        GgmlType::Q3K => quant_blocks::<QK_K, { BlockQ3K::BYTES }>(src, dst, |x| {
+            kquants::quantize_q3_k(x).to_bytes()
+        }),
+        GgmlType::Q4K => quant_blocks::<QK_K, { BlockQ4K::BYTES }>(src, dst, |x| {
+            kquants::quantize_q4_k(x).to_bytes()
+        }),
+        GgmlType::Q5K => quant_blocks::<QK_K, { BlockQ5K::BYTES }>(src, dst, |x| {
+            kquants::quantize_q5_k(x).to_bytes()
+        }),
+        GgmlType::Q6K => quant_blocks::<QK_K, { BlockQ6K::BYTES }>(src, dst, |x| {
+            kquants::quantize_q6_k(x).to_bytes()
+        }),
+        GgmlType::Q8K => quant_blocks::<QK_K, { BlockQ8K::BYTES }>(src, dst, |x| {
+            kquants::quantize_q8_k(x).to_bytes()
+        }),
     }
     Ok(())
 }
@@ -162,37 +172,37 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
         }
         GgmlType::F16 => float::f16_to_f32_slice(src, dst)?,
         GgmlType::BF16 => float::bf16_to_f32_slice(src, dst)?,
-        GgmlType::Q4_0 => dequant_blocks::<QK, 18>(src, dst, |b, y| {
+        GgmlType::Q4_0 => dequant_blocks::<QK, { BlockQ4_0::BYTES }>(src, dst, |b, y| {
             legacy::dequantize_q4_0(&BlockQ4_0::from_bytes(b), y)
         }),
-        GgmlType::Q4_1 => dequant_blocks::<QK, 20>(src, dst, |b, y| {
+        GgmlType::Q4_1 => dequant_blocks::<QK, { BlockQ4_1::BYTES }>(src, dst, |b, y| {
             legacy::dequantize_q4_1(&BlockQ4_1::from_bytes(b), y)
         }),
-        GgmlType::Q5_0 => dequant_blocks::<QK, 22>(src, dst, |b, y| {
+        GgmlType::Q5_0 => dequant_blocks::<QK, { BlockQ5_0::BYTES }>(src, dst, |b, y| {
             legacy::dequantize_q5_0(&BlockQ5_0::from_bytes(b), y)
         }),
-        GgmlType::Q5_1 => dequant_blocks::<QK, 24>(src, dst, |b, y| {
+        GgmlType::Q5_1 => dequant_blocks::<QK, { BlockQ5_1::BYTES }>(src, dst, |b, y| {
             legacy::dequantize_q5_1(&BlockQ5_1::from_bytes(b), y)
         }),
-        GgmlType::Q8_0 => dequant_blocks::<QK, 34>(src, dst, |b, y| {
+        GgmlType::Q8_0 => dequant_blocks::<QK, { BlockQ8_0::BYTES }>(src, dst, |b, y| {
             legacy::dequantize_q8_0(&BlockQ8_0::from_bytes(b), y)
         }),
-        GgmlType::Q2K => dequant_blocks::<QK_K, 84>(src, dst, |b, y| {
+        GgmlType::Q2K => dequant_blocks::<QK_K, { BlockQ2K::BYTES }>(src, dst, |b, y| {
             kquants::dequantize_q2_k(&BlockQ2K::from_bytes(b), y)
         }),
-        GgmlType::Q3K => dequant_blocks::<QK_K, 110>(src, dst, |b, y| {
+        GgmlType::Q3K => dequant_blocks::<QK_K, { BlockQ3K::BYTES }>(src, dst, |b, y| {
             kquants::dequantize_q3_k(&BlockQ3K::from_bytes(b), y)
         }),
-        GgmlType::Q4K => dequant_blocks::<QK_K, 144>(src, dst, |b, y| {
+        GgmlType::Q4K => dequant_blocks::<QK_K, { BlockQ4K::BYTES }>(src, dst, |b, y| {
             kquants::dequantize_q4_k(&BlockQ4K::from_bytes(b), y)
         }),
-        GgmlType::Q5K => dequant_blocks::<QK_K, 176>(src, dst, |b, y| {
+        GgmlType::Q5K => dequant_blocks::<QK_K, { BlockQ5K::BYTES }>(src, dst, |b, y| {
             kquants::dequantize_q5_k(&BlockQ5K::from_bytes(b), y)
         }),
-        GgmlType::Q6K => dequant_blocks::<QK_K, 210>(src, dst, |b, y| {
+        GgmlType::Q6K => dequant_blocks::<QK_K, { BlockQ6K::BYTES }>(src, dst, |b, y| {
             kquants::dequantize_q6_k(&BlockQ6K::from_bytes(b), y)
         }),
-        GgmlType::Q8K => dequant_blocks::<QK_K, 292>(src, dst, |b, y| {
+        GgmlType::Q8K => dequant_blocks::<QK_K, { BlockQ8K::BYTES }>(src, dst, |b, y| {
             kquants::dequantize_q8_k(&BlockQ8K::from_bytes(b), y)
         }),
     }

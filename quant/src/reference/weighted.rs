@@ -19,7 +19,9 @@ use super::kquants::{
     pack_q5_k, requant_ref, Requant, GROUP_MAX_EPS,
 };
 use super::{bytes_for, check_len, nearest_int, quantize_row_ref};
-use crate::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, QK, QK_K};
+use crate::blocks::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ6K, QK, QK_K,
+};
 use crate::{GgmlType, QuantError};
 
 fn to_f16(v: f32) -> f16 {
@@ -306,7 +308,7 @@ fn legacy_row(ty: GgmlType, x: &[f32], qw: &[f32], dst: &mut [u8]) {
 }
 
 /// `quantize_row_q2_K_impl` for one super-block.
-fn q2_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; 84] {
+fn q2_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; BlockQ2K::BYTES] {
     let sigma2 = sum_sq(x) / QK_K as f32;
     let mut big_l = [0u8; QK_K];
     let mut scales = [0f32; 16];
@@ -352,7 +354,7 @@ fn q2_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; 84] {
 }
 
 /// `quantize_row_q3_K_impl` for one super-block.
-fn q3_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; 110] {
+fn q3_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; BlockQ3K::BYTES] {
     let sigma2 = 2.0 * sum_sq(x) / QK_K as f32;
     let mut big_l = [0i8; QK_K];
     let mut scales = [0f32; 16];
@@ -464,7 +466,7 @@ fn k4_k5_block(x: &[f32; QK_K], qw: &[f32], nmax: i32) -> (f16, f16, [u8; 12], [
 }
 
 /// `quantize_row_q6_K_impl` for one super-block (the weights are the imatrix values as they are).
-fn q6_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; 210] {
+fn q6_k_block(x: &[f32; QK_K], qw: &[f32]) -> [u8; BlockQ6K::BYTES] {
     let mut big_l = [0i8; QK_K];
     let mut scales = [0f32; 16];
     for (j, ((xs, ws), ls)) in x
