@@ -62,7 +62,9 @@ fn llama_quantize(bin: &Path, args: &[&str]) -> String {
 #[test]
 fn quantize_with_imatrix_is_byte_identical() {
     let Some(fx) = fixtures() else { return };
-    let Some(bin) = llamacpp_bin() else { return };
+    let Some(bin) = llamacpp_tools(&["llama-imatrix"]) else {
+        return;
+    };
     let Some(text) = zh_text() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
@@ -118,7 +120,9 @@ fn quantize_with_imatrix_is_byte_identical() {
 #[test]
 fn imatrix_matches_llama_imatrix() {
     let Some(fx) = fixtures() else { return };
-    let Some(bin) = llamacpp_bin() else { return };
+    let Some(bin) = llamacpp_tools(&["llama-imatrix"]) else {
+        return;
+    };
     let Some(text) = zh_text() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();

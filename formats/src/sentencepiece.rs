@@ -1234,7 +1234,10 @@ json.dump({
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let last = err.lines().last().unwrap_or("");
-            skip(&format!("python3 with sentencepiece ({last})"), HOW_PYTHON);
+            skip(
+                &format!("python3 with sentencepiece and protobuf ({last})"),
+                HOW_PYTHON,
+            );
             return None;
         }
         Some(serde_json::from_slice(&out.stdout).unwrap())

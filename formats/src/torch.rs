@@ -305,7 +305,7 @@ pub(crate) mod tests {
     /// How to provide ../shared and the Python packages, for [`skip`].
     pub(crate) const HOW_SHARED: &str =
         "put the shared fixtures beside the checkout as ../shared or set KILN_SHARED";
-    pub(crate) const HOW_PYTHON: &str = "pip install numpy safetensors sentencepiece gguf";
+    pub(crate) const HOW_PYTHON: &str = "pip install numpy safetensors sentencepiece protobuf gguf";
 
     /// The crate's one way to skip a test for a missing fixture or tool (as the workspace's
     /// tests/common does): prints `SKIPPED <test>: ...`, or panics under `KILN_REQUIRE_INTEROP=1`.

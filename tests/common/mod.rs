@@ -23,7 +23,7 @@ pub fn root() -> PathBuf {
 pub const HOW_SHARED: &str =
     "put the shared fixtures beside the checkout as ../shared or set KILN_SHARED";
 /// How to provide the Python packages of the fixture generator and the independent checks.
-pub const HOW_PYTHON: &str = "pip install numpy safetensors sentencepiece gguf";
+pub const HOW_PYTHON: &str = "pip install numpy safetensors sentencepiece protobuf gguf";
 /// How to provide llama.cpp's tools.
 pub const HOW_LLAMACPP: &str = "export KILN_LLAMACPP_BIN=$(bash scripts/llamacpp-tools.sh)";
 
