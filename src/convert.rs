@@ -2,13 +2,109 @@
 //! metadata keys, the SentencePiece vocabulary, tensor names, the Q/K row permutation and the
 //! dtype rules. The tensor encoder is shared with `kiln merge`.
 
+use crate::progress::{Progress, Unit};
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
-use kiln_formats::gguf::{GgufArray, GgufValue};
+use kiln_formats::gguf::{GgufArray, GgufValue, GgufWriter};
 use kiln_formats::hf::{LlamaConfig, TokenizerConfig};
 use kiln_formats::sentencepiece::{PieceType, SpModel};
 use kiln_quant::GgmlType;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Options of [`convert`].
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// Hugging Face model folder (config.json, tokenizer.model, weights).
+    pub hf_dir: PathBuf,
+    /// Output GGUF file.
+    pub out: PathBuf,
+    /// Type of the 2-D weights (norms stay F32).
+    pub outtype: OutType,
+    /// Folder with tokenizer.model and tokenizer_config.json, if not the model folder.
+    pub tokenizer_dir: Option<PathBuf>,
+    /// general.name (default: the folder's name).
+    pub name: Option<String>,
+}
+
+impl ConvertOptions {
+    /// `hf_dir` to `out` as F16.
+    pub fn new(hf_dir: PathBuf, out: PathBuf) -> ConvertOptions {
+        ConvertOptions {
+            hf_dir,
+            out,
+            outtype: OutType::F16,
+            tokenizer_dir: None,
+            name: None,
+        }
+    }
+}
+
+/// What [`convert`] wrote.
+#[derive(Clone, Debug)]
+pub struct ConvertDone {
+    pub n_tensors: usize,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+    /// The checkpoint format read ("safetensors", "pytorch").
+    pub format: &'static str,
+}
+
+/// Converts a Hugging Face Llama folder (safetensors or .bin, single or sharded) to GGUF, one
+/// tensor at a time; the output appears only when complete.
+pub fn convert(o: &ConvertOptions, progress: &dyn Progress) -> Result<ConvertDone> {
+    let cfg_path = o.hf_dir.join("config.json");
+    let cfg =
+        LlamaConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let dims = LlamaDims::from_config(&cfg).with_context(|| cfg_path.display().to_string())?;
+    let ckpt = Checkpoint::open(&o.hf_dir)
+        .with_context(|| format!("opening the weights in {}", o.hf_dir.display()))?;
+    let source = o.hf_dir.display().to_string();
+    let jobs = plan_tensors(&dims, &checkpoint_shapes(&ckpt), o.outtype.ggml(), &source)?;
+    let name = o.name.clone().unwrap_or_else(|| {
+        o.hf_dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into())
+    });
+    let mut meta = model_metadata(&cfg, &dims, &name, o.outtype.file_type());
+    let tok_dir = o.tokenizer_dir.as_ref().unwrap_or(&o.hf_dir);
+    meta.extend(vocab_metadata(tok_dir, &cfg, dims.n_vocab)?);
+
+    let infos: Vec<(String, Vec<u64>, GgmlType)> = jobs
+        .iter()
+        .map(|j| (j.gguf_name.clone(), j.ne.clone(), j.ty))
+        .collect();
+    let mut w = GgufWriter::create(&o.out, &meta, &infos)
+        .with_context(|| format!("creating {}", o.out.display()))?;
+    let total: u64 = jobs.iter().map(|j| j.n_bytes()).sum();
+    let bar = progress.bar(total, Unit::Bytes);
+    for job in &jobs {
+        bar.set_message(&job.gguf_name);
+        let data = ckpt.data(&job.hf_name)?;
+        let unchanged = job.permute_heads.is_none() && ggml_of(data.dtype) == job.ty;
+        // Unchanged tensors go from the input map straight to the file; the rest are re-encoded.
+        let encoded;
+        let bytes = if unchanged {
+            data.bytes
+        } else {
+            encoded = encode_tensor(job, &data)?;
+            &encoded[..]
+        };
+        w.write_tensor(&job.gguf_name, bytes)
+            .with_context(|| format!("writing {}", o.out.display()))?;
+        bar.inc(bytes.len() as u64);
+        ckpt.release(&job.hf_name);
+    }
+    w.finish()
+        .with_context(|| format!("finishing {}", o.out.display()))?;
+    bar.finish();
+    Ok(ConvertDone {
+        n_tensors: jobs.len(),
+        bytes: total,
+        format: ckpt.format(),
+    })
+}
 
 /// `--outtype` of `kiln convert`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

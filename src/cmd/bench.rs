@@ -1,10 +1,13 @@
 //! `kiln bench`: prompt-processing and generation speed of a GGUF model, measured as llama-bench
 //! measures pp512 / tg128 (warm-up run, random tokens, repeated runs, mean ± sd).
 
-use crate::cmd::perplexity::{thread_pool, Opened, RopeArgs};
+use crate::cmd::perplexity::RopeArgs;
+use crate::cmd::progress::Terminal;
 use crate::Outcome;
 use anyhow::Result;
-use kiln::eval::bench::{bench, BenchParams, BenchStat};
+use kiln::eval::bench::BenchParams;
+use kiln::eval::job::{self, BenchOptions, Target};
+use kiln::progress::{Progress, Silent};
 use std::path::PathBuf;
 
 /// Arguments of `kiln bench` (llama-bench's flag names).
@@ -64,37 +67,30 @@ fn human_count(n: u64) -> String {
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
-    a.device.check()?;
-    let m = Opened::open(&a.model, false)?;
-    let pool = thread_pool(a.threads)?;
-    let (model, rope) = m.load(&a.rope, a.n_prompt.max(a.n_gen))?;
-    let params = BenchParams {
-        n_prompt: a.n_prompt,
-        n_gen: a.n_gen,
-        reps: a.reps,
-        n_batch: a.batch.max(1),
-        warmup: !a.no_warmup,
+    let opts = BenchOptions {
+        target: Target {
+            model: a.model.clone(),
+            device: a.device.clone(),
+            threads: a.threads,
+            rope: a.rope.overrides()?,
+        },
+        params: BenchParams {
+            n_prompt: a.n_prompt,
+            n_gen: a.n_gen,
+            reps: a.reps,
+            n_batch: a.batch.max(1),
+            warmup: !a.no_warmup,
+        },
     };
-    let threads = pool.current_num_threads();
-    let quiet = a.quiet;
-    let stats: Vec<BenchStat> = pool.install(|| {
-        bench(&model, m.bos(), &params, |test, rep| {
-            if !quiet {
-                if rep == 0 {
-                    eprintln!("kiln bench: {test}: warm-up run");
-                } else {
-                    eprintln!("kiln bench: {test}: run {rep}/{}", params.reps);
-                }
-            }
-        })
-    })?;
+    let term = Terminal::new(a.quiet);
+    let progress: &dyn Progress = if a.quiet { &Silent } else { &term };
+    let done = job::bench_model(&opts, progress)?;
+    let (stats, size, n_params, threads) = (&done.stats, done.size, done.n_params, done.threads);
     let name = a
         .model
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let size: u64 = m.file.tensors.iter().map(|t| t.n_bytes()).sum();
-    let n_params: u64 = m.file.tensors.iter().map(|t| t.n_elements()).sum();
     if a.json {
         let arr: Vec<serde_json::Value> = stats
             .iter()
@@ -108,9 +104,9 @@ pub fn run(a: Args) -> Result<Outcome> {
                     o.insert("model_size".into(), size.into());
                     o.insert("model_n_params".into(), n_params.into());
                     o.insert("n_threads".into(), threads.into());
-                    o.insert("n_batch".into(), params.n_batch.into());
-                    o.insert("backend".into(), "cpu".into());
-                    o.insert("rope_freq_base".into(), rope.freq_base.into());
+                    o.insert("n_batch".into(), opts.params.n_batch.into());
+                    o.insert("backend".into(), done.backend.into());
+                    o.insert("rope_freq_base".into(), done.rope.freq_base.into());
                 }
                 j
             })
@@ -120,11 +116,12 @@ pub fn run(a: Args) -> Result<Outcome> {
     }
     println!("| model | size | params | backend | threads | test | t/s | ms/tok |");
     println!("| ----- | ---: | -----: | ------- | ------: | ---: | --: | -----: |");
-    for s in &stats {
+    for s in stats {
         println!(
-            "| {name} | {} | {} | cpu | {threads} | {} | {:.2} ± {:.2} | {:.3} ± {:.3} |",
+            "| {name} | {} | {} | {} | {threads} | {} | {:.2} ± {:.2} | {:.3} ± {:.3} |",
             human_size(size),
             human_count(n_params),
+            done.backend,
             s.test,
             s.avg_ts,
             s.stddev_ts,

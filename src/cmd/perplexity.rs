@@ -2,26 +2,15 @@
 //! model's saved log-probabilities, computed as llama-perplexity does (same chunks, BOS
 //! substitution, second-half scoring, base-file format and statistics).
 
+use crate::cmd::progress::Terminal;
 use crate::Outcome;
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln::eval::kld::{self, BaseLogits, KldResult, DP_QUANTILES, KLD_QUANTILES};
-use kiln::eval::perplexity::{
-    check_memory, n_chunks, perplexity, perplexity_save_base, PplParams, PplResult,
+use anyhow::{bail, Result};
+use kiln::eval::job::{
+    self, KldOptions, PerplexityDone, PerplexityOptions, Target, TextInput, DEFAULT_CTX,
 };
-use kiln::eval::read_text;
-use kiln::eval::rope::{apply_rope, Ntk, RopeOverrides, RopeReport, RopeScaling};
-use kiln::model::device::{self, Device, Evaluator};
-use kiln::model::{Backend, LlamaConfig};
-use kiln::tokenizer::Tokenizer;
-use kiln_formats::gguf::GgufFile;
-use std::io::BufWriter;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
-
-/// `-c` when none is given.
-const DEFAULT_CTX: usize = 512;
+use kiln::eval::kld::{self, KldResult, DP_QUANTILES, KLD_QUANTILES};
+use kiln::eval::rope::{Ntk, RopeOverrides, RopeScaling};
+use std::path::PathBuf;
 
 /// RoPE context-extension flags (llama.cpp's names, plus `--ntk`).
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -45,7 +34,7 @@ pub struct RopeArgs {
 }
 
 impl RopeArgs {
-    /// The overrides to pass to [`apply_rope`].
+    /// The overrides the evaluation jobs apply.
     pub fn overrides(&self) -> Result<RopeOverrides> {
         let freq_scale = match (self.rope_scale, self.rope_freq_scale) {
             (Some(s), _) if !(s.is_finite() && s > 0.0) => {
@@ -121,184 +110,48 @@ pub struct Args {
     pub token_ids: Option<PathBuf>,
 }
 
-fn read_ids(path: &Path) -> Result<Vec<u32>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading token ids from {}", path.display()))?;
-    text.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<u32>()
-                .with_context(|| format!("{}: '{s}' is not a token id", path.display()))
+impl Args {
+    fn target(&self) -> Result<Target> {
+        Ok(Target {
+            model: self.model.clone(),
+            device: self.device.clone(),
+            threads: self.threads,
+            rope: self.rope.overrides()?,
         })
-        .collect()
-}
-
-/// A GGUF opened for evaluation: its vocabulary and configuration checked before any weight is
-/// touched.
-pub struct Opened {
-    pub file: Arc<GgufFile>,
-    /// None when the file has no vocabulary.
-    pub tok: Option<Tokenizer>,
-    pub cfg: LlamaConfig,
-}
-
-impl Opened {
-    /// Opens `path`; `need_vocab` refuses a file without `tokenizer.ggml.tokens`.
-    pub fn open(path: &Path, need_vocab: bool) -> Result<Opened> {
-        let file =
-            Arc::new(GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?);
-        let tok = if file.get("tokenizer.ggml.tokens").is_none() {
-            if need_vocab {
-                bail!(
-                    "{} has no vocabulary (tokenizer.ggml.tokens is missing)",
-                    path.display()
-                );
-            }
-            None
-        } else {
-            Some(
-                Tokenizer::from_gguf(&file)
-                    .with_context(|| format!("reading the vocabulary of {}", path.display()))?,
-            )
-        };
-        let cfg = LlamaConfig::from_gguf(&file).with_context(|| format!("{}", path.display()))?;
-        Ok(Opened { file, tok, cfg })
     }
-
-    /// BOS to put first in each chunk, when the vocabulary adds one.
-    pub fn bos(&self) -> Option<u32> {
-        let t = self.tok.as_ref()?;
-        if t.add_bos() {
-            Some(t.bos().unwrap_or(1))
-        } else {
-            None
-        }
-    }
-
-    /// Loads the weights with the RoPE overrides applied for context `n_ctx`.
-    pub fn load(&self, rope: &RopeArgs, n_ctx: usize) -> Result<(Evaluator, RopeReport)> {
-        let path = self.file.path().to_path_buf();
-        let mut model = device::load(Arc::clone(&self.file), &Device::Cpu)
-            .with_context(|| format!("loading {}", path.display()))?;
-        let report = apply_rope(&mut model.cfg, &self.file, &rope.overrides()?, n_ctx)?;
-        Ok((model, report))
-    }
-}
-
-/// A rayon pool of `threads` threads (all cores when None).
-pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
-    let mut pool = rayon::ThreadPoolBuilder::new();
-    if let Some(t) = threads {
-        pool = pool.num_threads(t.max(1));
-    }
-    pool.build().context("starting threads")
-}
-
-/// The chunk progress bar on stderr (hidden with --quiet or when stderr is not a terminal).
-fn chunk_bar(n_chunk: usize, quiet: bool) -> Result<ProgressBar> {
-    let pb = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::with_draw_target(Some(n_chunk as u64), ProgressDrawTarget::stderr())
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} chunk {pos}/{len} {msg} ETA {eta}",
-        )
-        .context("progress template")?,
-    );
-    Ok(pb)
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
-    a.device.check()?;
-    let m = Opened::open(&a.model, true)?;
-    if m.tok.as_ref().is_some_and(|t| t.add_eos()) {
-        bail!(
-            "the vocabulary of {} adds EOS; llama-perplexity refuses such models too",
-            a.model.display()
-        );
-    }
-    let pool = thread_pool(a.threads)?;
+    let term = Terminal::new(a.quiet);
     if a.kl_divergence {
-        return pool.install(|| run_kld(&a, &m));
+        return run_kld(&a, &term);
     }
-    let ctx = a.ctx.unwrap_or(DEFAULT_CTX);
-    if ctx < 2 {
-        bail!("-c must be at least 2");
-    }
-    let n_batch = a.batch.clamp(1, ctx);
-    check_memory(&m.cfg, ctx, n_batch).with_context(|| format!("{}", a.model.display()))?;
-    let (tokens, source) = match (&a.token_ids, &a.file) {
-        (Some(ids), _) => (read_ids(ids)?, ids),
-        (None, Some(f)) => {
-            let text = read_text(f)?;
-            let tok = m.tok.as_ref().context("no vocabulary")?;
-            (tok.encode(&text, true, false), f)
-        }
+    let text = match (&a.token_ids, &a.file) {
+        (Some(ids), _) => TextInput::TokenIds(ids.clone()),
+        (None, Some(f)) => TextInput::File(f.clone()),
         (None, None) => bail!("give the text with -f"),
     };
-    let params = PplParams {
-        n_ctx: ctx,
-        n_batch,
-        max_chunks: a.chunks,
+    let opts = PerplexityOptions {
+        target: a.target()?,
+        text,
+        n_ctx: a.ctx.unwrap_or(DEFAULT_CTX),
+        n_batch: a.batch,
+        chunks: a.chunks,
+        save_base: a.kl_divergence_base.clone(),
     };
-    let n_chunk =
-        n_chunks(tokens.len(), &params).with_context(|| format!("{}", source.display()))?;
-    let (model, rope) = m.load(&a.rope, ctx)?;
-    eprintln!(
-        "perplexity: {} tokens, calculating perplexity over {n_chunk} chunks, n_ctx={ctx}, batch_size={n_batch}, {}, {rope}",
-        tokens.len(),
-        pool.install(|| model.backend.name()),
-    );
-    if ctx > rope.n_ctx_train && a.rope.ntk.is_none() {
-        eprintln!(
-            "perplexity: warning: the model was trained on only {} context tokens ({ctx} asked); see --ntk auto",
-            rope.n_ctx_train
-        );
-    }
-    let pb = chunk_bar(n_chunk, a.quiet)?;
-    let t0 = Instant::now();
-    let progress = |k: usize, r: f64| {
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        pb.set_position(k as u64);
-        pb.set_message(format!("[{k}]{r:.4} {:.1} tok/s", (k * ctx) as f64 / secs));
-    };
-    let bos = m.bos();
-    let result = pool.install(|| match &a.kl_divergence_base {
-        None => perplexity(&model, &tokens, bos, &params, progress),
-        Some(path) => {
-            let f = std::fs::File::create(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            let mut w = BufWriter::new(f);
-            eprintln!(
-                "perplexity: saving the log-probabilities to {}",
-                path.display()
-            );
-            let r = perplexity_save_base(&model, &tokens, bos, &params, &mut w, progress)
-                .with_context(|| format!("writing {}", path.display()));
-            if r.is_err() {
-                drop(w);
-                // a partial file must not pass for a base
-                let _ = std::fs::remove_file(path);
-            }
-            r
-        }
-    })?;
-    pb.finish_and_clear();
-    let secs = t0.elapsed().as_secs_f64();
-    print_ppl(&a, &result, &rope, tokens.len(), n_batch, secs)?;
+    let done = job::perplexity(&opts, &term)?;
+    print_ppl(&a, &done)?;
     Ok(Outcome::Ok)
 }
 
-fn print_ppl(
-    a: &Args,
-    result: &PplResult,
-    rope: &RopeReport,
-    n_tokens: usize,
-    n_batch: usize,
-    secs: f64,
-) -> Result<()> {
+fn print_ppl(a: &Args, done: &PerplexityDone) -> Result<()> {
+    let PerplexityDone {
+        result,
+        rope,
+        n_tokens,
+        n_batch,
+        seconds: secs,
+    } = done;
     let tps = result.n_eval as f64 / secs.max(1e-9);
     if a.json {
         let j = serde_json::json!({
@@ -346,70 +199,22 @@ fn print_ppl(
     Ok(())
 }
 
-fn run_kld(a: &Args, m: &Opened) -> Result<Outcome> {
+fn run_kld(a: &Args, term: &Terminal) -> Result<Outcome> {
     let Some(base_path) = &a.kl_divergence_base else {
         bail!("--kl-divergence needs --kl-divergence-base FILE");
     };
-    let mut base = BaseLogits::open(base_path)?;
-    if base.n_vocab != m.cfg.n_vocab {
-        bail!(
-            "{} was computed with a vocabulary of {} tokens, but {} has {}",
-            base_path.display(),
-            base.n_vocab,
-            a.model.display(),
-            m.cfg.n_vocab
-        );
-    }
-    let ctx = base.n_ctx;
-    if let Some(c) = a.ctx.filter(|&c| c != ctx) {
-        eprintln!(
-            "kl-divergence: using the base file's n_ctx={ctx} (not -c {c}), as llama-perplexity does"
-        );
-    }
-    let n_batch = a.batch.clamp(1, ctx);
-    check_memory(&m.cfg, ctx, n_batch).with_context(|| format!("{}", a.model.display()))?;
-    let n_chunk = match a.chunks {
-        Some(c) if c > 0 => c.min(base.n_chunk),
-        _ => base.n_chunk,
+    let opts = KldOptions {
+        target: a.target()?,
+        base: base_path.clone(),
+        n_ctx: a.ctx,
+        n_batch: a.batch,
+        chunks: a.chunks,
     };
-    let (model, rope) = m.load(&a.rope, ctx)?;
-    eprintln!(
-        "kl-divergence: computing over {n_chunk} chunks of {}, n_ctx={ctx}, batch_size={n_batch}, {}, {rope}",
-        base_path.display(),
-        model.backend.name(),
-    );
-    let pb = chunk_bar(n_chunk, a.quiet)?;
-    let t0 = Instant::now();
-    let mut rows_text = Vec::new();
-    let result = kld::kld_stats(&model, &mut base, m.bos(), n_batch, a.chunks, |row| {
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        pb.set_position(row.chunk as u64);
-        pb.set_message(format!(
-            "KLD {:.5} {:.1} tok/s",
-            row.kld.value,
-            (row.chunk * ctx) as f64 / secs
-        ));
-        rows_text.push(format!(
-            "{:4}    {:9.4} ± {:9.4}    {:10.5} ± {:10.5}    {:10.5} ± {:10.5}    {:6.3} ± {:6.3} %    {:6.3} ± {:6.3} %",
-            row.chunk,
-            row.ppl.value,
-            row.ppl.unc,
-            row.ln_ppl_ratio.value,
-            row.ln_ppl_ratio.unc,
-            row.kld.value,
-            row.kld.unc,
-            100.0 * row.rms_dp.value,
-            100.0 * row.rms_dp.unc,
-            100.0 * row.same_top.value,
-            100.0 * row.same_top.unc,
-        ));
-    })
-    .with_context(|| format!("evaluating {}", a.model.display()))?;
-    pb.finish_and_clear();
-    let secs = t0.elapsed().as_secs_f64();
+    let done = job::kld(&opts, term)?;
+    let (result, rope, ctx, secs) = (&done.result, &done.rope, done.n_ctx, done.seconds);
     let tps = (result.n_chunk * ctx) as f64 / secs.max(1e-9);
     if a.json {
-        let mut j = serde_json::to_value(&result)?;
+        let mut j = serde_json::to_value(result)?;
         if let Some(o) = j.as_object_mut() {
             o.insert("model".into(), a.model.display().to_string().into());
             o.insert(
@@ -425,8 +230,21 @@ fn run_kld(a: &Args, m: &Opened) -> Result<Outcome> {
         return Ok(Outcome::Ok);
     }
     println!("chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              Δp RMS            Same top p");
-    for r in &rows_text {
-        println!("{r}");
+    for row in &done.rows {
+        println!(
+            "{:4}    {:9.4} ± {:9.4}    {:10.5} ± {:10.5}    {:10.5} ± {:10.5}    {:6.3} ± {:6.3} %    {:6.3} ± {:6.3} %",
+            row.chunk,
+            row.ppl.value,
+            row.ppl.unc,
+            row.ln_ppl_ratio.value,
+            row.ln_ppl_ratio.unc,
+            row.kld.value,
+            row.kld.unc,
+            100.0 * row.rms_dp.value,
+            100.0 * row.rms_dp.unc,
+            100.0 * row.same_top.value,
+            100.0 * row.same_top.unc,
+        );
     }
     println!();
     if result.count < 100 {
@@ -435,7 +253,7 @@ fn run_kld(a: &Args, m: &Opened) -> Result<Outcome> {
             result.count
         );
     } else {
-        print_kld_stats(&result);
+        print_kld_stats(result);
     }
     if a.rope.any() {
         println!("{rope}");

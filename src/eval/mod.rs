@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod chunks;
 pub mod imatrix;
+pub mod job;
 pub mod kld;
 pub mod perplexity;
 pub mod rope;

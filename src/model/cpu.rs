@@ -18,7 +18,7 @@ use kiln_quant::dot::{
 use kiln_quant::{GgmlType, Isa};
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, Rope};
+use super::{AttnShape, Backend, Qkv, Rope};
 
 /// Weight rows per parallel task of a matrix product with few tokens.
 const ROW_TILE: usize = 16;
@@ -456,7 +456,7 @@ impl Backend for CpuBackend {
         n_rot: usize,
         pos0: usize,
         rope: Rope,
-    ) {
+    ) -> Result<()> {
         let theta_scale = rope.freq_base.powf(-2.0 / n_rot as f32);
         let cols = x.cols;
         x.data
@@ -478,18 +478,18 @@ impl Backend for CpuBackend {
                     rope_pairs(&mut h[..n_rot], &cache);
                 }
             });
+        Ok(())
     }
 
     fn attention(
         &self,
         cache: &mut CpuCache,
         layer: usize,
-        q: &CpuAct,
-        k: &CpuAct,
-        v: &CpuAct,
+        qkv: Qkv<'_, CpuAct>,
         n_past: usize,
         s: AttnShape,
     ) -> Result<CpuAct> {
+        let Qkv { q, k, v } = qkv;
         let t = k.rows;
         let tq = q.rows;
         let kvd = cache.kv_dim;
@@ -591,24 +591,24 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn tail_rows(&self, x: &CpuAct, from: usize) -> CpuAct {
+    fn tail_rows(&self, x: &CpuAct, from: usize) -> Result<CpuAct> {
         let from = from.min(x.rows);
         let src = &x.data[from * x.cols..];
         let mut data = take_buf(src.len());
         data.copy_from_slice(src);
-        CpuAct {
+        Ok(CpuAct {
             data,
             rows: x.rows - from,
             cols: x.cols,
-        }
+        })
     }
 
-    fn to_host(&self, mut x: CpuAct) -> Vec<f32> {
-        std::mem::take(&mut x.data)
+    fn to_host(&self, mut x: CpuAct) -> Result<Vec<f32>> {
+        Ok(std::mem::take(&mut x.data))
     }
 
-    fn host_view<'a>(&self, x: &'a CpuAct) -> std::borrow::Cow<'a, [f32]> {
-        std::borrow::Cow::Borrowed(&x.data)
+    fn host_view<'a>(&self, x: &'a CpuAct) -> Result<std::borrow::Cow<'a, [f32]>> {
+        Ok(std::borrow::Cow::Borrowed(&x.data))
     }
 }
 
@@ -663,7 +663,7 @@ mod tests {
             freq_base: 10000.0,
             freq_scale: 1.0,
         };
-        be.rope(&mut x, 2, 4, 4, 0, rope);
+        be.rope(&mut x, 2, 4, 4, 0, rope).unwrap();
         assert_eq!(x.data[..8], x0.data[..8]);
         for (a, b) in x.data[8..].chunks(2).zip(x0.data[8..].chunks(2)) {
             let na = a[0] * a[0] + a[1] * a[1];
@@ -697,10 +697,15 @@ mod tests {
             head_dim: 4,
             scale: 0.5,
         };
-        let o = be.attention(&mut cache, 0, &q, &k, &v, 0, s).unwrap();
+        let qkv = Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        };
+        let o = be.attention(&mut cache, 0, qkv, 0, s).unwrap();
         assert_eq!(o.data, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
         // overflowing the cache is an error, not a panic
-        assert!(be.attention(&mut cache, 0, &q, &k, &v, 4, s).is_err());
-        assert!(be.attention(&mut cache, 3, &q, &k, &v, 0, s).is_err());
+        assert!(be.attention(&mut cache, 0, qkv, 4, s).is_err());
+        assert!(be.attention(&mut cache, 3, qkv, 0, s).is_err());
     }
 }

@@ -150,7 +150,23 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
-/// The operations a device must provide. Activations (`Act`) are row-major matrices with one row
+/// The queries, keys and values of one attention call (one row per token each).
+pub struct Qkv<'a, A> {
+    pub q: &'a A,
+    pub k: &'a A,
+    pub v: &'a A,
+}
+
+impl<A> Clone for Qkv<'_, A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A> Copy for Qkv<'_, A> {}
+
+/// The operations a device must provide; every one can fail (a device can run out of memory or
+/// lose its context), so each returns `Result`. Activations (`Act`) are row-major matrices with one row
 /// per token; they live wherever the backend keeps them.
 pub trait Backend: Send + Sync {
     /// A weight tensor ready for this device.
@@ -181,18 +197,15 @@ pub trait Backend: Send + Sync {
         n_rot: usize,
         pos0: usize,
         rope: Rope,
-    );
-    /// Stores `k`, `v` at positions `n_past..` of layer `layer` and attends causally. `q` holds
-    /// the queries of the last `q.rows` of those positions (all of them, or only the rows whose
-    /// output is wanted); one output row per query.
-    #[allow(clippy::too_many_arguments)]
+    ) -> Result<()>;
+    /// Stores `qkv.k`, `qkv.v` at positions `n_past..` of layer `layer` and attends causally.
+    /// `qkv.q` holds the queries of the last `q.rows` of those positions (all of them, or only
+    /// the rows whose output is wanted); one output row per query.
     fn attention(
         &self,
         cache: &mut Self::Cache,
         layer: usize,
-        q: &Self::Act,
-        k: &Self::Act,
-        v: &Self::Act,
+        qkv: Qkv<'_, Self::Act>,
         n_past: usize,
         shape: AttnShape,
     ) -> Result<Self::Act>;
@@ -201,11 +214,11 @@ pub trait Backend: Send + Sync {
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
     /// The rows `from..` of `x`.
-    fn tail_rows(&self, x: &Self::Act, from: usize) -> Self::Act;
+    fn tail_rows(&self, x: &Self::Act, from: usize) -> Result<Self::Act>;
     /// The matrix on the host, row-major.
-    fn to_host(&self, x: Self::Act) -> Vec<f32>;
+    fn to_host(&self, x: Self::Act) -> Result<Vec<f32>>;
     /// The matrix on the host, row-major, without consuming it (a borrow where it lives there).
-    fn host_view<'a>(&self, x: &'a Self::Act) -> std::borrow::Cow<'a, [f32]>;
+    fn host_view<'a>(&self, x: &'a Self::Act) -> Result<std::borrow::Cow<'a, [f32]>>;
 }
 
 /// Receives the input of every weight product during [`Model::forward_observed`]: the weight's
@@ -356,7 +369,7 @@ impl<B: Backend> Model<B> {
         };
         let mut see = |names: &[&str], il: Option<usize>, act: &B::Act, cols: usize| {
             if let Some(o) = obs.as_deref_mut() {
-                let v = be.host_view(act);
+                let v = be.host_view(act)?;
                 for n in names {
                     match il {
                         Some(i) => o(&format!("blk.{i}.{n}.weight"), &v, cols),
@@ -364,13 +377,14 @@ impl<B: Backend> Model<B> {
                     }
                 }
             }
+            Ok::<(), anyhow::Error>(())
         };
         let qd = cfg.n_head * cfg.head_dim;
         let mut x = be.embed(&self.tok_embd, tokens)?;
         let last = self.layers.len().saturating_sub(1);
         for (il, l) in self.layers.iter().enumerate() {
             let cur = be.rms_norm(&x, &l.attn_norm, cfg.rms_eps)?;
-            see(&["attn_q", "attn_k", "attn_v"], Some(il), &cur, cfg.n_embd);
+            see(&["attn_q", "attn_k", "attn_v"], Some(il), &cur, cfg.n_embd)?;
             // in the last layer only the rows whose logits are wanted need queries (and
             // everything after); every row still needs its keys and values in the cache
             let q_from = if il == last && !observed {
@@ -379,7 +393,7 @@ impl<B: Backend> Model<B> {
                 0
             };
             let mut q = if q_from > 0 {
-                be.matmul(&l.wq, &be.tail_rows(&cur, q_from))?
+                be.matmul(&l.wq, &be.tail_rows(&cur, q_from)?)?
             } else {
                 be.matmul(&l.wq, &cur)?
             };
@@ -392,7 +406,7 @@ impl<B: Backend> Model<B> {
                 cfg.n_rot,
                 n_past + q_from,
                 cfg.rope,
-            );
+            )?;
             be.rope(
                 &mut k,
                 cfg.n_head_kv,
@@ -400,35 +414,45 @@ impl<B: Backend> Model<B> {
                 cfg.n_rot,
                 n_past,
                 cfg.rope,
-            );
-            let att = be.attention(cache, il, &q, &k, &v, n_past, shape)?;
-            see(&["attn_output"], Some(il), &att, qd);
+            )?;
+            let att = be.attention(
+                cache,
+                il,
+                Qkv {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                },
+                n_past,
+                shape,
+            )?;
+            see(&["attn_output"], Some(il), &att, qd)?;
             let mut cur = be.matmul(&l.wo, &att)?;
             if q_from > 0 {
                 // only the rows whose logits are wanted go on (llama.cpp's out_ids; their
                 // attention and output projection were computed for those rows alone)
-                x = be.tail_rows(&x, q_from);
+                x = be.tail_rows(&x, q_from)?;
             }
             be.add(&mut cur, &x)?;
             let ffn_in = cur;
             let cur = be.rms_norm(&ffn_in, &l.ffn_norm, cfg.rms_eps)?;
-            see(&["ffn_up", "ffn_gate"], Some(il), &cur, cfg.n_embd);
+            see(&["ffn_up", "ffn_gate"], Some(il), &cur, cfg.n_embd)?;
             let up = be.matmul(&l.w_up, &cur)?;
             let gate = be.matmul(&l.w_gate, &cur)?;
             let act = be.swiglu(&gate, &up)?;
-            see(&["ffn_down"], Some(il), &act, cfg.n_ff);
+            see(&["ffn_down"], Some(il), &act, cfg.n_ff)?;
             let mut out = be.matmul(&l.w_down, &act)?;
             be.add(&mut out, &ffn_in)?;
             x = out;
         }
         let cur = be.rms_norm(&x, &self.output_norm, cfg.rms_eps)?;
-        see(&[self.output_name], None, &cur, cfg.n_embd);
+        see(&[self.output_name], None, &cur, cfg.n_embd)?;
         let cur = if observed && logits_from > 0 {
-            be.tail_rows(&cur, logits_from)
+            be.tail_rows(&cur, logits_from)?
         } else {
             cur
         };
         let logits = be.matmul(&self.output, &cur)?;
-        Ok(be.to_host(logits))
+        be.to_host(logits)
     }
 }
