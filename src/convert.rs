@@ -3,6 +3,7 @@
 //! dtype rules. The tensor encoder is shared with `kiln merge`.
 
 use crate::progress::{Progress, Unit};
+use crate::shape::ModelShape;
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
 use kiln_formats::gguf::{GgufArray, GgufValue, GgufWriter};
@@ -55,7 +56,7 @@ pub fn convert(o: &ConvertOptions, progress: &dyn Progress) -> Result<ConvertDon
     let cfg_path = o.hf_dir.join("config.json");
     let cfg =
         LlamaConfig::load(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let dims = LlamaDims::from_config(&cfg).with_context(|| cfg_path.display().to_string())?;
+    let dims = ModelShape::from_hf(&cfg).with_context(|| cfg_path.display().to_string())?;
     let ckpt = Checkpoint::open(&o.hf_dir)
         .with_context(|| format!("opening the weights in {}", o.hf_dir.display()))?;
     let source = o.hf_dir.display().to_string();
@@ -166,71 +167,6 @@ impl TensorJob {
     }
 }
 
-/// The Llama model sizes kiln needs, read from config.json and checked.
-#[derive(Clone, Debug)]
-pub struct LlamaDims {
-    pub n_embd: usize,
-    pub n_ff: usize,
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub head_dim: usize,
-    pub n_vocab: usize,
-    pub tied: bool,
-}
-
-impl LlamaDims {
-    pub fn from_config(cfg: &LlamaConfig) -> Result<LlamaDims> {
-        let n_head = cfg.num_attention_heads as usize;
-        let n_embd = cfg.hidden_size as usize;
-        if n_head == 0 || n_embd == 0 {
-            bail!("config.json: hidden_size and num_attention_heads must be positive");
-        }
-        let head_dim = cfg.head_dim.map(|h| h as usize).unwrap_or(n_embd / n_head);
-        Ok(LlamaDims {
-            n_embd,
-            n_ff: cfg.intermediate_size as usize,
-            n_layer: cfg.num_hidden_layers as usize,
-            n_head,
-            n_head_kv: cfg
-                .num_key_value_heads
-                .map(|v| v as usize)
-                .unwrap_or(n_head),
-            head_dim,
-            n_vocab: cfg.vocab_size as usize,
-            tied: cfg.tie_word_embeddings,
-        })
-    }
-
-    /// The HF shape a Llama tensor must have, or None for a name that is not a Llama tensor.
-    pub fn expected_shape(&self, hf_name: &str) -> Option<Vec<usize>> {
-        let (e, f, hd) = (self.n_embd, self.n_ff, self.head_dim);
-        Some(match hf_name {
-            "model.embed_tokens.weight" | "lm_head.weight" => vec![self.n_vocab, e],
-            "model.norm.weight" => vec![e],
-            _ => {
-                let rest = hf_name.strip_prefix("model.layers.")?;
-                let (layer, suffix) = rest.split_once('.')?;
-                let l: usize = layer.parse().ok()?;
-                if l >= self.n_layer {
-                    return None;
-                }
-                match suffix {
-                    "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![e],
-                    "self_attn.q_proj.weight" => vec![self.n_head * hd, e],
-                    "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => {
-                        vec![self.n_head_kv * hd, e]
-                    }
-                    "self_attn.o_proj.weight" => vec![e, self.n_head * hd],
-                    "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, e],
-                    "mlp.down_proj.weight" => vec![e, f],
-                    _ => return None,
-                }
-            }
-        })
-    }
-}
-
 /// True for HF tensors the converter drops.
 pub fn is_dropped(hf_name: &str) -> bool {
     hf_name.ends_with(".rotary_emb.inv_freq")
@@ -276,7 +212,7 @@ pub fn tensor_type(gguf_name: &str, n_dims: usize, out: GgmlType) -> GgmlType {
 /// Plans the output tensors from a checkpoint's tensor list: every Llama tensor present with the
 /// shape config.json implies, nothing unknown, in llama.cpp's loader order.
 pub fn plan_tensors(
-    dims: &LlamaDims,
+    dims: &ModelShape,
     tensors: &[(String, Vec<usize>)],
     out: GgmlType,
     source: &str,
@@ -417,7 +353,7 @@ pub fn checkpoint_shapes(ckpt: &Checkpoint) -> Vec<(String, Vec<usize>)> {
 /// The `general.*` and `llama.*` keys of a converted model, in convert_hf_to_gguf's order.
 pub fn model_metadata(
     cfg: &LlamaConfig,
-    dims: &LlamaDims,
+    dims: &ModelShape,
     name: &str,
     file_type: u32,
 ) -> Vec<(String, GgufValue)> {

@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod quant_plan;
 pub mod quantize;
+pub mod shape;
 pub mod sums;
 pub mod tokenizer;
 pub mod transcode;

@@ -1,6 +1,7 @@
 //! Per-tensor type choice of llama-quantize for Llama models (spec §4): file types, the mix rules,
 //! user overrides, the shape fallback and the loader's tensor order.
 
+use crate::shape::ModelShape;
 use kiln_quant::GgmlType;
 use regex::Regex;
 
@@ -171,24 +172,6 @@ impl Ftype {
 impl std::fmt::Display for Ftype {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// The model facts the mix rules look at.
-#[derive(Clone, Copy, Debug)]
-pub struct ModelShape {
-    pub n_layer: u32,
-    pub n_head: u32,
-    pub n_head_kv: u32,
-}
-
-impl ModelShape {
-    fn gqa(&self) -> u32 {
-        self.n_head.checked_div(self.n_head_kv).unwrap_or(1)
-    }
-    /// llama.cpp's LLM_TYPE_70B test for arch llama.
-    fn is_70b(&self) -> bool {
-        self.n_layer == 80 && self.n_head != self.n_head_kv
     }
 }
 
@@ -535,9 +518,14 @@ mod tests {
         }
         (
             ModelShape {
-                n_layer,
+                n_vocab: 32000,
+                n_embd: n_embd as usize,
+                n_layer: n_layer as usize,
+                n_ff: n_ff as usize,
                 n_head,
-                n_head_kv,
+                n_head_kv: n_head_kv as usize,
+                head_dim: hd as usize,
+                tied: false,
             },
             v,
         )

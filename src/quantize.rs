@@ -3,7 +3,8 @@
 //! output.
 
 use crate::progress::{Progress, Unit};
-use crate::quant_plan::{self, Ftype, ModelShape, Overrides, PlanTensor, Planner};
+use crate::quant_plan::{self, Ftype, Overrides, PlanTensor, Planner};
+use crate::shape::ModelShape;
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::gguf::{GgufFile, GgufValue, GgufWriter, TensorInfo};
 use kiln_formats::imatrix::Imatrix;
@@ -29,27 +30,11 @@ pub fn parse_type(s: &str, flag: &str) -> Result<GgmlType> {
 
 /// The model facts the mix rules need, from the GGUF metadata.
 fn model_shape(f: &GgufFile) -> Result<ModelShape> {
-    let arch = f
-        .get("general.architecture")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| anyhow!("{}: no general.architecture key", f.path().display()))?
-        .to_string();
-    if arch != "llama" {
-        bail!(
-            "{}: architecture {arch:?} is not supported; kiln quantizes Llama-family models (general.architecture = \"llama\")",
+    ModelShape::from_gguf(f).with_context(|| {
+        format!(
+            "{}: kiln quantizes Llama-family models (general.architecture = \"llama\") with complete metadata",
             f.path().display()
-        );
-    }
-    let get = |k: &str| f.get(k).and_then(|v| v.as_u32());
-    let n_layer = get("llama.block_count")
-        .ok_or_else(|| anyhow!("{}: no llama.block_count key", f.path().display()))?;
-    let n_head = get("llama.attention.head_count")
-        .ok_or_else(|| anyhow!("{}: no llama.attention.head_count key", f.path().display()))?;
-    let n_head_kv = get("llama.attention.head_count_kv").unwrap_or(n_head);
-    Ok(ModelShape {
-        n_layer,
-        n_head,
-        n_head_kv,
+        )
     })
 }
 

@@ -16,6 +16,7 @@
 use crate::merge;
 use crate::pipeline::eval::tokenizer_of_dir;
 use crate::pipeline::manifest::write_if_changed;
+use crate::shape::ModelShape;
 use anyhow::{bail, Context, Result};
 use kiln_formats::checkpoint::DType;
 use kiln_formats::hf::LlamaConfig;
@@ -27,22 +28,27 @@ use std::path::{Path, PathBuf};
 /// The embedded evaluation and training text (written for this project).
 pub const TEXT: &str = include_str!("text.txt");
 
-/// Shape of the demo model.
+/// Shape of the demo model and its LoRA.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
-    pub hidden: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub ffn: usize,
+    /// The base model (its `n_vocab` is ignored: the vocabulary is generated from the text).
+    pub model: ModelShape,
+    /// Rank of the LoRA.
     pub lora_r: usize,
 }
 
 /// The default demo shape: Llama-2's architecture at 1/16 of 7B's width.
 pub const SHAPE: Shape = Shape {
-    hidden: 256,
-    layers: 2,
-    heads: 8,
-    ffn: 768,
+    model: ModelShape {
+        n_vocab: 0,
+        n_embd: 256,
+        n_layer: 2,
+        n_ff: 768,
+        n_head: 8,
+        n_head_kv: 8,
+        head_dim: 32,
+        tied: false,
+    },
     lora_r: 8,
 };
 
@@ -323,7 +329,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     write_if_changed(path, s.as_bytes())
 }
 
-fn config_json(s: &Shape, vocab: usize) -> serde_json::Value {
+fn config_json(s: &ModelShape, vocab: usize) -> serde_json::Value {
     json!({
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": false,
@@ -331,15 +337,15 @@ fn config_json(s: &Shape, vocab: usize) -> serde_json::Value {
         "bos_token_id": 1,
         "eos_token_id": 2,
         "hidden_act": "silu",
-        "hidden_size": s.hidden,
+        "hidden_size": s.n_embd,
         "initializer_range": 0.02,
-        "intermediate_size": s.ffn,
+        "intermediate_size": s.n_ff,
         "max_position_embeddings": 2048,
         "mlp_bias": false,
         "model_type": "llama",
-        "num_attention_heads": s.heads,
-        "num_hidden_layers": s.layers,
-        "num_key_value_heads": s.heads,
+        "num_attention_heads": s.n_head,
+        "num_hidden_layers": s.n_layer,
+        "num_key_value_heads": s.n_head_kv,
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-5,
         "rope_scaling": null,
@@ -385,13 +391,14 @@ fn write_tokenizer(dir: &Path, sp: &SpModel) -> Result<()> {
 }
 
 /// The seven projections: (HF module path, out dim, in dim).
-fn projections(s: &Shape) -> [(&'static str, usize, usize); 7] {
-    let (h, f) = (s.hidden, s.ffn);
+fn projections(s: &ModelShape) -> [(&'static str, usize, usize); 7] {
+    let (h, f) = (s.n_embd, s.n_ff);
+    let (q, kv) = (s.q_dim(), s.kv_dim());
     [
-        ("self_attn.q_proj", h, h),
-        ("self_attn.k_proj", h, h),
-        ("self_attn.v_proj", h, h),
-        ("self_attn.o_proj", h, h),
+        ("self_attn.q_proj", q, h),
+        ("self_attn.k_proj", kv, h),
+        ("self_attn.v_proj", kv, h),
+        ("self_attn.o_proj", h, q),
         ("mlp.gate_proj", f, h),
         ("mlp.up_proj", f, h),
         ("mlp.down_proj", h, f),
@@ -404,8 +411,14 @@ fn flat(rows: &[Vec<f32>]) -> Vec<f32> {
 
 /// Writes `dir/{base,lora,demo-text.txt}` (files whose bytes are unchanged are left untouched).
 pub fn build(dir: &Path, s: &Shape) -> Result<DemoInputs> {
-    if s.hidden < 2 || s.heads == 0 || !s.hidden.is_multiple_of(s.heads) {
-        bail!("demo shape: hidden must be a multiple of heads");
+    let (lora_r, s) = (s.lora_r, &s.model);
+    if s.n_embd < 2
+        || s.n_head == 0
+        || s.n_head_kv == 0
+        || s.n_embd != s.q_dim()
+        || !s.n_head.is_multiple_of(s.n_head_kv)
+    {
+        bail!("demo shape: n_embd must be n_head × head_dim, and n_head a multiple of n_head_kv");
     }
     let base_dir = dir.join("base");
     let lora_dir = dir.join("lora");
@@ -417,7 +430,7 @@ pub fn build(dir: &Path, s: &Shape) -> Result<DemoInputs> {
 
     let (base_sp, ext_sp) = vocabularies(TEXT);
     let (vb, ve) = (base_sp.len(), ext_sp.len());
-    let d = s.hidden;
+    let d = s.n_embd;
     write_json(&base_dir.join("config.json"), &config_json(s, vb))?;
     write_json(
         &base_dir.join("generation_config.json"),
@@ -445,7 +458,7 @@ pub fn build(dir: &Path, s: &Shape) -> Result<DemoInputs> {
         vec![vb, d],
         flat(base_codes),
     )];
-    for l in 0..s.layers {
+    for l in 0..s.n_layer {
         for (m, o, i) in projections(s) {
             let std = if m.ends_with("o_proj") || m.ends_with("down_proj") {
                 0.002
@@ -473,18 +486,18 @@ pub fn build(dir: &Path, s: &Shape) -> Result<DemoInputs> {
     // The LoRA: all seven projections, r = 8, alpha 16, and the extended embeddings/lm_head.
     let pfx = "base_model.model.";
     let mut a: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for l in 0..s.layers {
+    for l in 0..s.n_layer {
         for (m, o, i) in projections(s) {
             let key = format!("{pfx}model.layers.{l}.{m}");
             a.push((
                 format!("{key}.lora_A.weight"),
-                vec![s.lora_r, i],
-                rng.normals(s.lora_r * i, 0.01),
+                vec![lora_r, i],
+                rng.normals(lora_r * i, 0.01),
             ));
             a.push((
                 format!("{key}.lora_B.weight"),
-                vec![o, s.lora_r],
-                rng.normals(o * s.lora_r, 0.01),
+                vec![o, lora_r],
+                rng.normals(o * lora_r, 0.01),
             ));
         }
     }
@@ -507,11 +520,11 @@ pub fn build(dir: &Path, s: &Shape) -> Result<DemoInputs> {
             "init_lora_weights": true,
             "layers_pattern": null,
             "layers_to_transform": null,
-            "lora_alpha": 2 * s.lora_r,
+            "lora_alpha": 2 * lora_r,
             "lora_dropout": 0.05,
             "modules_to_save": ["embed_tokens", "lm_head"],
             "peft_type": "LORA",
-            "r": s.lora_r,
+            "r": lora_r,
             "rank_pattern": {},
             "revision": null,
             "target_modules": ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],

@@ -103,7 +103,7 @@ fn prompt<B: Backend>(
     n_batch: usize,
     rng: &mut Rng,
 ) -> Result<()> {
-    let n_vocab = model.cfg.n_vocab;
+    let n_vocab = model.cfg.shape.n_vocab;
     let mut done = 0;
     while done < n_prompt {
         let n = (n_prompt - done).min(n_batch.max(1));
@@ -127,7 +127,7 @@ fn generate<B: Backend>(
     n_gen: usize,
     rng: &mut Rng,
 ) -> Result<()> {
-    let n_vocab = model.cfg.n_vocab;
+    let n_vocab = model.cfg.shape.n_vocab;
     let mut tok = bos.unwrap_or_else(|| rng.next(n_vocab));
     for pos in 0..n_gen {
         model.forward(cache, &[tok], pos, 0)?;

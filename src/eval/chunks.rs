@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::model::{Backend, LlamaConfig, Model};
+use crate::model::{Backend, Hparams, Model};
 
 /// Evaluates `n_chunk` chunks of `n_ctx` tokens as llama-perplexity does (empty cache per chunk,
 /// `bos` in place of the first token, batches of `n_batch`) and calls `f(k, chunk, logits)` with
@@ -23,7 +23,7 @@ pub fn for_each_chunk<B: Backend>(
     }
     let n_batch = n_batch.clamp(1, n_ctx);
     let first = n_ctx / 2;
-    let n_vocab = model.cfg.n_vocab;
+    let n_vocab = model.cfg.shape.n_vocab;
     check_memory(&model.cfg, n_ctx, n_batch)?;
     let mut cache = model.new_cache(n_ctx)?;
     let mut logits: Vec<f32> = Vec::with_capacity((n_ctx - first) * n_vocab);
@@ -56,14 +56,14 @@ pub fn for_each_chunk<B: Backend>(
 
 /// Bytes an evaluation at `n_ctx` needs besides the weights: the f16 KV cache, its f32 copy in
 /// attention, the kept logits of half a chunk, and the activations of one batch.
-pub fn memory_needed(cfg: &LlamaConfig, n_ctx: usize, n_batch: usize) -> u128 {
+pub fn memory_needed(cfg: &Hparams, n_ctx: usize, n_batch: usize) -> u128 {
     let (c, b) = (n_ctx as u128, n_batch.min(n_ctx) as u128);
     let m = |xs: &[u128]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x));
-    let kvd = cfg.kv_dim() as u128;
-    let kv = m(&[4, cfg.n_layer as u128, c, kvd]);
+    let kvd = cfg.shape.kv_dim() as u128;
+    let kv = m(&[4, cfg.shape.n_layer as u128, c, kvd]);
     let kv_f32 = m(&[8, c, kvd]);
-    let logits = m(&[(c - c / 2).saturating_add(b), cfg.n_vocab as u128, 4]);
-    let width = (8 * cfg.n_embd as u128 + 4 * cfg.n_ff as u128).saturating_add(c);
+    let logits = m(&[(c - c / 2).saturating_add(b), cfg.shape.n_vocab as u128, 4]);
+    let width = (8 * cfg.shape.n_embd as u128 + 4 * cfg.shape.n_ff as u128).saturating_add(c);
     let acts = m(&[b, width, 4]);
     kv.saturating_add(kv_f32)
         .saturating_add(logits)
@@ -84,7 +84,7 @@ fn gib(b: u128) -> f64 {
 
 /// Refuses a context whose cache, logits and activations do not fit the available memory
 /// (checked before anything is allocated).
-pub fn check_memory(cfg: &LlamaConfig, n_ctx: usize, n_batch: usize) -> Result<()> {
+pub fn check_memory(cfg: &Hparams, n_ctx: usize, n_batch: usize) -> Result<()> {
     let need = memory_needed(cfg, n_ctx, n_batch);
     // without /proc/meminfo, still refuse what no machine has (1 TiB)
     let avail = mem_available().unwrap_or(1 << 40);

@@ -218,7 +218,7 @@ pub fn collect<B: Backend>(
     } else {
         0
     };
-    let n_vocab = model.cfg.n_vocab;
+    let n_vocab = model.cfg.shape.n_vocab;
     let mut cache = model.new_cache(n_ctx)?;
     let (mut s1, mut s2, mut count) = (0.0f64, 0.0f64, 0usize);
     let mut running = Vec::with_capacity(n_chunk);

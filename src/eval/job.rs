@@ -20,7 +20,7 @@ use crate::eval::perplexity::{
 use crate::eval::read_text;
 use crate::eval::rope::{apply_rope, RopeOverrides, RopeReport};
 use crate::model::device::{self, Device, Evaluator};
-use crate::model::{Backend, LlamaConfig};
+use crate::model::{Backend, Hparams};
 use crate::progress::{Progress, Unit};
 use crate::tokenizer::Tokenizer;
 
@@ -58,7 +58,7 @@ pub struct Opened {
     pub file: Arc<GgufFile>,
     /// None when the file has no vocabulary.
     pub tok: Option<Tokenizer>,
-    pub cfg: LlamaConfig,
+    pub cfg: Hparams,
 }
 
 impl Opened {
@@ -80,7 +80,7 @@ impl Opened {
                     .with_context(|| format!("reading the vocabulary of {}", path.display()))?,
             )
         };
-        let cfg = LlamaConfig::from_gguf(&file).with_context(|| format!("{}", path.display()))?;
+        let cfg = Hparams::from_gguf(&file).with_context(|| format!("{}", path.display()))?;
         Ok(Opened { file, tok, cfg })
     }
 
@@ -306,13 +306,13 @@ pub fn kld(o: &KldOptions, progress: &dyn Progress) -> Result<KldDone> {
 fn kld_in_pool(o: &KldOptions, m: &Opened, progress: &dyn Progress) -> Result<KldDone> {
     let path = &o.target.model;
     let mut base = BaseLogits::open(&o.base)?;
-    if base.n_vocab != m.cfg.n_vocab {
+    if base.n_vocab != m.cfg.shape.n_vocab {
         bail!(
             "{} was computed with a vocabulary of {} tokens, but {} has {}",
             o.base.display(),
             base.n_vocab,
             path.display(),
-            m.cfg.n_vocab
+            m.cfg.shape.n_vocab
         );
     }
     let ctx = base.n_ctx;

@@ -538,7 +538,7 @@ pub fn kld_stats<B: Backend>(
     max_chunks: Option<usize>,
     mut on_chunk: impl FnMut(&KldChunkRow),
 ) -> Result<KldResult> {
-    let n_vocab = model.cfg.n_vocab;
+    let n_vocab = model.cfg.shape.n_vocab;
     if base.n_vocab != n_vocab {
         bail!(
             "{} was computed with a vocabulary of {}, the model has {n_vocab}",

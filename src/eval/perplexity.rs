@@ -116,7 +116,7 @@ fn run<B: Backend>(
     let n_chunk = n_chunks(tokens.len(), p)?;
     let n_ctx = p.n_ctx;
     let first = n_ctx / 2;
-    let n_vocab = model.cfg.n_vocab;
+    let n_vocab = model.cfg.shape.n_vocab;
     let nv = kld::row_len(n_vocab);
     let n_score = n_ctx - 1 - first;
     if let Some(w) = out.as_mut() {
@@ -183,7 +183,7 @@ fn run<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::LlamaConfig;
+    use crate::model::Hparams;
 
     #[test]
     fn chunk_count_follows_llama_perplexity() {
@@ -215,15 +215,18 @@ mod tests {
         assert!(nll(&l2, 9).is_infinite());
     }
 
-    fn cfg() -> LlamaConfig {
-        LlamaConfig {
-            n_vocab: 32000,
-            n_embd: 4096,
-            n_layer: 32,
-            n_ff: 11008,
-            n_head: 32,
-            n_head_kv: 32,
-            head_dim: 128,
+    fn cfg() -> Hparams {
+        Hparams {
+            shape: crate::shape::ModelShape {
+                n_vocab: 32000,
+                n_embd: 4096,
+                n_layer: 32,
+                n_ff: 11008,
+                n_head: 32,
+                n_head_kv: 32,
+                head_dim: 128,
+                tied: false,
+            },
             n_rot: 128,
             rms_eps: 1e-5,
             rope: crate::model::Rope {

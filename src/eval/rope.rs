@@ -1,11 +1,11 @@
 //! Context extension for evaluation: llama.cpp's `--rope-freq-base`, `--rope-scaling`,
 //! `--rope-scale`/`--rope-freq-scale`, and the NTK-aware base of the Chinese-LLaMA-Alpaca-2
-//! scripts (`--ntk ALPHA|auto`), applied to a loaded model's [`LlamaConfig`].
+//! scripts (`--ntk ALPHA|auto`), applied to a loaded model's [`Hparams`].
 
 use anyhow::{bail, Result};
 use kiln_formats::gguf::GgufHeader;
 
-use crate::model::LlamaConfig;
+use crate::model::Hparams;
 
 /// `--rope-scaling` (llama.cpp's names; YaRN is not supported).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -77,7 +77,7 @@ pub fn ntk_auto_alpha(n_ctx: usize, n_ctx_train: usize) -> Option<f64> {
 /// parameters (a given base or scale replaces the model's; scaling type `none`, given or from the
 /// model's `llama.rope.scaling.type`, forces scale 1), then the NTK base on top.
 pub fn apply_rope(
-    cfg: &mut LlamaConfig,
+    cfg: &mut Hparams,
     h: &GgufHeader,
     o: &RopeOverrides,
     n_ctx: usize,
@@ -112,13 +112,13 @@ pub fn apply_rope(
         Some(Ntk::Auto) => ntk_auto_alpha(n_ctx, cfg.n_ctx_train),
     };
     if let Some(a) = alpha {
-        if cfg.head_dim <= 2 {
+        if cfg.shape.head_dim <= 2 {
             bail!(
                 "NTK scaling needs a head dimension above 2 (got {})",
-                cfg.head_dim
+                cfg.shape.head_dim
             );
         }
-        cfg.rope.freq_base = ntk_base(cfg.rope.freq_base, a, cfg.head_dim);
+        cfg.rope.freq_base = ntk_base(cfg.rope.freq_base, a, cfg.shape.head_dim);
         if !cfg.rope.freq_base.is_finite() {
             bail!("NTK alpha {a} gives an infinite rope base");
         }

@@ -20,7 +20,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::convert::{is_dropped, LlamaDims};
+use crate::convert::is_dropped;
+use crate::shape::ModelShape;
 
 mod direct;
 mod write;
@@ -444,7 +445,7 @@ fn size_tag(s: &str) -> Option<String> {
 pub fn plan(
     base_dir: &Path,
     base: &Checkpoint,
-    dims: &LlamaDims,
+    dims: &ModelShape,
     adapters: &[Adapter],
     vocab_size: Option<usize>,
 ) -> Result<Plan> {

@@ -3,10 +3,11 @@
 //! memory at a time. The plan ([`super::plan`]) is made once, in [`MergeJob::open`], and handed
 //! to the writers.
 
-use crate::convert::{self, LlamaDims, OutType};
+use crate::convert::{self, OutType};
 use crate::merge::{self, Adapter, Plan, Planned, TOKENIZER_FILES};
 use crate::progress::{Progress, Unit};
-use crate::quant_plan::{Ftype, ModelShape, Overrides, PlanTensor, Planner};
+use crate::quant_plan::{Ftype, Overrides, PlanTensor, Planner};
+use crate::shape::ModelShape;
 use crate::sums;
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
@@ -602,7 +603,7 @@ pub struct MergeJob {
     pub base_dir: PathBuf,
     /// The base's config.json as read.
     pub cfg: LlamaConfig,
-    pub dims: LlamaDims,
+    pub dims: ModelShape,
     pub base: Checkpoint,
     pub adapters: Vec<Adapter>,
     pub plan: Plan,
@@ -637,7 +638,7 @@ impl MergeJob {
         let cfg_path = i.base.join("config.json");
         let cfg = LlamaConfig::load(&cfg_path)
             .with_context(|| format!("reading {}", cfg_path.display()))?;
-        let dims = LlamaDims::from_config(&cfg).with_context(|| cfg_path.display().to_string())?;
+        let dims = ModelShape::from_hf(&cfg).with_context(|| cfg_path.display().to_string())?;
         let base = Checkpoint::open(&i.base)
             .with_context(|| format!("opening the base weights in {}", i.base.display()))?;
         convert::plan_tensors(
@@ -694,7 +695,7 @@ impl MergeJob {
             cfg.raw
                 .insert("tie_word_embeddings".into(), plan.tied.into());
         }
-        let mdims = LlamaDims::from_config(&cfg)?;
+        let mdims = ModelShape::from_hf(&cfg)?;
         let shapes: Vec<(String, Vec<usize>)> = plan
             .tensors
             .iter()
@@ -731,11 +732,6 @@ impl MergeJob {
             let (meta, quant) = match &o.kind {
                 GgufKind::Float(_) => (meta, None),
                 GgufKind::Quant(ft) => {
-                    let shape = ModelShape {
-                        n_layer: mdims.n_layer as u32,
-                        n_head: mdims.n_head as u32,
-                        n_head_kv: mdims.n_head_kv as u32,
-                    };
                     let pin: Vec<PlanTensor> = jobs
                         .iter()
                         .map(|j| PlanTensor {
@@ -744,7 +740,7 @@ impl MergeJob {
                             ty: j.ty,
                         })
                         .collect();
-                    let types = Planner::plan(*ft, shape, &Overrides::default(), &pin);
+                    let types = Planner::plan(*ft, mdims, &Overrides::default(), &pin);
                     // As llama-quantize rewrites the F16 file's keys.
                     let m = crate::quant_plan::quantized_metadata(meta, *ft);
                     (m, Some(types))

@@ -14,16 +14,14 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use kiln_formats::gguf::{GgufFile, GgufHeader, TensorInfo};
 
-/// Hyper-parameters of a Llama model, from GGUF metadata.
+use crate::shape::meta_usize;
+pub use crate::shape::ModelShape;
+
+/// Hyper-parameters of a Llama model for evaluation, from GGUF metadata: its [`ModelShape`]
+/// and what the forward pass needs beyond it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaConfig {
-    pub n_vocab: usize,
-    pub n_embd: usize,
-    pub n_layer: usize,
-    pub n_ff: usize,
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub head_dim: usize,
+pub struct Hparams {
+    pub shape: ModelShape,
     /// Rotated dimensions per head (`llama.rope.dimension_count`, default head_dim).
     pub n_rot: usize,
     pub rms_eps: f32,
@@ -40,25 +38,6 @@ pub struct Rope {
     pub freq_scale: f32,
 }
 
-/// Upper bound on any one dimension read from metadata (guards allocations).
-const MAX_DIM: usize = 1 << 24;
-
-fn meta_usize(h: &GgufHeader, key: &str) -> Result<Option<usize>> {
-    match h.get(key) {
-        None => Ok(None),
-        Some(v) => {
-            let n = v
-                .as_u64()
-                .with_context(|| format!("metadata {key} is not a non-negative integer"))?;
-            let n = usize::try_from(n)
-                .ok()
-                .filter(|&n| n <= MAX_DIM)
-                .with_context(|| format!("metadata {key} = {n} is out of range"))?;
-            Ok(Some(n))
-        }
-    }
-}
-
 fn meta_f32(h: &GgufHeader, key: &str) -> Result<Option<f32>> {
     match h.get(key) {
         None => Ok(None),
@@ -70,33 +49,11 @@ fn meta_f32(h: &GgufHeader, key: &str) -> Result<Option<f32>> {
     }
 }
 
-impl LlamaConfig {
-    /// Reads the configuration; errors name the missing or bad key. Only `llama` is supported.
-    pub fn from_gguf(h: &GgufHeader) -> Result<LlamaConfig> {
-        let arch = h
-            .get("general.architecture")
-            .and_then(|v| v.as_str())
-            .context("general.architecture is missing")?;
-        if arch != "llama" {
-            bail!("unsupported architecture '{arch}' (kiln evaluates llama models only)");
-        }
-        let need = |k: &str| -> Result<usize> {
-            meta_usize(h, k)?.with_context(|| format!("metadata {k} is missing"))
-        };
-        let n_embd = need("llama.embedding_length")?;
-        let n_layer = need("llama.block_count")?;
-        let n_ff = need("llama.feed_forward_length")?;
-        let n_head = need("llama.attention.head_count")?;
-        let n_head_kv = meta_usize(h, "llama.attention.head_count_kv")?.unwrap_or(n_head);
-        if n_embd == 0 || n_head == 0 || n_head_kv == 0 || n_layer == 0 || n_ff == 0 {
-            bail!("model dimensions must be non-zero");
-        }
-        if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
-            bail!(
-                "head counts do not divide: n_embd {n_embd}, n_head {n_head}, n_head_kv {n_head_kv}"
-            );
-        }
-        let head_dim = n_embd / n_head;
+impl Hparams {
+    /// Reads the hyper-parameters; errors name the missing or bad key. Only `llama` is supported.
+    pub fn from_gguf(h: &GgufHeader) -> Result<Hparams> {
+        let shape = ModelShape::from_gguf(h)?;
+        let head_dim = shape.head_dim;
         let n_rot = meta_usize(h, "llama.rope.dimension_count")?.unwrap_or(head_dim);
         if n_rot > head_dim || n_rot % 2 != 0 {
             bail!("llama.rope.dimension_count {n_rot} does not fit head dimension {head_dim}");
@@ -112,19 +69,9 @@ impl LlamaConfig {
             Some("none") | Some("linear") | None => 1.0,
             Some(other) => bail!("unsupported rope scaling type '{other}'"),
         };
-        let tok = h
-            .tensor("token_embd.weight")
-            .context("tensor token_embd.weight is missing")?;
-        let n_vocab = usize::try_from(tok.n_rows()).context("vocabulary too large")?;
         let n_ctx_train = meta_usize(h, "llama.context_length")?.unwrap_or(2048);
-        Ok(LlamaConfig {
-            n_vocab,
-            n_embd,
-            n_layer,
-            n_ff,
-            n_head,
-            n_head_kv,
-            head_dim,
+        Ok(Hparams {
+            shape,
             n_rot,
             rms_eps,
             rope: Rope {
@@ -133,11 +80,6 @@ impl LlamaConfig {
             },
             n_ctx_train,
         })
-    }
-
-    /// Width of the K and V rows: `n_head_kv * head_dim`.
-    pub fn kv_dim(&self) -> usize {
-        self.n_head_kv * self.head_dim
     }
 }
 
@@ -239,7 +181,7 @@ struct Layer<W> {
 
 /// A loaded Llama model on backend `B`.
 pub struct Model<B: Backend> {
-    pub cfg: LlamaConfig,
+    pub cfg: Hparams,
     pub backend: B,
     tok_embd: B::Weight,
     output_norm: B::Weight,
@@ -264,11 +206,11 @@ fn tensor<'a>(h: &'a GgufHeader, name: &str, shape: &[usize]) -> Result<&'a Tens
 impl<B: Backend> Model<B> {
     /// Loads every tensor of a Llama GGUF onto `backend`, checking names and shapes.
     pub fn load(file: Arc<GgufFile>, backend: B) -> Result<Model<B>> {
-        let cfg = LlamaConfig::from_gguf(&file)?;
+        let cfg = Hparams::from_gguf(&file)?;
         let h: &GgufHeader = &file;
-        let (e, v, ff) = (cfg.n_embd, cfg.n_vocab, cfg.n_ff);
-        let qd = cfg.n_head * cfg.head_dim;
-        let kvd = cfg.kv_dim();
+        let (e, v, ff) = (cfg.shape.n_embd, cfg.shape.n_vocab, cfg.shape.n_ff);
+        let qd = cfg.shape.n_head * cfg.shape.head_dim;
+        let kvd = cfg.shape.kv_dim();
         let ld = |name: &str, shape: &[usize]| -> Result<B::Weight> {
             let t = tensor(h, name, shape)?;
             backend
@@ -283,8 +225,8 @@ impl<B: Backend> Model<B> {
             "token_embd.weight"
         };
         let output = ld(output_name, &[e, v])?;
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
+        let mut layers = Vec::with_capacity(cfg.shape.n_layer);
+        for i in 0..cfg.shape.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
                 attn_norm: ld(&p("attn_norm"), &[e])?,
@@ -312,7 +254,7 @@ impl<B: Backend> Model<B> {
     /// A KV cache for one sequence of up to `n_ctx` positions.
     pub fn new_cache(&self, n_ctx: usize) -> Result<B::Cache> {
         self.backend
-            .new_cache(self.cfg.n_layer, n_ctx, self.cfg.kv_dim())
+            .new_cache(self.cfg.shape.n_layer, n_ctx, self.cfg.shape.kv_dim())
     }
 
     /// Evaluates `tokens` at positions `n_past..n_past+len` (earlier positions must already be in
@@ -357,15 +299,15 @@ impl<B: Backend> Model<B> {
                 tokens.len()
             );
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-            bail!("token id {bad} is outside the vocabulary ({})", cfg.n_vocab);
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.shape.n_vocab) {
+            bail!("token id {bad} is outside the vocabulary ({})", cfg.shape.n_vocab);
         }
         let observed = obs.is_some();
         let shape = AttnShape {
-            n_head: cfg.n_head,
-            n_head_kv: cfg.n_head_kv,
-            head_dim: cfg.head_dim,
-            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            n_head: cfg.shape.n_head,
+            n_head_kv: cfg.shape.n_head_kv,
+            head_dim: cfg.shape.head_dim,
+            scale: 1.0 / (cfg.shape.head_dim as f32).sqrt(),
         };
         let mut see = |names: &[&str], il: Option<usize>, act: &B::Act, cols: usize| {
             if let Some(o) = obs.as_deref_mut() {
@@ -379,12 +321,12 @@ impl<B: Backend> Model<B> {
             }
             Ok::<(), anyhow::Error>(())
         };
-        let qd = cfg.n_head * cfg.head_dim;
+        let qd = cfg.shape.n_head * cfg.shape.head_dim;
         let mut x = be.embed(&self.tok_embd, tokens)?;
         let last = self.layers.len().saturating_sub(1);
         for (il, l) in self.layers.iter().enumerate() {
             let cur = be.rms_norm(&x, &l.attn_norm, cfg.rms_eps)?;
-            see(&["attn_q", "attn_k", "attn_v"], Some(il), &cur, cfg.n_embd)?;
+            see(&["attn_q", "attn_k", "attn_v"], Some(il), &cur, cfg.shape.n_embd)?;
             // in the last layer only the rows whose logits are wanted need queries (and
             // everything after); every row still needs its keys and values in the cache
             let q_from = if il == last && !observed {
@@ -401,16 +343,16 @@ impl<B: Backend> Model<B> {
             let v = be.matmul(&l.wv, &cur)?;
             be.rope(
                 &mut q,
-                cfg.n_head,
-                cfg.head_dim,
+                cfg.shape.n_head,
+                cfg.shape.head_dim,
                 cfg.n_rot,
                 n_past + q_from,
                 cfg.rope,
             )?;
             be.rope(
                 &mut k,
-                cfg.n_head_kv,
-                cfg.head_dim,
+                cfg.shape.n_head_kv,
+                cfg.shape.head_dim,
                 cfg.n_rot,
                 n_past,
                 cfg.rope,
@@ -436,17 +378,17 @@ impl<B: Backend> Model<B> {
             be.add(&mut cur, &x)?;
             let ffn_in = cur;
             let cur = be.rms_norm(&ffn_in, &l.ffn_norm, cfg.rms_eps)?;
-            see(&["ffn_up", "ffn_gate"], Some(il), &cur, cfg.n_embd)?;
+            see(&["ffn_up", "ffn_gate"], Some(il), &cur, cfg.shape.n_embd)?;
             let up = be.matmul(&l.w_up, &cur)?;
             let gate = be.matmul(&l.w_gate, &cur)?;
             let act = be.swiglu(&gate, &up)?;
-            see(&["ffn_down"], Some(il), &act, cfg.n_ff)?;
+            see(&["ffn_down"], Some(il), &act, cfg.shape.n_ff)?;
             let mut out = be.matmul(&l.w_down, &act)?;
             be.add(&mut out, &ffn_in)?;
             x = out;
         }
         let cur = be.rms_norm(&x, &self.output_norm, cfg.rms_eps)?;
-        see(&[self.output_name], None, &cur, cfg.n_embd)?;
+        see(&[self.output_name], None, &cur, cfg.shape.n_embd)?;
         let cur = if observed && logits_from > 0 {
             be.tail_rows(&cur, logits_from)?
         } else {

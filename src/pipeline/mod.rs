@@ -992,7 +992,7 @@ pub fn run(s: &Settings, progress: &dyn Progress) -> Result<RunEnd> {
                 } else {
                     log.step(&format!("F16 log-probabilities of {} (KLD base)", t.name));
                     let m = load_once(&mut loaded, path)?;
-                    let need = eval::kld_base_size(t.n_chunk, params.n_ctx, m.model.cfg.n_vocab);
+                    let need = eval::kld_base_size(t.n_chunk, params.n_ctx, m.model.cfg.shape.n_vocab);
                     space::check_dir(&out, &rel, need)?;
                     let pb = log.bar((t.n_chunk * params.n_ctx) as u64, Unit::Tokens);
                     eval::kld_base(m, &t.text, &params, &out.join(STAGING).join(&rel), |n| {
