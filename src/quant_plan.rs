@@ -293,7 +293,7 @@ pub struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    /// Plans every tensor of `tensors` (which must be in loader order, see [`loader_order`]).
+    /// Plans every tensor of `tensors` (which must be in loader order, see [`loader_order_key`]).
     pub fn plan(
         ftype: Ftype,
         model: ModelShape,

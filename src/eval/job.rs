@@ -270,7 +270,7 @@ pub fn perplexity(o: &PerplexityOptions, progress: &dyn Progress) -> Result<Perp
     })
 }
 
-/// Options of [`kld`].
+/// Options of [`kld()`].
 #[derive(Clone, Debug)]
 pub struct KldOptions {
     pub target: Target,
@@ -284,7 +284,7 @@ pub struct KldOptions {
     pub chunks: Option<usize>,
 }
 
-/// What [`kld`] measured.
+/// What [`kld()`] measured.
 #[derive(Clone, Debug)]
 pub struct KldDone {
     pub result: KldResult,

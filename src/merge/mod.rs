@@ -358,7 +358,7 @@ pub struct Planned {
     pub shape: Vec<usize>,
     pub dtype: DType,
     pub source: Source,
-    /// Rows the source has (less than shape[0] when --vocab-size pads).
+    /// Rows the source has (less than `shape[0]` when --vocab-size pads).
     pub source_rows: usize,
     pub deltas: Vec<Delta>,
 }

@@ -55,7 +55,7 @@ impl CpuWeight {
     }
 }
 
-/// A row-major f32 matrix. Its buffer goes back to the pool ([`POOL`]) when it is dropped.
+/// A row-major f32 matrix. Its buffer goes back to the buffer pool when it is dropped.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuAct {
     pub data: Vec<f32>,
