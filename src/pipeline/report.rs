@@ -1,9 +1,19 @@
 //! The pipeline's report: one data model written as `report.json`, as the `report.md` table with
 //! the provenance of every number (version, command, input hashes, settings, machine), and as the
-//! plain-text summary table printed at the end.
+//! plain-text summary table printed at the end; built from the levels and what their evaluation
+//! steps measured.
 
+use super::eval::{BenchRecord, KldRecord, PplRecord};
+use super::inputs::Inputs;
+use super::steps::Level;
+use super::{cpu_model, Settings};
+use crate::eval::perplexity::PplParams;
+use anyhow::{Context, Result};
+use kiln_formats::gguf::GgufFile;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 
 /// An input file with its hash.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -309,6 +319,128 @@ impl Report {
         s.push('\n');
         s
     }
+}
+
+/// What the evaluation steps measured: perplexity and KLD by (level, text), speed by level.
+#[derive(Default)]
+pub(super) struct Measured {
+    pub ppl: BTreeMap<(String, String), PplRecord>,
+    pub kld: BTreeMap<(String, String), KldRecord>,
+    pub bench: BTreeMap<String, BenchRecord>,
+}
+
+/// The report of a run: its provenance, inputs and texts, and one row per level.
+pub(super) fn build(
+    s: &Settings,
+    params: &PplParams,
+    inputs: &Inputs,
+    levels: &[Level],
+    m: &Measured,
+) -> Result<Report> {
+    let texts = &inputs.texts;
+    let mut rows = Vec::new();
+    for Level { name: level, file } in levels {
+        let (n_params, tensor_bytes, file_size) = gguf_stats(&file.path)?;
+        let cells = texts
+            .iter()
+            .map(|t| {
+                let r = m.ppl.get(&(level.clone(), t.name.clone()))?;
+                let base = m.ppl.get(&("F16".to_string(), t.name.clone()));
+                Some(PplCell {
+                    ppl: r.ppl,
+                    ppl_err: r.ppl_err,
+                    delta_ppl: base.map(|b| r.ppl - b.ppl),
+                })
+            })
+            .collect();
+        // KLD over all texts: token-weighted means.
+        let ks: Vec<&KldRecord> = texts
+            .iter()
+            .filter_map(|t| m.kld.get(&(level.clone(), t.name.clone())))
+            .collect();
+        let n: usize = ks.iter().map(|k| k.count).sum();
+        let kld = match ks.as_slice() {
+            [] => None,
+            [k] => Some(KldCell {
+                mean_kld: k.mean_kld,
+                mean_kld_err: Some(k.mean_kld_unc),
+                same_top_pct: 100.0 * k.same_top,
+            }),
+            _ if n > 0 => Some(KldCell {
+                mean_kld: ks.iter().map(|k| k.mean_kld * k.count as f64).sum::<f64>() / n as f64,
+                mean_kld_err: None,
+                same_top_pct: 100.0 * ks.iter().map(|k| k.same_top * k.count as f64).sum::<f64>()
+                    / n as f64,
+            }),
+            _ => None,
+        };
+        let bench = m.bench.get(level).map(|b| BenchCell {
+            pp_tok_s: b.pp_tok_s,
+            tg_ms_tok: b.tg_ms_tok,
+            pp_tokens: b.pp_tokens,
+            tg_tokens: b.tg_tokens,
+        });
+        rows.push(LevelRow {
+            level: level.clone(),
+            file: file.rel.clone(),
+            file_size,
+            bits_per_weight: tensor_bytes as f64 * 8.0 / n_params.max(1) as f64,
+            n_params,
+            sha256: file.sha256.clone(),
+            ppl: cells,
+            kld,
+            bench,
+        });
+    }
+    let threads = m
+        .ppl
+        .values()
+        .next()
+        .map(|r| r.threads)
+        .unwrap_or_else(rayon::current_num_threads);
+    Ok(Report {
+        provenance: Provenance {
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+            command: s.command.clone(),
+            device: s.device.clone(),
+            cpu: cpu_model(),
+            threads,
+            n_ctx: params.n_ctx,
+            n_batch: params.n_batch,
+            max_chunks: params.max_chunks,
+        },
+        inputs: inputs
+            .model_files()
+            .iter()
+            .chain(inputs.imatrix.iter())
+            .chain(inputs.imatrix_text.iter())
+            .map(|(p, h)| InputInfo {
+                path: p.display().to_string(),
+                size: std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+                sha256: h.clone(),
+            })
+            .collect(),
+        texts: texts
+            .iter()
+            .map(|t| TextInfo {
+                name: t.name.clone(),
+                path: t.path.display().to_string(),
+                size: t.size,
+                sha256: t.sha256.clone(),
+                n_tokens: t.n_tokens,
+                n_chunk: t.n_chunk,
+            })
+            .collect(),
+        levels: rows,
+    })
+}
+
+/// Parameters and tensor bytes of a GGUF (for bits per weight).
+fn gguf_stats(path: &Path) -> Result<(u64, u64, u64)> {
+    let f = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let n: u64 = f.tensors.iter().map(|t| t.n_elements()).sum();
+    let b: u64 = f.tensors.iter().map(|t| t.n_bytes()).sum();
+    Ok((n, b, f.file_size()))
 }
 
 #[cfg(test)]
