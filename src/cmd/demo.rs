@@ -89,7 +89,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         imatrix_text: None,
         name: Some("kiln-demo".into()),
         command: crate::cmd::pipeline::command_line(),
-        device: "cpu".into(),
+        device: kiln::model::device::Device::Cpu,
     };
     match pipeline::run(&s, &crate::cmd::pipeline::terminal(&s))? {
         RunEnd::Done(report) => {

@@ -102,7 +102,6 @@ pub fn command_line() -> String {
 /// Builds the run settings from the arguments.
 pub fn settings(a: Args) -> Result<Settings> {
     a.device.check()?;
-    let device = a.device.name().to_string();
     let quants = pipeline::parse_quants(&a.quants)?;
     if let Some(n) = a.threads {
         if n == 0 {
@@ -143,7 +142,7 @@ pub fn settings(a: Args) -> Result<Settings> {
         imatrix_text: a.imatrix_text,
         name: a.name,
         command: command_line(),
-        device,
+        device: a.device,
     })
 }
 

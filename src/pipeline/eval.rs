@@ -5,7 +5,7 @@
 use crate::eval::bench::{bench, BenchParams};
 use crate::eval::kld::{kld_stats, row_len, scored_per_chunk, BaseLogits};
 use crate::eval::perplexity::{n_chunks, perplexity, perplexity_save_base, PplParams};
-use crate::model::device::{self, Evaluator};
+use crate::model::device::{self, Device, Evaluator};
 use crate::model::Backend;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
@@ -86,8 +86,8 @@ pub struct Loaded {
     pub tok: Tokenizer,
 }
 
-/// Loads a GGUF for evaluation on the CPU.
-pub fn load(path: &Path) -> Result<Loaded> {
+/// Loads a GGUF for evaluation on `device`.
+pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
     let file =
         Arc::new(GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?);
     if file.get("tokenizer.ggml.tokens").is_none() {
@@ -98,7 +98,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
     }
     let tok = Tokenizer::from_gguf(&file)
         .with_context(|| format!("reading the vocabulary of {}", path.display()))?;
-    let model = device::load(Arc::clone(&file), &device::Device::Cpu)
+    let model = device::load(Arc::clone(&file), device)
         .with_context(|| format!("loading {}", path.display()))?;
     Ok(Loaded { model, tok })
 }

@@ -18,6 +18,7 @@ mod steps;
 pub mod svg;
 
 use crate::eval::perplexity::PplParams;
+use crate::model::device::Device;
 use crate::progress::Progress;
 use crate::quant_plan::Ftype;
 use anyhow::{anyhow, bail, Result};
@@ -76,8 +77,8 @@ pub struct Settings {
     pub name: Option<String>,
     /// The exact command line, for the report.
     pub command: String,
-    /// "cpu" (the only backend of this build).
-    pub device: String,
+    /// Where the levels are evaluated (`--device`).
+    pub device: Device,
 }
 
 /// How a run ended.

@@ -402,7 +402,7 @@ pub(super) fn build(
         provenance: Provenance {
             kiln_version: env!("CARGO_PKG_VERSION").into(),
             command: s.command.clone(),
-            device: s.device.clone(),
+            device: s.device.name().into(),
             cpu: cpu_model(),
             threads,
             n_ctx: params.n_ctx,

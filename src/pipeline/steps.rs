@@ -9,6 +9,7 @@ use super::step::{Cx, File, Makes, Measures, Step};
 use super::{level_file_name, Settings, EVAL_DIR, F16_FILE, IMATRIX_FILE};
 use crate::eval::perplexity::PplParams;
 use crate::merge::{self, MergeJob};
+use crate::model::device::Device;
 use crate::progress::Unit;
 use crate::quant_plan::Ftype;
 use crate::quantize::{quantize, QuantizeOptions};
@@ -159,7 +160,7 @@ impl Makes for Imatrix<'_> {
         IMATRIX_FILE.into()
     }
     fn make(&self, cx: &Cx) -> Result<Vec<String>> {
-        let m = eval::load(&self.f16.path)?;
+        let m = eval::load(&self.f16.path, &self.s.device)?;
         let bytes = make_imatrix(&m, &self.text.0, &self.dataset(), self.s, cx)?;
         drop(m);
         space::check_dir(cx.out, IMATRIX_FILE, bytes.len() as u64)?;
@@ -318,12 +319,12 @@ fn test_stall(_point: &str) {}
 pub(super) struct Model<'a> {
     pub level: &'a Level,
     params: &'a PplParams,
-    device: &'a str,
+    device: &'a Device,
     loaded: OnceCell<eval::Loaded>,
 }
 
 impl<'a> Model<'a> {
-    pub(super) fn new(level: &'a Level, params: &'a PplParams, device: &'a str) -> Model<'a> {
+    pub(super) fn new(level: &'a Level, params: &'a PplParams, device: &'a Device) -> Model<'a> {
         Model {
             level,
             params,
@@ -335,7 +336,7 @@ impl<'a> Model<'a> {
         if let Some(m) = self.loaded.get() {
             return Ok(m);
         }
-        let m = eval::load(&self.level.file.path)?;
+        let m = eval::load(&self.level.file.path, self.device)?;
         Ok(self.loaded.get_or_init(|| m))
     }
     /// The level's name in step ids and file names.
@@ -351,7 +352,7 @@ impl<'a> Model<'a> {
             "n_ctx": self.params.n_ctx,
             "n_batch": self.params.n_batch,
             "max_chunks": self.params.max_chunks,
-            "device": self.device,
+            "device": self.device.name(),
         })
     }
     /// A bar over a text's evaluated tokens.
@@ -514,7 +515,7 @@ impl Step for Bench<'_> {
         format!("bench {}", self.model.lname())
     }
     fn settings(&self) -> Value {
-        json!({"device": self.model.device, "threads": rayon::current_num_threads()})
+        json!({"device": self.model.device.name(), "threads": rayon::current_num_threads()})
     }
     fn inputs(&self) -> BTreeMap<String, String> {
         [self.model.input()].into()
