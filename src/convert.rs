@@ -332,12 +332,14 @@ pub fn encode_tensor(job: &TensorJob, data: &TensorData<'_>) -> Result<Vec<u8>> 
         None => r,
     };
     crate::transcode::transcode(
-        &job.hf_name,
-        ggml_of(data.dtype),
+        crate::transcode::Recode {
+            tensor: &job.hf_name,
+            src_ty: ggml_of(data.dtype),
+            dst_ty: job.ty,
+            rows,
+            cols: job.cols(),
+        },
         data.bytes,
-        job.ty,
-        rows,
-        job.cols(),
         &permute,
     )
 }

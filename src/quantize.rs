@@ -5,6 +5,7 @@
 use crate::progress::{Progress, Unit};
 use crate::quant_plan::{self, Ftype, Overrides, PlanTensor, Planner};
 use crate::shape::ModelShape;
+use crate::transcode::Recode;
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::gguf::{GgufFile, GgufValue, GgufWriter, TensorInfo};
 use kiln_formats::imatrix::Imatrix;
@@ -122,10 +123,8 @@ pub fn load_quant_weights(
 /// One tensor to re-encode: its source bytes, what it becomes, and its importance weights
 /// (`cols` values per matrix of `rows_per_mat` rows) when the target type uses them.
 struct Job<'a> {
-    tensor: &'a str,
-    src_ty: GgmlType,
+    code: Recode<'a>,
     src: &'a [u8],
-    dst_ty: GgmlType,
     rows: usize,
     cols: usize,
     in_row: usize,
@@ -139,26 +138,18 @@ struct Job<'a> {
 const CHUNK_BYTES: usize = 8 << 20;
 
 impl<'a> Job<'a> {
-    #[allow(clippy::too_many_arguments)]
     fn new(
-        tensor: &'a str,
-        src_ty: GgmlType,
+        code: Recode<'a>,
         src: &'a [u8],
-        dst_ty: GgmlType,
-        rows: usize,
-        cols: usize,
         rows_per_mat: usize,
         weights: Option<&'a [f32]>,
     ) -> Result<Job<'a>> {
-        let (in_row, out_row) =
-            crate::transcode::row_sizes(tensor, src_ty, src.len(), dst_ty, rows, cols)?;
+        let (in_row, out_row) = code.row_sizes(src.len())?;
         Ok(Job {
-            tensor,
-            src_ty,
+            code,
             src,
-            dst_ty,
-            rows,
-            cols,
+            rows: code.rows,
+            cols: code.cols,
             in_row,
             out_row,
             rows_per_mat: rows_per_mat.max(1),
@@ -193,21 +184,15 @@ impl<'a> Job<'a> {
                         Some(w) => {
                             let m = r / self.rows_per_mat;
                             Some(w.get(m * self.cols..(m + 1) * self.cols).ok_or_else(|| {
-                                anyhow!("tensor {}: no importance weights for row {r}", self.tensor)
+                                anyhow!(
+                                    "tensor {}: no importance weights for row {r}",
+                                    self.code.tensor
+                                )
                             })?)
                         }
                         None => None,
                     };
-                    crate::transcode::encode_row(
-                        self.tensor,
-                        r,
-                        self.src_ty,
-                        s,
-                        self.dst_ty,
-                        w,
-                        buf,
-                        dst,
-                    )
+                    crate::transcode::encode_row(&self.code, r, s, w, buf, dst)
                 },
             )
     }
@@ -432,16 +417,14 @@ impl QuantizeJob {
             }
             let tw = tw.filter(|_| kiln_quant::uses_weights(*ty));
             let src = input.tensor_data(t);
-            jobs.push(Some(Job::new(
-                &t.name,
-                t.ty,
-                src,
-                *ty,
+            let code = Recode {
+                tensor: &t.name,
+                src_ty: t.ty,
+                dst_ty: *ty,
                 rows,
                 cols,
-                rows_per_mat,
-                tw,
-            )?));
+            };
+            jobs.push(Some(Job::new(code, src, rows_per_mat, tw)?));
         }
 
         let in_file = std::fs::File::open(&self.input_path)

@@ -49,13 +49,20 @@ fn jobs_from_rust_match_the_cli_and_are_deterministic() {
     let cfg = kiln_formats::hf::LlamaConfig::load(&fx.join("gqa-zh/st/config.json")).unwrap();
     let from_hf = ModelShape::from_hf(&cfg).unwrap();
     assert_eq!(from_gguf, from_hf);
-    assert!(from_gguf.n_head_kv < from_gguf.n_head, "the fixture uses GQA");
+    assert!(
+        from_gguf.n_head_kv < from_gguf.n_head,
+        "the fixture uses GQA"
+    );
 
     // quantize
     let q = tmp.path().join("lib.q4_k_m.gguf");
     let qjob = quantize(&QuantizeOptions::new(f16.clone(), Ftype::Q4KM)).unwrap();
     let qdone = qjob.write(&q, &Silent).unwrap();
-    assert!(qdone.bpw_out > 4.0 && qdone.bpw_out < 6.0, "{}", qdone.bpw_out);
+    assert!(
+        qdone.bpw_out > 4.0 && qdone.bpw_out < 6.0,
+        "{}",
+        qdone.bpw_out
+    );
 
     // perplexity: identical for any thread count and batch size
     let a = job::perplexity(&ppl_opts(&q, &text, 1, 128), &Silent).unwrap();

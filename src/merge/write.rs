@@ -9,6 +9,7 @@ use crate::progress::{Progress, Unit};
 use crate::quant_plan::{Ftype, Overrides, PlanTensor, Planner};
 use crate::shape::ModelShape;
 use crate::sums;
+use crate::transcode::Recode;
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
 use kiln_formats::gguf::GgufWriter;
@@ -514,17 +515,16 @@ struct Item<'a> {
 }
 
 /// Writes (and hashes) what the compute side sends, one tensor at a time; hands the outputs back.
-#[allow(clippy::too_many_arguments)]
 fn write_items(
     rx: std::sync::mpsc::Receiver<Item<'_>>,
     recycle: std::sync::mpsc::Sender<Vec<u8>>,
-    mut hf: Option<HfOut>,
-    mut gg: Option<(PathBuf, GgufOut)>,
+    outs: Outputs,
     plan: &Plan,
     base: &Checkpoint,
     adapters: &[Adapter],
     pb: &dyn crate::progress::Bar,
 ) -> Result<Outputs> {
+    let (mut hf, mut gg) = outs;
     for it in rx {
         let t = plan
             .tensors
@@ -842,7 +842,7 @@ impl MergeJob {
             // written tensors' buffers come back for reuse (two or three circulate)
             let (recycle_tx, recycle_rx) = std::sync::mpsc::channel::<Vec<u8>>();
             let writer = s.spawn(move || {
-                write_items(rx, recycle_tx, hf, gg, plan_r, base_r, adapters_r, pb_r)
+                write_items(rx, recycle_tx, (hf, gg), plan_r, base_r, adapters_r, pb_r)
             });
             let mut spare: Vec<u8> = Vec::new();
             let produced = std::thread::scope(|ps| -> Result<()> {
@@ -880,12 +880,14 @@ impl MergeJob {
                             let enc = convert::encode_tensor(job, &data)?;
                             let enc = match (quant, quant.as_ref().and_then(|q| q.get(k))) {
                                 (Some(_), Some(&ty)) => crate::transcode::transcode(
-                                    &job.gguf_name,
-                                    job.ty,
+                                    Recode {
+                                        tensor: &job.gguf_name,
+                                        src_ty: job.ty,
+                                        dst_ty: ty,
+                                        rows: job.rows(),
+                                        cols: job.cols(),
+                                    },
                                     &enc,
-                                    ty,
-                                    job.rows(),
-                                    job.cols(),
                                     &crate::transcode::same_row,
                                 )?,
                                 (Some(_), None) => bail!("no quant type for {}", job.gguf_name),

@@ -300,7 +300,10 @@ impl<B: Backend> Model<B> {
             );
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.shape.n_vocab) {
-            bail!("token id {bad} is outside the vocabulary ({})", cfg.shape.n_vocab);
+            bail!(
+                "token id {bad} is outside the vocabulary ({})",
+                cfg.shape.n_vocab
+            );
         }
         let observed = obs.is_some();
         let shape = AttnShape {
@@ -326,7 +329,12 @@ impl<B: Backend> Model<B> {
         let last = self.layers.len().saturating_sub(1);
         for (il, l) in self.layers.iter().enumerate() {
             let cur = be.rms_norm(&x, &l.attn_norm, cfg.rms_eps)?;
-            see(&["attn_q", "attn_k", "attn_v"], Some(il), &cur, cfg.shape.n_embd)?;
+            see(
+                &["attn_q", "attn_k", "attn_v"],
+                Some(il),
+                &cur,
+                cfg.shape.n_embd,
+            )?;
             // in the last layer only the rows whose logits are wanted need queries (and
             // everything after); every row still needs its keys and values in the cache
             let q_from = if il == last && !observed {
