@@ -14,7 +14,7 @@
 //! generator: the same bytes on every machine.
 
 use crate::merge;
-use crate::pipeline::eval::tokenizer_of_dir;
+use crate::pipeline::measure::tokenizer_of_dir;
 use crate::pipeline::manifest::write_if_changed;
 use crate::shape::ModelShape;
 use anyhow::{bail, Context, Result};

@@ -314,13 +314,13 @@ impl Adapter {
 
 /// Where a tensor's values come from before the deltas.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
+pub enum Origin {
     Base(String),
     /// (adapter index, tensor name in that adapter)
     Adapter(usize, String),
 }
 
-impl Source {
+impl Origin {
     /// The checkpoint holding the tensor, and its name there.
     pub fn locate<'c>(
         &self,
@@ -328,8 +328,8 @@ impl Source {
         adapters: &'c [Adapter],
     ) -> Result<(&'c Checkpoint, &str)> {
         Ok(match self {
-            Source::Base(n) => (base, n.as_str()),
-            Source::Adapter(i, n) => (
+            Origin::Base(n) => (base, n.as_str()),
+            Origin::Adapter(i, n) => (
                 &adapters
                     .get(*i)
                     .ok_or_else(|| anyhow!("adapter {i} missing"))?
@@ -357,7 +357,7 @@ pub struct Planned {
     /// Shape after padding.
     pub shape: Vec<usize>,
     pub dtype: DType,
-    pub source: Source,
+    pub source: Origin,
     /// Rows the source has (less than `shape[0]` when --vocab-size pads).
     pub source_rows: usize,
     pub deltas: Vec<Delta>,
@@ -461,7 +461,7 @@ pub fn plan(
                 name: t.name.clone(),
                 shape: t.shape.clone(),
                 dtype: t.dtype,
-                source: Source::Base(t.name.clone()),
+                source: Origin::Base(t.name.clone()),
                 source_rows: t.shape.first().copied().unwrap_or(1),
                 deltas: Vec::new(),
             },
@@ -572,7 +572,7 @@ pub fn plan(
                     name: hf.clone(),
                     shape: meta.shape.clone(),
                     dtype: cur.get(hf).map(|p| p.dtype).unwrap_or(model_dtype),
-                    source: Source::Adapter(ai, key.clone()),
+                    source: Origin::Adapter(ai, key.clone()),
                     source_rows: rows,
                     deltas: Vec::new(),
                 },
@@ -745,7 +745,7 @@ pub fn plan(
         .get(EMBED)
         .ok_or_else(|| anyhow!("{}: the base model has no {EMBED}", base_dir.display()))?;
     let rows = emb.shape[0];
-    let emb_from_base = matches!(emb.source, Source::Base(_));
+    let emb_from_base = matches!(emb.source, Origin::Base(_));
     if let Some(h) = cur.get(HEAD) {
         if h.shape[0] != rows {
             bail!(
@@ -1004,7 +1004,7 @@ pub fn materialize_into<'a>(
     } else {
         out.resize(n_out, 0);
     }
-    // Source rows in the output dtype (read straight from the input by the first delta when the
+    // Origin rows in the output dtype (read straight from the input by the first delta when the
     // dtypes agree, rather than copied first).
     let direct = data.dtype == t.dtype && !t.deltas.is_empty();
     if data.dtype == t.dtype {

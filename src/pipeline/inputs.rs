@@ -1,7 +1,7 @@
 //! The pipeline's inputs, opened, checked and hashed before anything is written: the merge's (or
 //! --model's) files, the eval texts, --imatrix or --imatrix-text, and the --expect-sha256 check.
 
-use super::eval;
+use super::measure;
 use super::manifest::Manifest;
 use super::space;
 use super::step::Log;
@@ -62,7 +62,7 @@ impl Inputs {
                 let cfg = LlamaConfig::load(&base.join("config.json"))
                     .with_context(|| format!("reading {}", base.join("config.json").display()))?;
                 let dir = merge_tokenizer_dir(base, loras);
-                eval::tokenizer_of_dir(&dir, &cfg)
+                measure::tokenizer_of_dir(&dir, &cfg)
                     .with_context(|| format!("reading the tokenizer in {}", dir.display()))?
             }
             Source::Model(m) => {
@@ -74,9 +74,9 @@ impl Inputs {
         let names = text_names(&s.texts);
         let mut texts = Vec::new();
         for (path, name) in s.texts.iter().zip(names) {
-            let text = eval::read_text(path)?;
-            let (tokens, _) = eval::tokenize(&tok, &text)?;
-            let n_chunk = eval::check_length(path, tokens.len(), params)?;
+            let text = measure::read_text(path)?;
+            let (tokens, _) = measure::tokenize(&tok, &text)?;
+            let n_chunk = measure::check_length(path, tokens.len(), params)?;
             let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             texts.push(Text {
                 name,
@@ -93,14 +93,14 @@ impl Inputs {
                 bail!("--imatrix and --imatrix-text conflict: give one importance matrix source");
             }
             // Checked now, before anything is written: readable and long enough for one chunk.
-            let text = eval::read_text(path)?;
-            let (tokens, _) = eval::tokenize(&tok, &text)?;
+            let text = measure::read_text(path)?;
+            let (tokens, _) = measure::tokenize(&tok, &text)?;
             let p = PplParams {
                 n_ctx: s.n_ctx,
                 n_batch: s.n_ctx,
                 max_chunks: s.chunks,
             };
-            eval::check_length(path, tokens.len(), &p)?;
+            measure::check_length(path, tokens.len(), &p)?;
         }
         Ok(Inputs {
             merge,

@@ -7,7 +7,7 @@
 //! matches and whose outputs are still there unchanged. [`run`] says the order of the steps; the
 //! steps are in `steps.rs`, the runner that skips, times and records them in `step.rs`.
 
-pub mod eval;
+pub mod measure;
 mod inputs;
 mod levels;
 pub mod manifest;

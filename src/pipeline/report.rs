@@ -3,7 +3,7 @@
 //! plain-text summary table printed at the end; built from the levels and what their evaluation
 //! steps measured.
 
-use super::eval::{BenchRecord, KldRecord, PplRecord};
+use super::measure::{BenchRecord, KldRecord, PplRecord};
 use super::inputs::Inputs;
 use super::steps::Level;
 use super::{cpu_model, Settings};

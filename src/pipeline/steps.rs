@@ -2,7 +2,7 @@
 //! library calls (merge, imatrix, quantize, eval) that write its outputs. The runner in `step.rs`
 //! decides whether a step runs and records what it wrote.
 
-use super::eval;
+use super::measure;
 use super::inputs::Text;
 use super::space;
 use super::step::{Cx, File, Makes, Measures, Step};
@@ -160,7 +160,7 @@ impl Makes for Imatrix<'_> {
         IMATRIX_FILE.into()
     }
     fn make(&self, cx: &Cx) -> Result<Vec<String>> {
-        let m = eval::load(&self.f16.path, &self.s.device)?;
+        let m = measure::load(&self.f16.path, &self.s.device)?;
         let bytes = make_imatrix(&m, &self.text.0, &self.dataset(), self.s, cx)?;
         drop(m);
         space::check_dir(cx.out, IMATRIX_FILE, bytes.len() as u64)?;
@@ -172,21 +172,21 @@ impl Makes for Imatrix<'_> {
 /// The importance matrix of `m` on the text at `text_path` (chunks of `s.n_ctx`, at most
 /// `s.chunks`), as `kiln imatrix -m MODEL -f TEXT -c N --chunks M` writes it (dataset: `dataset`).
 fn make_imatrix(
-    m: &eval::Loaded,
+    m: &measure::Loaded,
     text_path: &Path,
     dataset: &str,
     s: &Settings,
     cx: &Cx,
 ) -> Result<Vec<u8>> {
     use crate::eval::imatrix::{collect, CollectParams, Collector};
-    let text = eval::read_text(text_path)?;
-    let (tokens, bos) = eval::tokenize(&m.tok, &text)?;
+    let text = measure::read_text(text_path)?;
+    let (tokens, bos) = measure::tokenize(&m.tok, &text)?;
     let params = PplParams {
         n_ctx: s.n_ctx,
         n_batch: s.n_ctx,
         max_chunks: s.chunks,
     };
-    let n_chunk = eval::check_length(text_path, tokens.len(), &params)?;
+    let n_chunk = measure::check_length(text_path, tokens.len(), &params)?;
     let chunk_size = u32::try_from(s.n_ctx).context("-c is too large")?;
     let mut col = Collector::new(chunk_size, false);
     let pb = cx.log.bar(n_chunk as u64, Unit::Chunks);
@@ -320,7 +320,7 @@ pub(super) struct Model<'a> {
     pub level: &'a Level,
     params: &'a PplParams,
     device: &'a Device,
-    loaded: OnceCell<eval::Loaded>,
+    loaded: OnceCell<measure::Loaded>,
 }
 
 impl<'a> Model<'a> {
@@ -332,11 +332,11 @@ impl<'a> Model<'a> {
             loaded: OnceCell::new(),
         }
     }
-    fn get(&self) -> Result<&eval::Loaded> {
+    fn get(&self) -> Result<&measure::Loaded> {
         if let Some(m) = self.loaded.get() {
             return Ok(m);
         }
-        let m = eval::load(&self.level.file.path, self.device)?;
+        let m = measure::load(&self.level.file.path, self.device)?;
         Ok(self.loaded.get_or_init(|| m))
     }
     /// The level's name in step ids and file names.
@@ -388,7 +388,7 @@ impl Step for Ppl<'_> {
 }
 
 impl Measures for Ppl<'_> {
-    type Record = eval::PplRecord;
+    type Record = measure::PplRecord;
     fn output(&self) -> String {
         format!(
             "{EVAL_DIR}/ppl-{}-{}.json",
@@ -396,10 +396,10 @@ impl Measures for Ppl<'_> {
             self.text.name
         )
     }
-    fn measure(&self, cx: &Cx) -> Result<eval::PplRecord> {
+    fn measure(&self, cx: &Cx) -> Result<measure::PplRecord> {
         let m = self.model.get()?;
         let pb = self.model.bar(cx, self.text);
-        let r = eval::ppl(m, &self.text.text, self.model.params, |n| {
+        let r = measure::ppl(m, &self.text.text, self.model.params, |n| {
             pb.set_position(n)
         })?;
         pb.finish();
@@ -443,10 +443,10 @@ impl Makes for KldBase<'_> {
     fn make(&self, cx: &Cx) -> Result<Vec<String>> {
         let (rel, t, p) = (self.output(), self.text, self.model.params);
         let m = self.model.get()?;
-        let need = eval::kld_base_size(t.n_chunk, p.n_ctx, m.model.cfg.shape.n_vocab);
+        let need = measure::kld_base_size(t.n_chunk, p.n_ctx, m.model.cfg.shape.n_vocab);
         space::check_dir(cx.out, &rel, need)?;
         let pb = self.model.bar(cx, t);
-        eval::kld_base(m, &t.text, p, &cx.staged(&rel), |n| pb.set_position(n))?;
+        measure::kld_base(m, &t.text, p, &cx.staged(&rel), |n| pb.set_position(n))?;
         pb.finish();
         Ok(vec![rel])
     }
@@ -480,7 +480,7 @@ impl Step for Kld<'_> {
 }
 
 impl Measures for Kld<'_> {
-    type Record = eval::KldRecord;
+    type Record = measure::KldRecord;
     fn output(&self) -> String {
         format!(
             "{EVAL_DIR}/kld-{}-{}.json",
@@ -488,10 +488,10 @@ impl Measures for Kld<'_> {
             self.text.name
         )
     }
-    fn measure(&self, cx: &Cx) -> Result<eval::KldRecord> {
+    fn measure(&self, cx: &Cx) -> Result<measure::KldRecord> {
         let m = self.model.get()?;
         let pb = self.model.bar(cx, self.text);
-        let r = eval::kld(m, &self.base.path, self.model.params, |n| {
+        let r = measure::kld(m, &self.base.path, self.model.params, |n| {
             pb.set_position(n)
         })?;
         pb.finish();
@@ -526,14 +526,14 @@ impl Step for Bench<'_> {
 }
 
 impl Measures for Bench<'_> {
-    type Record = eval::BenchRecord;
+    type Record = measure::BenchRecord;
     fn output(&self) -> String {
         format!("{EVAL_DIR}/bench-{}.json", self.model.lname())
     }
-    fn measure(&self, cx: &Cx) -> Result<eval::BenchRecord> {
+    fn measure(&self, cx: &Cx) -> Result<measure::BenchRecord> {
         let m = self.model.get()?;
-        let bp = eval::bench_params(m.model.cfg.n_ctx_train);
-        let r = eval::speed(m, &bp)?;
+        let bp = measure::bench_params(m.model.cfg.n_ctx_train);
+        let r = measure::speed(m, &bp)?;
         cx.log.note(&format!(
             "  pp{} {:.2} tok/s, tg{} {:.2} ms/tok",
             r.pp_tokens, r.pp_tok_s, r.tg_tokens, r.tg_ms_tok
