@@ -5,210 +5,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::mmap::MappedFile;
-use crate::pickle::PickleError;
 
-/// Element type of a checkpoint tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-}
-
-impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        }
-    }
-
-    /// Upper-case name as safetensors spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "F32",
-            DType::F16 => "F16",
-            DType::BF16 => "BF16",
-        }
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Name, type and shape of a tensor.
-#[derive(Clone, Debug)]
-pub struct TensorMeta {
-    pub name: String,
-    pub dtype: DType,
-    /// PyTorch order, rows first.
-    pub shape: Vec<usize>,
-}
-
-/// A tensor's bytes, borrowed from the memory map.
-pub struct TensorData<'a> {
-    pub dtype: DType,
-    pub shape: &'a [usize],
-    /// Contiguous little-endian elements.
-    pub bytes: &'a [u8],
-}
-
-impl TensorData<'_> {
-    /// Number of elements.
-    pub fn n_elements(&self) -> usize {
-        self.bytes.len() / self.dtype.size()
-    }
-
-    /// The elements widened exactly to f32.
-    pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = Vec::new();
-        self.to_f32_into(&mut out);
-        out
-    }
-
-    /// The elements widened exactly to f32, replacing the contents of `out` (its capacity is reused).
-    pub fn to_f32_into(&self, out: &mut Vec<f32>) {
-        out.clear();
-        out.reserve(self.n_elements());
-        match self.dtype {
-            DType::F32 => out.extend(
-                self.bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            DType::F16 => out.extend(
-                self.bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
-            DType::BF16 => out.extend(
-                self.bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-            ),
-        }
-    }
-}
-
-/// Why a checkpoint could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: invalid safetensors file: {source}", path.display())]
-    Safetensors {
-        path: PathBuf,
-        #[source]
-        source: safetensors::SafeTensorError,
-    },
-    #[error("{}: safetensors header: {what}", path.display())]
-    SafetensorsHeader { path: PathBuf, what: String },
-    #[error("{}: tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 are supported", path.display())]
-    UnsupportedDType {
-        path: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
-    #[error("{}: data.pkl: {source}", path.display())]
-    Pickle {
-        path: PathBuf,
-        #[source]
-        source: PickleError,
-    },
-    #[error("{}: invalid zip archive: {source}", path.display())]
-    Zip {
-        path: PathBuf,
-        #[source]
-        source: zip::result::ZipError,
-    },
-    #[error("{}: legacy (pre-1.6, non-zip) PyTorch checkpoint; re-save it with torch>=1.6 (torch.save) or convert it to safetensors", path.display())]
-    LegacyTorch { path: PathBuf },
-    #[error("{}: not a PyTorch zip checkpoint: {what}", path.display())]
-    NotTorchZip { path: PathBuf, what: String },
-    #[error("{}: zip entry `{entry}` is compressed ({method}); PyTorch storages must be stored uncompressed so they can be memory-mapped", path.display())]
-    CompressedEntry {
-        path: PathBuf,
-        entry: String,
-        method: String,
-    },
-    #[error("{}: zip entry `{entry}` is encrypted", path.display())]
-    EncryptedEntry { path: PathBuf, entry: String },
-    #[error("{}: zip entry `{entry}` lies outside the file", path.display())]
-    EntryOutOfBounds { path: PathBuf, entry: String },
-    #[error("{}: byteorder is `{found}`; only little-endian checkpoints are supported", path.display())]
-    BigEndian { path: PathBuf, found: String },
-    #[error("{}: tensor `{tensor}` needs storage entry `{entry}`, which is missing", path.display())]
-    MissingStorage {
-        path: PathBuf,
-        tensor: String,
-        entry: String,
-    },
-    #[error("{}: storage `{key}` is used as both {first} and {second}", path.display())]
-    StorageDTypeConflict {
-        path: PathBuf,
-        key: String,
-        first: DType,
-        second: DType,
-    },
-    #[error("{}: tensor `{tensor}` needs bytes {need_start}..{need_end} of storage `{key}`, which has {have} bytes", path.display())]
-    StorageTooSmall {
-        path: PathBuf,
-        tensor: String,
-        key: String,
-        need_start: u64,
-        need_end: u64,
-        have: u64,
-    },
-    #[error("{}: tensor `{tensor}` with shape {shape:?} has stride {stride:?}; only contiguous (row-major) tensors are supported", path.display())]
-    NonContiguous {
-        path: PathBuf,
-        tensor: String,
-        shape: Vec<u64>,
-        stride: Vec<u64>,
-    },
-    #[error("{}: tensor `{tensor}` shape {shape:?} overflows", path.display())]
-    ShapeOverflow {
-        path: PathBuf,
-        tensor: String,
-        shape: Vec<u64>,
-    },
-    #[error("{}: invalid index JSON: {what}", path.display())]
-    Index { path: PathBuf, what: String },
-    #[error("{}: shard `{shard}` named by the index does not exist", index.display())]
-    MissingShard { index: PathBuf, shard: PathBuf },
-    #[error("{}: shard name `{shard}` is not a plain file name", index.display())]
-    BadShardName { index: PathBuf, shard: String },
-    #[error("{}: index puts `{tensor}` in {}, but that shard does not contain it", index.display(), shard.display())]
-    TensorNotInShard {
-        index: PathBuf,
-        tensor: String,
-        shard: PathBuf,
-    },
-    #[error("{}: tensor `{tensor}` is in shard {} but the index does not list it there", index.display(), shard.display())]
-    UnlistedTensor {
-        index: PathBuf,
-        tensor: String,
-        shard: PathBuf,
-    },
-    #[error("tensor `{tensor}` appears in both {} and {}", first.display(), second.display())]
-    DuplicateTensor {
-        tensor: String,
-        first: PathBuf,
-        second: PathBuf,
-    },
-    #[error("{}: no checkpoint found (looked for model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json, pytorch_model.bin, adapter_model.safetensors, adapter_model.bin, or a single *.safetensors)", dir.display())]
-    NotFound { dir: PathBuf },
-    #[error("no tensor named `{name}` in the checkpoint")]
-    NoSuchTensor { name: String },
-}
+// The shared leaf types live in `tensor` and `checkpoint_error` (so the format readers need not
+// import this module back); they keep their public paths here.
+pub use crate::checkpoint_error::CheckpointError;
+pub use crate::tensor::{DType, FileTensor, TensorData, TensorMeta};
 
 /// Where a tensor's bytes live.
 #[derive(Clone, Debug)]
@@ -301,14 +102,6 @@ pub fn read_weight_map(index: &Path) -> Result<WeightMap, CheckpointError> {
         shards,
         map,
     })
-}
-
-/// One tensor found while scanning a file: meta and absolute byte range within that file.
-#[derive(Clone, Debug)]
-pub struct FileTensor {
-    pub meta: TensorMeta,
-    pub offset: usize,
-    pub len: usize,
 }
 
 /// A checkpoint opened for reading.
@@ -566,56 +359,9 @@ impl Checkpoint {
     }
 }
 
-/// Row-major element count of `shape`, or None on overflow.
-pub(crate) fn checked_numel(shape: &[u64]) -> Option<u64> {
-    shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn widening_is_exact() {
-        let f16s = [
-            half::f16::from_f32(1.5),
-            half::f16::MAX,
-            half::f16::MIN_POSITIVE_SUBNORMAL,
-        ];
-        let bytes: Vec<u8> = f16s.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let td = TensorData {
-            dtype: DType::F16,
-            shape: &[3],
-            bytes: &bytes,
-        };
-        assert_eq!(td.n_elements(), 3);
-        assert_eq!(td.to_f32(), vec![1.5, 65504.0, 2f32.powi(-24)]);
-        let b = [
-            half::bf16::from_f32(-3.0).to_le_bytes(),
-            half::bf16::from_bits(0x3f81).to_le_bytes(),
-        ]
-        .concat();
-        let td = TensorData {
-            dtype: DType::BF16,
-            shape: &[2],
-            bytes: &b,
-        };
-        assert_eq!(td.to_f32(), vec![-3.0, f32::from_bits(0x3f81_0000)]);
-        let b: Vec<u8> = [0.1f32, -2.0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        let td = TensorData {
-            dtype: DType::F32,
-            shape: &[2],
-            bytes: &b,
-        };
-        let mut out = vec![9.0; 10];
-        td.to_f32_into(&mut out);
-        assert_eq!(out, vec![0.1, -2.0]);
-        assert_eq!(DType::BF16.size(), 2);
-        assert_eq!(DType::F32.name(), "F32");
-    }
 
     #[test]
     fn empty_dir_is_not_found() {

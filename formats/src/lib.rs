@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod checkpoint;
+mod checkpoint_error;
 pub mod gguf;
 pub mod hf;
 pub mod imatrix;
@@ -10,4 +11,5 @@ pub mod mmap;
 pub mod pickle;
 pub mod safetensors;
 pub mod sentencepiece;
+mod tensor;
 pub mod torch;

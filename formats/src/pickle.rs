@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::checkpoint::DType;
+use crate::tensor::DType;
 
 /// Longest `data.pkl` accepted (a 70B-parameter state dict's pickle is well under 1 MiB).
 pub const MAX_PICKLE_BYTES: usize = 256 << 20;

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
-use crate::checkpoint::{CheckpointError, DType, FileTensor, TensorMeta};
+use crate::checkpoint_error::CheckpointError;
+use crate::tensor::{DType, FileTensor, TensorMeta};
 
 /// Maps a safetensors dtype to ours, or None for unsupported ones.
 pub fn dtype_from_safetensors(d: Dtype) -> Option<DType> {

@@ -8,8 +8,9 @@ use std::path::Path;
 
 use zip::{CompressionMethod, ZipArchive};
 
-use crate::checkpoint::{checked_numel, CheckpointError, DType, FileTensor, TensorMeta};
+use crate::checkpoint_error::CheckpointError;
 use crate::pickle::{load_state_dict, PickledTensor, MAX_PICKLE_BYTES};
+use crate::tensor::{checked_numel, DType, FileTensor, TensorMeta};
 
 /// `torch.save`'s legacy magic number 0x1950a86a20f9469cfc6c, as the LONG1 it pickles first.
 const LEGACY_MAGIC: [u8; 14] = [

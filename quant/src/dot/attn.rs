@@ -2,7 +2,7 @@
 //! ggml-cpu's tiled flash attention (see `flash` for the operations): chooses the AVX-512, AVX2 or
 //! plain build of the same code; every build gives the same bits.
 
-use super::flash;
+use super::flash::{self, Queries};
 pub use super::flash::{HeadView, KV_TILE};
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
@@ -11,6 +11,7 @@ use crate::Isa;
 /// Attention of `t` query rows (`q`: row `i` at `q_stride * i`, head values at `q_off`, position
 /// `pos0 + i`) over cache positions `0..pos0 + t`; writes `hd` values per query at
 /// `out[i * hd..]`. Short slices are never indexed past their end (missing values read as 0).
+// Public signature (kiln's model calls it): the arguments are grouped into `Queries` below.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_head(
     kv: HeadView<'_>,
@@ -22,12 +23,19 @@ pub fn attend_head(
     scale: f32,
     out: &mut [f32],
 ) {
+    let qs = Queries {
+        q,
+        stride: q_stride,
+        off: q_off,
+        t,
+        pos0,
+    };
     #[cfg(target_arch = "x86_64")]
     if avx2::available() && Isa::current() != Isa::Scalar {
         if Isa::current() == Isa::Avx512 && avx512::available() {
-            return avx512::attend_head(kv, q, q_stride, q_off, t, pos0, scale, out);
+            return avx512::attend_head(kv, qs, scale, out);
         }
-        return avx2::attend_head(kv, q, q_stride, q_off, t, pos0, scale, out);
+        return avx2::attend_head(kv, qs, scale, out);
     }
-    flash::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
+    flash::attend_head_impl(kv, qs, scale, out)
 }

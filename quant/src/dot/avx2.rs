@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::flash::{self, HeadView};
+use super::flash::{self, HeadView, Queries};
 use super::format::{ActFormat, Q8_1_BYTES};
 use super::scalar::{self, decode_q3_k, hsum8, lanes_sum, rd_f16, rd_f32, scale_min_k4, KBlock};
 use crate::blocks::{BlockQ3K, BlockQ8K, BlockQ8_0, QK_K};
@@ -150,21 +150,31 @@ pub(super) unsafe fn h2f(p: *const u8) -> f32 {
     }
 }
 
-/// An `RM`×`RN` register tile: weight rows `w + i*row_bytes`, activation rows `a + j*stride`,
-/// results to `out[i*acts + j]`. `ONE`: the `_1` types (unsigned weights, Q8_1 activations, fused
-/// min term).
-#[allow(clippy::too_many_arguments)]
+/// Rows of a matrix in memory: row `i` starts `i * stride` bytes after `ptr` (the weight or the
+/// activation rows of a register tile).
+#[derive(Clone, Copy)]
+pub(super) struct RowPtr {
+    pub ptr: *const u8,
+    pub stride: usize,
+}
+
+/// An `RM`×`RN` register tile: weight rows `w.ptr + i*w.stride` (`row_bytes`), activation rows
+/// `a.ptr + j*a.stride`, results to `out[i*acts + j]`. `ONE`: the `_1` types (unsigned weights,
+/// Q8_1 activations, fused min term).
 #[inline(always)]
 unsafe fn legacy_tile<const TY: u8, const ONE: bool, const RM: usize, const RN: usize>(
     wbs: usize,
     nb: usize,
-    w: *const u8,
-    row_bytes: usize,
-    a: *const u8,
-    stride: usize,
+    w: RowPtr,
+    a: RowPtr,
     out: &mut [f32],
     acts: usize,
 ) {
+    let RowPtr {
+        ptr: w,
+        stride: row_bytes,
+    } = w;
+    let RowPtr { ptr: a, stride } = a;
     // SAFETY: the caller validated nb blocks of the RM weight rows and of the RN activation rows.
     unsafe {
         let ones = _mm256_set1_epi16(1);
@@ -235,12 +245,18 @@ pub(super) unsafe fn legacy_drive<const TY: u8, const ONE: bool, const RM: usize
             let rn = (acts - j).min(4);
             // SAFETY: rows r..r+rm and activations j..j+rn lie inside the validated slices.
             unsafe {
-                let wp = w.as_ptr().add(r * row_bytes);
-                let ap = a.as_ptr().add(j * stride);
+                let wp = RowPtr {
+                    ptr: w.as_ptr().add(r * row_bytes),
+                    stride: row_bytes,
+                };
+                let ap = RowPtr {
+                    ptr: a.as_ptr().add(j * stride),
+                    stride,
+                };
                 let o = &mut out[r * acts + j..];
                 macro_rules! t {
                     ($m:expr, $n:expr) => {
-                        legacy_tile::<TY, ONE, $m, $n>(wbs, nb, wp, row_bytes, ap, stride, o, acts)
+                        legacy_tile::<TY, ONE, $m, $n>(wbs, nb, wp, ap, o, acts)
                     };
                 }
                 match (rm == RM, rn) {
@@ -680,39 +696,19 @@ pub(super) unsafe fn f16_many(w: &[u8], a: &[u8], stride: usize, out: &mut [f32]
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_head_tf(
-    kv: HeadView<'_>,
-    q: &[f32],
-    q_stride: usize,
-    q_off: usize,
-    t: usize,
-    pos0: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    flash::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
+unsafe fn attend_head_tf(kv: HeadView<'_>, qs: Queries<'_>, scale: f32, out: &mut [f32]) {
+    flash::attend_head_impl(kv, qs, scale, out)
 }
 
 /// [`super::attn::attend_head`] compiled for AVX2 + FMA (same operations, vectorized: lanes
 /// never mix, so the results are the same bits); the plain build when the CPU lacks them.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attend_head(
-    kv: HeadView<'_>,
-    q: &[f32],
-    q_stride: usize,
-    q_off: usize,
-    t: usize,
-    pos0: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+pub(super) fn attend_head(kv: HeadView<'_>, qs: Queries<'_>, scale: f32, out: &mut [f32]) {
     if !available() {
-        return flash::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out);
+        return flash::attend_head_impl(kv, qs, scale, out);
     }
     // SAFETY: the CPU has AVX2/FMA/F16C; the body is safe code.
-    unsafe { attend_head_tf(kv, q, q_stride, q_off, t, pos0, scale, out) }
+    unsafe { attend_head_tf(kv, qs, scale, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

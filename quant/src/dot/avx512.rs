@@ -5,9 +5,9 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{self, bits16, h2f, ld, legacy_drive, nib, store8};
-use super::flash::{self, HeadView};
-use super::format::Q8_1_BYTES;
+use super::avx2::{self, bits16, h2f, ld, legacy_drive, nib, store8, RowPtr};
+use super::flash::{self, HeadView, Queries};
+use super::format::{ActRows, Q8_1_BYTES};
 use super::scalar::{hsum8, lanes_sum, rd_f16, rd_f32};
 use crate::blocks::BlockQ8_0;
 
@@ -30,18 +30,20 @@ unsafe fn dec_unsigned<const TY: u8>(x: *const u8) -> (__m256i, i8) {
 /// `legacy_tile` of [`super::avx2`] with AVX-512 VNNI: one `vpdpbusd` per block and pair (started from
 /// `-OFF * Σq`) yields the same eight exact i32 lanes as ggml's `maddubs` + `madd`; the scale
 /// products `dx*dy` are formed four rows at a time. Same f32 operations, same results.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn legacy_tile_vnni<const TY: u8, const ONE: bool, const RM: usize, const RN: usize>(
     wbs: usize,
     nb: usize,
-    w: *const u8,
-    row_bytes: usize,
-    a: *const u8,
-    stride: usize,
+    w: RowPtr,
+    a: RowPtr,
     out: &mut [f32],
     acts: usize,
 ) {
+    let RowPtr {
+        ptr: w,
+        stride: row_bytes,
+    } = w;
+    let RowPtr { ptr: a, stride } = a;
     // SAFETY: the caller validated nb blocks of the RM weight rows and of the RN activation rows;
     // AVX-512 VNNI/VL enabled in the caller.
     unsafe {
@@ -121,14 +123,18 @@ pub(super) unsafe fn legacy_many_vnni<const TY: u8, const ONE: bool>(
             let rn = (acts - j).min(4);
             // SAFETY: rows r..r+rm and activations j..j+rn lie inside the validated slices.
             unsafe {
-                let wp = w.as_ptr().add(r * row_bytes);
-                let ap = a.as_ptr().add(j * stride);
+                let wp = RowPtr {
+                    ptr: w.as_ptr().add(r * row_bytes),
+                    stride: row_bytes,
+                };
+                let ap = RowPtr {
+                    ptr: a.as_ptr().add(j * stride),
+                    stride,
+                };
                 let o = &mut out[r * acts + j..];
                 macro_rules! t {
                     ($m:expr, $n:expr) => {
-                        legacy_tile_vnni::<TY, ONE, $m, $n>(
-                            wbs, nb, wp, row_bytes, ap, stride, o, acts,
-                        )
+                        legacy_tile_vnni::<TY, ONE, $m, $n>(wbs, nb, wp, ap, o, acts)
                     };
                 }
                 match (rm, rn) {
@@ -181,17 +187,19 @@ pub(super) unsafe fn k_many_vnni<const TY: u8, const TILED: bool>(
 
 /// F16 weights against f16-valued f32 activations with AVX-512: one 16-lane register per dot
 /// (llamafile's `tinyBLAS<16, __m512>`), 4×4 tiles.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn f16_tile_512<const RM: usize, const RN: usize>(
     n: usize,
-    w: *const u8,
-    row_bytes: usize,
-    a: *const u8,
-    stride: usize,
+    w: RowPtr,
+    a: RowPtr,
     out: &mut [f32],
     acts: usize,
 ) {
+    let RowPtr {
+        ptr: w,
+        stride: row_bytes,
+    } = w;
+    let RowPtr { ptr: a, stride } = a;
     // SAFETY: n elements of the RM weight rows and RN activation rows are readable.
     unsafe {
         let full = n / 16 * 16;
@@ -251,12 +259,18 @@ pub(super) unsafe fn f16_many_512(
             let rn = (acts - j).min(4);
             // SAFETY: rows r..r+rm and activations j..j+rn lie inside the validated slices.
             unsafe {
-                let wp = w.as_ptr().add(r * row_bytes);
-                let ap = a.as_ptr().add(j * stride);
+                let wp = RowPtr {
+                    ptr: w.as_ptr().add(r * row_bytes),
+                    stride: row_bytes,
+                };
+                let ap = RowPtr {
+                    ptr: a.as_ptr().add(j * stride),
+                    stride,
+                };
                 let o = &mut out[r * acts + j..];
                 macro_rules! t {
                     ($m:expr, $n:expr) => {
-                        f16_tile_512::<$m, $n>(n, wp, row_bytes, ap, stride, o, acts)
+                        f16_tile_512::<$m, $n>(n, wp, ap, o, acts)
                     };
                 }
                 match (rm, rn) {
@@ -470,21 +484,24 @@ unsafe fn f16_pack_acts(a: &[u8], stride: usize, toks: usize, kf: usize, pa: &mu
 ///
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VL, AVX2, FMA and F16C; `w` is whole rows of `row_bytes` (even),
-/// `toks` activation rows of `row_bytes * 2` bytes lie `stride` apart in `a`, and `out` is valid for
-/// writes of `(toks - 1) * ldo + rows` floats (of which only `out[j * ldo + r]`, `r < rows`, are
-/// written; nothing else may access those during the call) with `ldo >= rows`.
-#[allow(clippy::too_many_arguments)]
+/// the `toks = acts.n` activation rows of `row_bytes * 2` bytes lie `stride` apart in `a =
+/// acts.bytes`, and `out` is valid for writes of `(toks - 1) * ldo + rows` floats (of which only
+/// `out[j * ldo + r]`, `r < rows`, are written; nothing else may access those during the call)
+/// with `ldo >= rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn f16_gemm_512(
     w: &[u8],
     row_bytes: usize,
-    a: &[u8],
-    stride: usize,
-    toks: usize,
+    acts: ActRows<'_>,
     pa: &[f32],
     out: *mut f32,
     ldo: usize,
 ) {
+    let ActRows {
+        bytes: a,
+        stride,
+        n: toks,
+    } = acts;
     let rows = w.len() / row_bytes;
     let k = row_bytes / 2;
     let steps = k / 16;
@@ -689,17 +706,19 @@ unsafe fn f16_pack_tile(a: &[u8], stride: usize, toks: usize, row_bytes: usize, 
 /// The lengths passed [`f16_gemm_fits`] for an `out` of which `out` points at element 0; `pa` holds
 /// the packed activations of all `toks` tokens; the outputs of these rows and tokens are written
 /// by nobody else during the call.
-#[allow(clippy::too_many_arguments)]
 unsafe fn f16_gemm_passes(
     w: &[u8],
     row_bytes: usize,
-    a: &[u8],
-    stride: usize,
-    toks: usize,
+    acts: ActRows<'_>,
     pa: &[f32],
     out: *mut f32,
     ldo: usize,
 ) {
+    let ActRows {
+        bytes: a,
+        stride,
+        n: toks,
+    } = acts;
     let kf = f16_whole_steps(row_bytes);
     let sub = f16_pass_len(row_bytes, toks);
     let mut t0 = 0;
@@ -711,9 +730,11 @@ unsafe fn f16_gemm_passes(
             f16_gemm_512(
                 w,
                 row_bytes,
-                &a[t0 * stride..],
-                stride,
-                tn,
+                ActRows {
+                    bytes: &a[t0 * stride..],
+                    stride,
+                    n: tn,
+                },
                 &pa[t0 * kf..],
                 out.add(t0 * ldo),
                 ldo,
@@ -758,7 +779,12 @@ pub(super) fn f16_gemm(
         // `out` is borrowed mutably for the call.
         unsafe {
             f16_pack_tile(a, stride, toks, row_bytes, pa);
-            f16_gemm_passes(w, row_bytes, a, stride, toks, pa, out.as_mut_ptr(), ldo)
+            let acts = ActRows {
+                bytes: a,
+                stride,
+                n: toks,
+            };
+            f16_gemm_passes(w, row_bytes, acts, pa, out.as_mut_ptr(), ldo)
         }
     });
     Some(())
@@ -790,18 +816,20 @@ const GEMM_PAR_ROWS: usize = 2 * GEMM_RB;
 /// [`super::gemm_f16_par`] with AVX-512: tiles of `tile` tokens times chunks of
 /// [`GEMM_PAR_ROWS`] weight rows as parallel tasks, over activations packed once per call;
 /// `None` when the CPU lacks it or a length does not fit.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn f16_gemm_par(
     w: &[u8],
     row_bytes: usize,
-    a: &[u8],
-    stride: usize,
-    toks: usize,
+    acts: ActRows<'_>,
     out: &mut [f32],
     ldo: usize,
     tile: usize,
 ) -> Option<()> {
     use rayon::prelude::*;
+    let ActRows {
+        bytes: a,
+        stride,
+        n: toks,
+    } = acts;
     let rows = f16_gemm_fits(w, row_bytes, a, stride, toks, out.len(), ldo)?;
     let tile = tile.max(1);
     let tiles = toks.div_ceil(tile);
@@ -832,9 +860,11 @@ pub(super) fn f16_gemm_par(
                 f16_gemm_passes(
                     &w[r0 * row_bytes..(r0 + rn) * row_bytes],
                     row_bytes,
-                    &a[t0 * stride..],
-                    stride,
-                    tn,
+                    ActRows {
+                        bytes: &a[t0 * stride..],
+                        stride,
+                        n: tn,
+                    },
                     &pa[t0 * kf..],
                     o.ptr().add(t0 * ldo + r0),
                     ldo,
@@ -853,37 +883,17 @@ pub(super) fn available() -> bool {
         && is_x86_feature_detected!("avx512vl")
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn attend_head_tf512(
-    kv: HeadView<'_>,
-    q: &[f32],
-    q_stride: usize,
-    q_off: usize,
-    t: usize,
-    pos0: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    flash::attend_head_impl(kv, q, q_stride, q_off, t, pos0, scale, out)
+unsafe fn attend_head_tf512(kv: HeadView<'_>, qs: Queries<'_>, scale: f32, out: &mut [f32]) {
+    flash::attend_head_impl(kv, qs, scale, out)
 }
 
 /// [`super::attn::attend_head`] compiled for AVX-512 (same operations, the same bits); the AVX2
 /// build when the CPU lacks it.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attend_head(
-    kv: HeadView<'_>,
-    q: &[f32],
-    q_stride: usize,
-    q_off: usize,
-    t: usize,
-    pos0: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+pub(super) fn attend_head(kv: HeadView<'_>, qs: Queries<'_>, scale: f32, out: &mut [f32]) {
     if !available() {
-        return avx2::attend_head(kv, q, q_stride, q_off, t, pos0, scale, out);
+        return avx2::attend_head(kv, qs, scale, out);
     }
     // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2, FMA, F16C; the body is safe code.
-    unsafe { attend_head_tf512(kv, q, q_stride, q_off, t, pos0, scale, out) }
+    unsafe { attend_head_tf512(kv, qs, scale, out) }
 }

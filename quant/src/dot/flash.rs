@@ -32,27 +32,35 @@ pub struct HeadView<'a> {
     pub hd: usize,
 }
 
+/// The query rows of one [`attend_head_impl`] call, `t` of them: row `i` at
+/// `q[i * stride + off..]` (values past the end of `q` read as 0), at cache position `pos0 + i`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Queries<'a> {
+    pub q: &'a [f32],
+    pub stride: usize,
+    pub off: usize,
+    pub t: usize,
+    pub pos0: usize,
+}
+
 fn widen(bits: &[u16], dst: &mut [f32]) {
     let n = bits.len().min(dst.len());
     let src: &[f16] = bits[..n].reinterpret_cast();
     src.convert_to_f32_slice(&mut dst[..n]);
 }
 
-/// [`super::attn::attend_head`] on any instruction set: attention of `t` query rows (`q`: row `i` at `q_stride * i`, head values at `q_off`, position
-/// `pos0 + i`) over cache positions `0..pos0 + t`; writes `hd` values per query at
+/// [`super::attn::attend_head`] on any instruction set: attention of the `qs.t` query rows of
+/// [`Queries`] over cache positions `0..qs.pos0 + qs.t`; writes `hd` values per query at
 /// `out[i * hd..]`. Short slices are never indexed past their end (missing values read as 0).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(super) fn attend_head_impl(
-    kv: HeadView<'_>,
-    q: &[f32],
-    q_stride: usize,
-    q_off: usize,
-    t: usize,
-    pos0: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+pub(super) fn attend_head_impl(kv: HeadView<'_>, qs: Queries<'_>, scale: f32, out: &mut [f32]) {
+    let Queries {
+        q,
+        stride: q_stride,
+        off: q_off,
+        t,
+        pos0,
+    } = qs;
     let hd = kv.hd;
     let n_kv = pos0 + t;
     let mut m = vec![f32::NEG_INFINITY; t];

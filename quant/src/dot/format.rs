@@ -8,6 +8,16 @@ use crate::{GgmlType, QuantError};
 /// not in the type table).
 pub(crate) const Q8_1_BYTES: usize = 2 + 2 + QK;
 
+/// `n` activation rows in `bytes`, row `j` starting at `bytes[j * stride..]`: the activation
+/// operand of the matrix-product kernels.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ActRows<'a> {
+    pub bytes: &'a [u8],
+    pub stride: usize,
+    pub n: usize,
+}
+
 /// The format activations are converted to before a dot product with a weight row
 /// (ggml's `vec_dot_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

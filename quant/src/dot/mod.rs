@@ -136,6 +136,7 @@ pub fn gemm_f16_fast() -> bool {
 /// enough that the threads finish together. Same results.
 /// Without the vector kernel ([`gemm_f16_fast`] false) it is the scalar reference on this thread;
 /// callers then do better with the tiled dot kernels.
+// Public signature (kiln's model calls it); the activation rows travel on as `format::ActRows`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_f16_par(
     w: &[u8],
@@ -148,10 +149,15 @@ pub fn gemm_f16_par(
     tile: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if gemm_f16_fast()
-        && avx512::f16_gemm_par(w, row_bytes, a, stride, toks, out, ldo, tile).is_some()
-    {
-        return;
+    if gemm_f16_fast() {
+        let acts = format::ActRows {
+            bytes: a,
+            stride,
+            n: toks,
+        };
+        if avx512::f16_gemm_par(w, row_bytes, acts, out, ldo, tile).is_some() {
+            return;
+        }
     }
     gemm_f16_scalar(w, row_bytes, a, stride, toks, out, ldo)
 }

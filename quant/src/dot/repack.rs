@@ -226,6 +226,8 @@ pub fn prepare(ty: GgmlType, cols: usize, qa: &[u8], t: usize) -> Option<Vec<u8>
 /// [`super::dot_fn_for`]`(ty, batch)` (`batch`: the whole product has at least
 /// [`super::TILED_MIN_ROWS`] activation rows). Returns false (and writes
 /// nothing) when the lengths do not fit or the kernels are unavailable.
+// Public signature (kiln's model calls it); the weights and activations travel on as
+// `vnni::Groups` and `format::ActRows`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     ty: GgmlType,
@@ -263,9 +265,19 @@ pub fn matmul(
     }
     #[cfg(target_arch = "x86_64")]
     {
+        let w = vnni::Groups {
+            bytes: w,
+            nb,
+            gbytes,
+        };
+        let acts = super::format::ActRows {
+            bytes: acts,
+            stride: astride,
+            n: t,
+        };
         // SAFETY: the CPU runs AVX-512 F/BW/VL + VNNI (available()); `w` holds rows/16 whole
         // groups of nb blocks, `acts` t rows of astride bytes, `out` t rows of out_stride >= rows.
-        unsafe { vnni::drive(ty, nb, gbytes, w, acts, astride, t, batch, out, out_stride) };
+        unsafe { vnni::drive(ty, batch, w, acts, out, out_stride) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -276,8 +288,18 @@ pub fn matmul(
 mod vnni {
     use std::arch::x86_64::*;
 
+    use super::super::format::ActRows;
     use crate::blocks::BlockQ8K;
     use crate::GgmlType;
+
+    /// Repacked weights: whole groups of [`super::GROUP`] rows, `gbytes` bytes each, of `nb`
+    /// blocks per row.
+    #[derive(Clone, Copy)]
+    pub(super) struct Groups<'a> {
+        pub bytes: &'a [u8],
+        pub nb: usize,
+        pub gbytes: usize,
+    }
 
     #[inline(always)]
     unsafe fn rd32(p: *const u8) -> i32 {
@@ -668,20 +690,26 @@ mod vnni {
     /// # Safety
     /// AVX-512 F/BW/VL + VNNI; the lengths checked by [`super::matmul`].
     // `j + N <= t` reads as "N more tokens fit", also for N = 1
-    #[allow(clippy::too_many_arguments, clippy::int_plus_one)]
+    #[allow(clippy::int_plus_one)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn drive(
         ty: GgmlType,
-        nb: usize,
-        gbytes: usize,
-        w: &[u8],
-        acts: &[u8],
-        astride: usize,
-        t: usize,
         batch: bool,
+        w: Groups<'_>,
+        acts: ActRows<'_>,
         out: &mut [f32],
         ostride: usize,
     ) {
+        let Groups {
+            bytes: w,
+            nb,
+            gbytes,
+        } = w;
+        let ActRows {
+            bytes: acts,
+            stride: astride,
+            n: t,
+        } = acts;
         let groups = w.len() / gbytes;
         for g in 0..groups {
             // SAFETY: group g, tokens j..j+n and outputs j*ostride + 16g.. are in bounds (matmul).

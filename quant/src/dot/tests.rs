@@ -281,7 +281,14 @@ fn tiled_attention_matches_plain_softmax() {
         let mut got = vec![0f32; t * hd];
         attn::attend_head(view, &q, hd, 0, t, pos0, 0.25, &mut got);
         let mut plain = vec![0f32; t * hd];
-        flash::attend_head_impl(view, &q, hd, 0, t, pos0, 0.25, &mut plain);
+        let qs = flash::Queries {
+            q: &q,
+            stride: hd,
+            off: 0,
+            t,
+            pos0,
+        };
+        flash::attend_head_impl(view, qs, 0.25, &mut plain);
         assert_eq!(got, plain, "vectorized and plain builds differ");
         for (g, w) in got.iter().zip(&want) {
             assert!(
@@ -295,17 +302,14 @@ fn tiled_attention_matches_plain_softmax() {
 /// The attention loop as first written (one query at a time, scores and values as plain fused
 /// multiply-add loops in memory), over the kernel's tile loading and online-softmax step: the
 /// reference the paired, register-blocked version must equal bit for bit.
-#[allow(clippy::too_many_arguments)]
-fn attend_head_old(
-    kv: attn::HeadView<'_>,
-    q: &[f32],
-    q_stride: usize,
-    q_off: usize,
-    t: usize,
-    pos0: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+fn attend_head_old(kv: attn::HeadView<'_>, qs: flash::Queries<'_>, scale: f32, out: &mut [f32]) {
+    let flash::Queries {
+        q,
+        stride: q_stride,
+        off: q_off,
+        t,
+        pos0,
+    } = qs;
     let (hd, kvn) = (kv.hd, attn::KV_TILE);
     let mut m = vec![f32::NEG_INFINITY; t];
     let mut s = vec![0f32; t];
@@ -369,9 +373,16 @@ fn attention_equals_first_version() {
         let mut got = vec![0f32; t * hd];
         attn::attend_head(view, &q, hd + 5, 3, t, pos0, 0.125, &mut got);
         let mut plain = vec![0f32; t * hd];
-        flash::attend_head_impl(view, &q, hd + 5, 3, t, pos0, 0.125, &mut plain);
+        let qs = flash::Queries {
+            q: &q,
+            stride: hd + 5,
+            off: 3,
+            t,
+            pos0,
+        };
+        flash::attend_head_impl(view, qs, 0.125, &mut plain);
         let mut old = vec![0f32; t * hd];
-        attend_head_old(view, &q, hd + 5, 3, t, pos0, 0.125, &mut old);
+        attend_head_old(view, qs, 0.125, &mut old);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got), bits(&old), "hd {hd} t {t} pos0 {pos0}");
         assert_eq!(bits(&plain), bits(&old), "hd {hd} t {t} pos0 {pos0}");

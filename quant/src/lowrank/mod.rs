@@ -36,6 +36,16 @@ impl LowRankShape {
     }
 }
 
+/// The factors of one update and how it is summed, as the kernels and the reference column loops
+/// take them.
+#[derive(Clone, Copy)]
+struct Factors<'a> {
+    coef: &'a [f32],
+    basis: &'a [f32],
+    scale: f32,
+    fused: bool,
+}
+
 /// `w += scale·(coef·basis)` with the kernels of [`Isa::current`]. Returns `false` (and leaves
 /// `w` untouched) when the slice lengths do not match `shape`.
 pub fn add_lowrank(
@@ -62,33 +72,37 @@ pub fn add_lowrank_with(
     if !shape.fits(w, coef, basis) {
         return false;
     }
+    let factors = Factors {
+        coef,
+        basis,
+        scale,
+        fused,
+    };
     #[cfg(target_arch = "x86_64")]
     {
         if isa != Isa::Scalar && isa.is_available() {
             let rows = x86::Rows::F32(w.as_mut_ptr());
             // SAFETY: `isa` is available, `w` holds rows × cols values (checked by `fits`),
             // coef and basis match the shape.
-            let done = unsafe { x86::add_lowrank(isa, shape, rows, coef, basis, scale, fused) };
+            let done = unsafe { x86::add_lowrank(isa, shape, rows, factors) };
             // columns past the last full strip
-            add_lowrank_ref_cols(shape, w, coef, basis, scale, fused, done);
+            add_lowrank_ref_cols(shape, w, factors, done);
             return true;
         }
     }
     let _ = isa;
-    add_lowrank_ref_cols(shape, w, coef, basis, scale, fused, 0);
+    add_lowrank_ref_cols(shape, w, factors, 0);
     true
 }
 
 /// The reference: columns `from..cols` of every row.
-fn add_lowrank_ref_cols(
-    shape: LowRankShape,
-    w: &mut [f32],
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
-    from: usize,
-) {
+fn add_lowrank_ref_cols(shape: LowRankShape, w: &mut [f32], f: Factors<'_>, from: usize) {
+    let Factors {
+        coef,
+        basis,
+        scale,
+        fused,
+    } = f;
     let LowRankShape { cols, r, .. } = shape;
     if cols == 0 || from >= cols {
         return;
@@ -118,17 +132,19 @@ fn dot(coef_row: &[f32], basis: &[f32], cols: usize, j: usize, fused: bool) -> f
 
 /// The f16 reference: columns `from..cols` of every row, `dst = f16(f32(src) + scale·acc)`
 /// (`src` = `dst` when `None`). Lengths are checked by the caller.
-#[allow(clippy::too_many_arguments)]
 fn add_lowrank_f16_ref_cols(
     shape: LowRankShape,
     src: Option<&[u8]>,
     dst: &mut [u8],
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
+    f: Factors<'_>,
     from: usize,
 ) {
+    let Factors {
+        coef,
+        basis,
+        scale,
+        fused,
+    } = f;
     let LowRankShape { cols, r, .. } = shape;
     if cols == 0 || from >= cols || r == 0 {
         if let Some(s) = src {
@@ -191,6 +207,8 @@ pub fn add_lowrank_f16(
 
 /// [`add_lowrank_f16`] on a chosen instruction set (an unavailable one falls back to the
 /// reference).
+// Public signature, kept parallel to `add_lowrank_with`/`add_lowrank_f16`/`add_lowrank_f16_ref`;
+// the factors travel on as `Factors`.
 #[allow(clippy::too_many_arguments)]
 pub fn add_lowrank_f16_with(
     isa: Isa,
@@ -205,6 +223,12 @@ pub fn add_lowrank_f16_with(
     if !f16_fits(shape, src, dst, coef, basis) {
         return false;
     }
+    let factors = Factors {
+        coef,
+        basis,
+        scale,
+        fused,
+    };
     #[cfg(target_arch = "x86_64")]
     {
         if isa != Isa::Scalar && isa.is_available() {
@@ -214,13 +238,13 @@ pub fn add_lowrank_f16_with(
             // SAFETY: `isa` is available; `dst` (and `src`, same length) hold rows × cols f16
             // values (checked above; the kernels load and store them unaligned); coef and basis
             // match the shape.
-            let done = unsafe { x86::add_lowrank(isa, shape, rows, coef, basis, scale, fused) };
-            add_lowrank_f16_ref_cols(shape, src, dst, coef, basis, scale, fused, done);
+            let done = unsafe { x86::add_lowrank(isa, shape, rows, factors) };
+            add_lowrank_f16_ref_cols(shape, src, dst, factors, done);
             return true;
         }
     }
     let _ = isa;
-    add_lowrank_f16_ref_cols(shape, src, dst, coef, basis, scale, fused, 0);
+    add_lowrank_f16_ref_cols(shape, src, dst, factors, 0);
     true
 }
 
@@ -237,7 +261,13 @@ pub fn add_lowrank_f16_ref(
     if !f16_fits(shape, src, dst, coef, basis) {
         return false;
     }
-    add_lowrank_f16_ref_cols(shape, src, dst, coef, basis, scale, fused, 0);
+    let factors = Factors {
+        coef,
+        basis,
+        scale,
+        fused,
+    };
+    add_lowrank_f16_ref_cols(shape, src, dst, factors, 0);
     true
 }
 
@@ -253,7 +283,13 @@ pub fn add_lowrank_ref(
     if !shape.fits(w, coef, basis) {
         return false;
     }
-    add_lowrank_ref_cols(shape, w, coef, basis, scale, fused, 0);
+    let factors = Factors {
+        coef,
+        basis,
+        scale,
+        fused,
+    };
+    add_lowrank_ref_cols(shape, w, factors, 0);
     true
 }
 

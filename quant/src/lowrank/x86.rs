@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::LowRankShape;
+use super::{Factors, LowRankShape};
 use crate::Isa;
 
 /// Where a tile's results go: f32 rows updated in place, or f16 rows read from `src` and written
@@ -20,16 +20,19 @@ pub(super) enum Rows {
 ///
 /// # Safety
 /// `rows` points at `shape.rows × shape.cols` elements (readable, and writable at the
-/// destination), `coef` holds `rows × r` and `basis` `r × cols` values.
+/// destination), `f.coef` holds `rows × r` and `f.basis` `r × cols` values.
 pub(super) unsafe fn add_lowrank(
     isa: Isa,
     shape: LowRankShape,
     rows: Rows,
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
+    f: Factors<'_>,
 ) -> usize {
+    let Factors {
+        coef,
+        basis,
+        scale,
+        fused,
+    } = f;
     let (cp, bp) = (coef.as_ptr(), basis.as_ptr());
     match (isa, fused) {
         // SAFETY: the caller checked `isa.is_available()` (AVX-512F/BW/VL, AVX2 and F16C, see
@@ -48,6 +51,17 @@ pub(super) unsafe fn add_lowrank(
         (Isa::Avx2, false) => unsafe { avx2::<false>(shape, rows, cp, bp, scale) },
         _ => 0,
     }
+}
+
+/// What every tile of one kernel call shares: the rows updated (`rows × cols`), the coefficients
+/// (`coef`, `rows × r`) and the scale.
+#[derive(Clone, Copy)]
+struct Update {
+    rows: Rows,
+    coef: *const f32,
+    cols: usize,
+    r: usize,
+    scale: f32,
 }
 
 /// The widest row block of a tile.
@@ -72,27 +86,29 @@ macro_rules! kernel {
      $load:ident, $store:ident, $set1:ident, $zero:ident, $add:ident, $mul:ident, $fmadd:ident,
      $hload:expr, $hstore:expr) => {
         /// One tile of `R` rows × `NV` vectors of columns starting at row `i0`, column `j` of
-        /// `rows`, and at column `jb` of `basis` (`r` rows of `bstride` values). Each element's
+        /// `u.rows`, and at column `jb` of `basis` (`r` rows of `bstride` values). Each element's
         /// sum runs over k ascending, exactly as the reference does.
         ///
         /// # Safety
         /// The target features are present; rows `i0..i0+R` and columns `j..j+NV*LANES` are in
-        /// bounds of `rows` (`rows × cols`), `coef` (`rows × r`), and columns
+        /// bounds of `u.rows` (`rows × cols`), `u.coef` (`rows × r`), and columns
         /// `jb..jb+NV*LANES` of `basis` (`r × bstride`).
         #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
         unsafe fn $strip_fn<const R: usize, const NV: usize, const FUSED: bool>(
-            rows: Rows,
-            coef: *const f32,
+            u: Update,
             basis: *const f32,
             bstride: usize,
-            cols: usize,
-            r: usize,
             i0: usize,
             j: usize,
             jb: usize,
-            scale: f32,
         ) {
+            let Update {
+                rows,
+                coef,
+                cols,
+                r,
+                scale,
+            } = u;
             // SAFETY: (whole body) every pointer offset stays inside the bounds stated above.
             unsafe {
                 // the f16 source of the next strip, which arrives from memory (an mmapped input)
@@ -163,6 +179,13 @@ macro_rules! kernel {
             if r == 0 {
                 return 0;
             }
+            let u = Update {
+                rows,
+                coef,
+                cols,
+                r,
+                scale,
+            };
             // One strip's basis (r × $nv vectors: 16 KB at r = 64 with AVX-512) stays in L1 while
             // every row block of the call passes over it.
             let wide_end = cols - cols % ($nv * $lanes);
@@ -197,16 +220,12 @@ macro_rules! kernel {
                             m,
                             { $nv },
                             FUSED,
-                            rows,
-                            coef,
+                            u,
                             pp.cast_const(),
                             WIDE,
-                            cols,
-                            r,
                             i,
                             j,
-                            0,
-                            scale
+                            0
                         )
                     };
                     i += m;
@@ -218,12 +237,7 @@ macro_rules! kernel {
                 while i < n {
                     let m = (n - i).min(MAX_R);
                     // SAFETY: rows i..i+m <= n, columns j..j+$lanes <= done <= cols.
-                    unsafe {
-                        tile_rows!(
-                            $strip_fn, m, 1, FUSED, rows, coef, basis, cols, cols, r, i, j, j,
-                            scale
-                        )
-                    };
+                    unsafe { tile_rows!($strip_fn, m, 1, FUSED, u, basis, cols, i, j, j) };
                     i += m;
                 }
                 j += $lanes;

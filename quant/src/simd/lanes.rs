@@ -353,19 +353,26 @@ enum Search {
     Qx,
 }
 
+/// The per-sub-block search of a K-quant type: which search, its parameters (`make_qkx2_quants`)
+/// and the sub-block length.
+#[derive(Clone, Copy)]
+struct SubSearch<'a> {
+    kind: Search,
+    p: &'a Qkx2,
+    sub: usize,
+}
+
 /// Runs the per-sub-block search over all `xc.len() / sub` sub-blocks of `xc`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn search<S: Simd>(
     s: S,
-    kind: Search,
-    p: &Qkx2,
-    sub: usize,
+    plan: SubSearch<'_>,
     xc: &[f32],
     scales: &mut [f32],
     mins: &mut [f32],
     big_l: &mut [u8],
 ) {
+    let SubSearch { kind, p, sub } = plan;
     let nsub = xc.len() / sub;
     let mut g = 0;
     while g < nsub {
@@ -421,7 +428,14 @@ pub(crate) fn quantize_k<S: Simd>(s: S, ty: GgmlType, src: &[f32], dst: &mut [u8
         let mut scales = [0f32; 32];
         let mut mins = [0f32; 32];
         let mut big_l = [0u8; CHUNK];
-        search(s, kind, p, sub, xc, &mut scales, &mut mins, &mut big_l);
+        search(
+            s,
+            SubSearch { kind, p, sub },
+            xc,
+            &mut scales,
+            &mut mins,
+            &mut big_l,
+        );
         for (k, (xb, db)) in xc
             .chunks_exact(QK_K)
             .zip(dc.chunks_exact_mut(bb))

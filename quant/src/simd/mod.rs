@@ -1,7 +1,8 @@
 //! Run-time selected SIMD quantizers (AVX-512, AVX2) whose bytes equal the reference quantizers'.
 //!
-//! The kernels are written once, generically over the [`Simd`] trait ([`lanes`]), and instantiated
-//! per instruction set inside `#[target_feature]` functions ([`avx2`], [`avx512`]). They vectorize
+//! The kernels are written once, generically over the `Simd` trait (private module `lanes`), and
+//! instantiated per instruction set inside `#[target_feature]` functions (private modules `avx2`,
+//! `avx512`). They vectorize
 //! *across* blocks or sub-blocks: each lane runs exactly the scalar sequence of one (sub-)block, in
 //! the reference's operation order, with data-dependent branches turned into lane masks, so every
 //! rounding step is the same IEEE operation the reference performs. Rows holding NaN or infinity
