@@ -6,7 +6,7 @@
 
 use half::f16;
 
-use crate::GgmlType;
+use crate::types::GgmlType;
 
 /// Elements per legacy block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
 pub const QK: usize = 32;

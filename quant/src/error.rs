@@ -1,6 +1,6 @@
 //! Errors of the quantize / dequantize entry points.
 
-use crate::GgmlType;
+use crate::types::GgmlType;
 
 /// What went wrong when quantizing or dequantizing a row.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

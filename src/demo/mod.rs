@@ -14,8 +14,8 @@
 //! generator: the same bytes on every machine.
 
 use crate::merge;
-use crate::pipeline::measure::tokenizer_of_dir;
 use crate::pipeline::manifest::write_if_changed;
+use crate::pipeline::measure::tokenizer_of_dir;
 use crate::shape::ModelShape;
 use anyhow::{bail, Context, Result};
 use kiln_formats::checkpoint::DType;

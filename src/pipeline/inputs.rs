@@ -1,8 +1,8 @@
 //! The pipeline's inputs, opened, checked and hashed before anything is written: the merge's (or
 //! --model's) files, the eval texts, --imatrix or --imatrix-text, and the --expect-sha256 check.
 
-use super::measure;
 use super::manifest::Manifest;
+use super::measure;
 use super::space;
 use super::step::Log;
 use super::{Settings, Source};

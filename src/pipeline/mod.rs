@@ -7,10 +7,10 @@
 //! matches and whose outputs are still there unchanged. [`run`] says the order of the steps; the
 //! steps are in `steps.rs`, the runner that skips, times and records them in `step.rs`.
 
-pub mod measure;
 mod inputs;
 mod levels;
 pub mod manifest;
+pub mod measure;
 pub mod report;
 pub mod space;
 mod step;

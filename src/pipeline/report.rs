@@ -3,8 +3,8 @@
 //! plain-text summary table printed at the end; built from the levels and what their evaluation
 //! steps measured.
 
-use super::measure::{BenchRecord, KldRecord, PplRecord};
 use super::inputs::Inputs;
+use super::measure::{BenchRecord, KldRecord, PplRecord};
 use super::steps::Level;
 use super::{cpu_model, Settings};
 use crate::eval::perplexity::PplParams;

@@ -2,8 +2,8 @@
 //! library calls (merge, imatrix, quantize, eval) that write its outputs. The runner in `step.rs`
 //! decides whether a step runs and records what it wrote.
 
-use super::measure;
 use super::inputs::Text;
+use super::measure;
 use super::space;
 use super::step::{Cx, File, Makes, Measures, Step};
 use super::{level_file_name, Settings, EVAL_DIR, F16_FILE, IMATRIX_FILE};

@@ -3,7 +3,7 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use crate::QuantError;
+use crate::error::QuantError;
 
 /// f32 to IEEE half bits the way ggml-base does it: round to nearest even, subnormals kept,
 /// overflow to ±inf, and **every NaN becomes `sign | 0x7E00`** (half would keep payload bits).

@@ -26,7 +26,8 @@ use crate::blocks::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8K, BlockQ8_0, QK, QK_K,
 };
-use crate::{GgmlType, QuantError};
+use crate::error::QuantError;
+use crate::types::GgmlType;
 
 /// ggml's `nearest_int`: `(bits(f + 12582912.0) & 0x7FFFFF) - 0x400000`, i.e. round half to even
 /// for |f| < 2^22; outside that range it returns the same garbage ggml does.

@@ -22,7 +22,8 @@ use super::{bytes_for, check_len, nearest_int, quantize_row_ref};
 use crate::blocks::{
     BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ6K, QK, QK_K,
 };
-use crate::{GgmlType, QuantError};
+use crate::error::QuantError;
+use crate::types::GgmlType;
 
 fn to_f16(v: f32) -> f16 {
     f16::from_bits(f32_to_f16_bits(v))

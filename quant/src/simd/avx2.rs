@@ -3,7 +3,7 @@
 use std::arch::x86_64::*;
 
 use super::{lanes, Simd};
-use crate::GgmlType;
+use crate::types::GgmlType;
 
 /// Proof that this CPU has AVX2 and F16C: only [`Avx2::new`] makes one, after checking.
 #[derive(Clone, Copy, Debug)]

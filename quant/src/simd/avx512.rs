@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::{lanes, Simd};
-use crate::GgmlType;
+use crate::types::GgmlType;
 
 /// Proof that this CPU has AVX-512 F/BW/VL, AVX2 and F16C: only [`Avx512::new`] makes one.
 #[derive(Clone, Copy, Debug)]

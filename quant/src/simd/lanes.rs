@@ -10,7 +10,7 @@ use crate::reference::kquants::{
     prepare_q3_k, prepare_q6_k, Qkx2, Requant, GROUP_MAX_EPS, Q2K_PARAMS, Q4K_PARAMS, Q5K_PARAMS,
     Q6K_ZERO,
 };
-use crate::GgmlType;
+use crate::types::GgmlType;
 
 /// Element `i` of every lane's sub-block: `cols[i][lane]`.
 type Cols = [[f32; 16]; 32];

@@ -22,8 +22,9 @@ mod tests;
 
 use std::sync::OnceLock;
 
+use crate::error::QuantError;
 use crate::reference::{self, bytes_for, check_len};
-use crate::{GgmlType, QuantError};
+use crate::types::GgmlType;
 
 /// An instruction set the quantizers can run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
