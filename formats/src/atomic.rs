@@ -4,6 +4,34 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// A temporary folder beside `path` (same file system, named `.NAME.*.kiln-partial`, an
+/// ordinary folder's mode), to be filled and renamed to `path` when complete.
+pub fn temp_dir_beside(path: &Path) -> io::Result<tempfile::TempDir> {
+    let mut b = tempfile::Builder::new();
+    let prefix = partial_prefix(path);
+    b.prefix(&prefix).suffix(".kiln-partial");
+    #[cfg(unix)]
+    b.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o777));
+    b.tempdir_in(parent_of(path))
+}
+
+/// The folder holding `path` (`.` for a bare name).
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `.NAME.`: the start of a partial output's name.
+fn partial_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.")
+}
+
 /// A file being written; it appears at `path` only after [`AtomicFile::commit`].
 /// Dropping it uncommitted deletes the temporary file.
 pub struct AtomicFile {
@@ -15,15 +43,8 @@ impl AtomicFile {
     /// Creates a temporary file in the destination's folder (so the final rename stays on one
     /// file system).
     pub fn create(path: &Path) -> io::Result<AtomicFile> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let prefix = format!(".{name}.");
+        let dir = parent_of(path);
+        let prefix = partial_prefix(path);
         let mut b = tempfile::Builder::new();
         b.prefix(&prefix).suffix(".kiln-partial");
         // an ordinary file's mode (0666 less the umask), not tempfile's private 0600

@@ -3,7 +3,7 @@
 
 use crate::cmd::progress::Terminal;
 use crate::Outcome;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use kiln::merge::{self, MergeInputs, MergeOptions, MergeOutputs};
 use std::path::PathBuf;
 
@@ -74,18 +74,8 @@ impl Args {
 }
 
 pub fn run(a: Args) -> Result<Outcome> {
-    if a.out.is_none() && a.gguf.is_none() {
-        bail!("nothing to write: give --out DIR (an HF folder) and/or --gguf FILE");
-    }
     let opts = a.options()?;
-    if let Some(n) = a.threads {
-        if n == 0 {
-            bail!("threads must be at least 1");
-        }
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
-    }
+    crate::cmd::global_threads(a.threads)?;
     let r = merge::merge(&opts, &Terminal::new(a.quiet))?;
     for (p, h) in &r.input_hashes {
         match h {

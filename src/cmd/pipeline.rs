@@ -103,14 +103,7 @@ pub fn command_line() -> String {
 pub fn settings(a: Args) -> Result<Settings> {
     a.device.check()?;
     let quants = pipeline::parse_quants(&a.quants)?;
-    if let Some(n) = a.threads {
-        if n == 0 {
-            bail!("threads must be at least 1");
-        }
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
-    }
+    crate::cmd::global_threads(a.threads)?;
     let source = match (a.base, a.model) {
         (Some(base), None) => {
             if a.lora.is_empty() {

@@ -283,18 +283,8 @@ impl HfOut {
                 parent.display()
             );
         }
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let prefix = format!(".{name}.");
-        let mut b = tempfile::Builder::new();
-        b.prefix(&prefix).suffix(".kiln-partial");
         // the folder becomes --out: an ordinary folder's mode (0777 less the umask), not 0700
-        #[cfg(unix)]
-        b.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o777));
-        let staging = b
-            .tempdir_in(&parent)
+        let staging = kiln_formats::atomic::temp_dir_beside(out)
             .with_context(|| format!("creating a staging folder in {}", parent.display()))?;
         let sizes: Vec<u64> = plan.tensors.iter().map(Planned::n_bytes).collect();
         let groups = merge::shard_groups(&sizes, max_shard);
