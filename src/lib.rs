@@ -27,11 +27,12 @@
 //!
 //! The jobs: [`convert::convert`], [`merge::merge`], [`quantize::quantize`],
 //! [`eval::job::perplexity`], [`eval::job::kld`], [`eval::job::bench_model`],
-//! [`eval::job::imatrix`], [`pipeline::run`] and [`sums::verify_dir`].
+//! [`eval::job::imatrix`], [`pipeline::run`], [`sums::verify_dir`] and [`inspect::describe`].
 
 pub mod convert;
 pub mod demo;
 pub mod eval;
+pub mod inspect;
 pub mod merge;
 pub mod model;
 pub mod pipeline;
