@@ -1,25 +1,20 @@
 //! `kiln bench`: prompt-processing and generation speed of a GGUF model, measured as llama-bench
 //! measures pp512 / tg128 (warm-up run, random tokens, repeated runs, mean ± sd).
 
-use crate::cmd::perplexity::RopeArgs;
+use crate::cmd::eval_args::{ModelArgs, RopeArgs};
 use crate::cmd::progress::Terminal;
 use crate::Outcome;
 use anyhow::Result;
 use kiln::eval::bench::BenchParams;
-use kiln::eval::job::{self, BenchOptions, Target};
+use kiln::eval::job::{self, BenchOptions};
 use kiln::progress::{Progress, Silent};
-use std::path::PathBuf;
 
 /// Arguments of `kiln bench` (llama-bench's flag names).
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  kiln bench -m model-q4_k_m.gguf -p 512 -n 128 -t 8")]
 pub struct Args {
-    /// The GGUF model.
-    #[arg(short = 'm', long = "model")]
-    pub model: PathBuf,
-    /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
-    #[arg(long, value_name = "DEV", default_value = "auto")]
-    pub device: kiln::model::device::Device,
+    #[command(flatten)]
+    pub m: ModelArgs,
     /// Prompt tokens of the pp test (0: skip it).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
     pub n_prompt: usize,
@@ -32,9 +27,6 @@ pub struct Args {
     /// Tokens per forward pass while processing the prompt.
     #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
     pub batch: usize,
-    /// Threads (default: all cores).
-    #[arg(short = 't', long = "threads")]
-    pub threads: Option<usize>,
     /// Skip the untimed warm-up runs.
     #[arg(long)]
     pub no_warmup: bool,
@@ -68,12 +60,7 @@ fn human_count(n: u64) -> String {
 
 pub fn run(a: Args) -> Result<Outcome> {
     let opts = BenchOptions {
-        target: Target {
-            model: a.model.clone(),
-            device: a.device.clone(),
-            threads: a.threads,
-            rope: a.rope.overrides()?,
-        },
+        target: a.m.target(&a.rope)?,
         params: BenchParams {
             n_prompt: a.n_prompt,
             n_gen: a.n_gen,
@@ -86,11 +73,11 @@ pub fn run(a: Args) -> Result<Outcome> {
     let progress: &dyn Progress = if a.quiet { &Silent } else { &term };
     let done = job::bench_model(&opts, progress)?;
     let (stats, size, n_params, threads) = (&done.stats, done.size, done.n_params, done.threads);
-    let name = a
-        .model
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name =
+        a.m.model
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
     if a.json {
         let arr: Vec<serde_json::Value> = stats
             .iter()
@@ -99,7 +86,7 @@ pub fn run(a: Args) -> Result<Outcome> {
                 if let Some(o) = j.as_object_mut() {
                     o.insert(
                         "model_filename".into(),
-                        a.model.display().to_string().into(),
+                        a.m.model.display().to_string().into(),
                     );
                     o.insert("model_size".into(), size.into());
                     o.insert("model_n_params".into(), n_params.into());

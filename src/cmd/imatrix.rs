@@ -2,11 +2,11 @@
 //! computes it (same chunks, BOS handling, tensors and tokens), written in llama.cpp's GGUF imatrix
 //! format or the legacy `.dat` format; `--in-file` merges earlier files.
 
+use crate::cmd::eval_args::{ModelArgs, RopeArgs};
 use crate::cmd::progress::Terminal;
 use crate::Outcome;
 use anyhow::Result;
-use kiln::eval::job::{self, ImatrixDone, ImatrixFormat, ImatrixOptions, Target};
-use kiln::eval::rope::RopeOverrides;
+use kiln::eval::job::{self, ImatrixDone, ImatrixFormat, ImatrixOptions};
 use kiln::progress::{Progress, Silent};
 use std::io::Write;
 use std::path::PathBuf;
@@ -17,12 +17,8 @@ use std::path::PathBuf;
     after_help = "Example:\n  kiln imatrix -m model-f16.gguf -f calibration.txt -o imatrix.gguf -c 512\n  kiln quantize --imatrix imatrix.gguf model-f16.gguf model-q2_k_s.gguf Q2_K_S"
 )]
 pub struct Args {
-    /// The GGUF model (normally F16).
-    #[arg(short = 'm', long = "model")]
-    pub model: PathBuf,
-    /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
-    #[arg(long, value_name = "DEV", default_value = "auto")]
-    pub device: kiln::model::device::Device,
+    #[command(flatten)]
+    pub m: ModelArgs,
     /// Calibration text (its one trailing newline is dropped, as llama-imatrix does). Without it,
     /// the --in-file matrices are only combined.
     #[arg(short = 'f', long = "file")]
@@ -54,9 +50,6 @@ pub struct Args {
     /// Do not compute the perplexity.
     #[arg(long)]
     pub no_ppl: bool,
-    /// Threads (default: all cores).
-    #[arg(short = 't', long = "threads")]
-    pub threads: Option<usize>,
     /// No progress output.
     #[arg(short, long)]
     pub quiet: bool,
@@ -64,12 +57,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<Outcome> {
     let opts = ImatrixOptions {
-        target: Target {
-            model: a.model.clone(),
-            device: a.device.clone(),
-            threads: a.threads,
-            rope: RopeOverrides::default(),
-        },
+        target: a.m.target(&RopeArgs::default())?,
         text: a.file.clone(),
         output: a.output.clone(),
         format: a.output_format,

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod demo;
+pub mod eval_args;
 pub mod imatrix;
 pub mod inspect;
 pub mod merge;

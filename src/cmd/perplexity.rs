@@ -2,64 +2,15 @@
 //! model's saved log-probabilities, computed as llama-perplexity does (same chunks, BOS
 //! substitution, second-half scoring, base-file format and statistics).
 
+use crate::cmd::eval_args::{ModelArgs, RopeArgs};
 use crate::cmd::progress::Terminal;
 use crate::Outcome;
 use anyhow::{bail, Result};
 use kiln::eval::job::{
-    self, KldOptions, PerplexityDone, PerplexityOptions, Target, TextInput, DEFAULT_CTX,
+    self, KldOptions, PerplexityDone, PerplexityOptions, TextInput, DEFAULT_CTX,
 };
 use kiln::eval::kld::{self, KldResult, DP_QUANTILES, KLD_QUANTILES};
-use kiln::eval::rope::{Ntk, RopeOverrides, RopeScaling};
 use std::path::PathBuf;
-
-/// RoPE context-extension flags (llama.cpp's names, plus `--ntk`).
-#[derive(clap::Args, Clone, Debug, Default)]
-pub struct RopeArgs {
-    /// RoPE base frequency (default: the model's llama.rope.freq_base).
-    #[arg(long, value_name = "F")]
-    pub rope_freq_base: Option<f32>,
-    /// RoPE scaling method (default: the model's, linear when it says nothing).
-    #[arg(long, value_enum, value_name = "none|linear")]
-    pub rope_scaling: Option<RopeScaling>,
-    /// Linear RoPE scale: positions are divided by S (expands the context S times).
-    #[arg(long, value_name = "S", conflicts_with = "rope_freq_scale")]
-    pub rope_scale: Option<f32>,
-    /// RoPE frequency scale factor (1/S).
-    #[arg(long, value_name = "F")]
-    pub rope_freq_scale: Option<f32>,
-    /// NTK-aware RoPE base: base·ALPHA^(d/(d−2)), d the head dimension; `auto` uses
-    /// ALPHA = n_ctx/(trained_ctx/2) − 1 beyond the trained context (llama.context_length).
-    #[arg(long, value_name = "ALPHA|auto")]
-    pub ntk: Option<Ntk>,
-}
-
-impl RopeArgs {
-    /// The overrides the evaluation jobs apply.
-    pub fn overrides(&self) -> Result<RopeOverrides> {
-        let freq_scale = match (self.rope_scale, self.rope_freq_scale) {
-            (Some(s), _) if !(s.is_finite() && s > 0.0) => {
-                bail!("--rope-scale must be a positive number (got {s})")
-            }
-            (Some(s), _) => Some(1.0 / s),
-            (None, f) => f,
-        };
-        Ok(RopeOverrides {
-            freq_base: self.rope_freq_base,
-            freq_scale,
-            scaling: self.rope_scaling,
-            ntk: self.ntk,
-        })
-    }
-
-    /// Whether any RoPE flag was given.
-    pub fn any(&self) -> bool {
-        self.rope_freq_base.is_some()
-            || self.rope_scaling.is_some()
-            || self.rope_scale.is_some()
-            || self.rope_freq_scale.is_some()
-            || self.ntk.is_some()
-    }
-}
 
 /// Arguments of `kiln perplexity` (llama-perplexity's flag names).
 #[derive(clap::Args)]
@@ -67,12 +18,8 @@ impl RopeArgs {
     after_help = "Examples:\n  kiln perplexity -m model-q4_k_m.gguf -f wiki.test.raw -c 512\n  kiln perplexity -m model-f16.gguf -f wiki.test.raw --kl-divergence-base f16.kld\n  kiln perplexity -m model-q4_k_m.gguf --kl-divergence --kl-divergence-base f16.kld\n  kiln perplexity -m model.gguf -f long.txt -c 8192 --ntk auto"
 )]
 pub struct Args {
-    /// The GGUF model.
-    #[arg(short = 'm', long = "model")]
-    pub model: PathBuf,
-    /// Where to evaluate: cpu, cuda[:N] or auto (CUDA when kiln has a GPU backend, else CPU).
-    #[arg(long, value_name = "DEV", default_value = "auto")]
-    pub device: kiln::model::device::Device,
+    #[command(flatten)]
+    pub m: ModelArgs,
     /// The text file (its one trailing newline is dropped, as llama-perplexity does).
     #[arg(short = 'f', long = "file", required_unless_present_any = ["token_ids", "kl_divergence"])]
     pub file: Option<PathBuf>,
@@ -85,9 +32,6 @@ pub struct Args {
     /// Evaluate at most N chunks.
     #[arg(long, value_name = "N")]
     pub chunks: Option<usize>,
-    /// Threads (default: all cores).
-    #[arg(short = 't', long = "threads")]
-    pub threads: Option<usize>,
     /// The base model's log-probabilities: written here (with -f), or read (with --kl-divergence).
     /// llama-perplexity's file format: files are interchangeable with it.
     #[arg(long, value_name = "FILE")]
@@ -110,17 +54,6 @@ pub struct Args {
     pub token_ids: Option<PathBuf>,
 }
 
-impl Args {
-    fn target(&self) -> Result<Target> {
-        Ok(Target {
-            model: self.model.clone(),
-            device: self.device.clone(),
-            threads: self.threads,
-            rope: self.rope.overrides()?,
-        })
-    }
-}
-
 pub fn run(a: Args) -> Result<Outcome> {
     let term = Terminal::new(a.quiet);
     if a.kl_divergence {
@@ -132,7 +65,7 @@ pub fn run(a: Args) -> Result<Outcome> {
         (None, None) => bail!("give the text with -f"),
     };
     let opts = PerplexityOptions {
-        target: a.target()?,
+        target: a.m.target(&a.rope)?,
         text,
         n_ctx: a.ctx.unwrap_or(DEFAULT_CTX),
         n_batch: a.batch,
@@ -155,7 +88,7 @@ fn print_ppl(a: &Args, done: &PerplexityDone) -> Result<()> {
     let tps = result.n_eval as f64 / secs.max(1e-9);
     if a.json {
         let j = serde_json::json!({
-            "model": a.model.display().to_string(),
+            "model": a.m.model.display().to_string(),
             "n_ctx": result.n_eval / result.n_chunk.max(1),
             "n_batch": n_batch,
             "n_chunk": result.n_chunk,
@@ -204,7 +137,7 @@ fn run_kld(a: &Args, term: &Terminal) -> Result<Outcome> {
         bail!("--kl-divergence needs --kl-divergence-base FILE");
     };
     let opts = KldOptions {
-        target: a.target()?,
+        target: a.m.target(&a.rope)?,
         base: base_path.clone(),
         n_ctx: a.ctx,
         n_batch: a.batch,
@@ -216,7 +149,7 @@ fn run_kld(a: &Args, term: &Terminal) -> Result<Outcome> {
     if a.json {
         let mut j = serde_json::to_value(result)?;
         if let Some(o) = j.as_object_mut() {
-            o.insert("model".into(), a.model.display().to_string().into());
+            o.insert("model".into(), a.m.model.display().to_string().into());
             o.insert(
                 "kl_divergence_base".into(),
                 base_path.display().to_string().into(),
