@@ -14,7 +14,7 @@ use half::slice::HalfFloatSliceExt;
 use kiln_formats::checkpoint::{Checkpoint, DType, TensorData};
 use kiln_formats::hf::{AdapterConfig, LoraBias, TargetModules};
 use kiln_formats::sentencepiece::SpModel;
-use kiln_quant::lowrank::{add_lowrank, add_lowrank_f16, LowRankShape};
+use kiln_quant::lowrank::{self, add_lowrank, add_lowrank_f16, LowRankShape};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -1058,8 +1058,13 @@ pub fn materialize_into<'a>(
                         None
                     };
                     let shape = LowRankShape { rows: n, cols, r };
-                    let coef = f.coef.get(i0 * r..(i0 + n) * r).unwrap_or(&[]);
-                    if !add_lowrank_f16(shape, src, o, coef, &f.basis, f.scale, fused) {
+                    let lf = lowrank::Factors {
+                        coef: f.coef.get(i0 * r..(i0 + n) * r).unwrap_or(&[]),
+                        basis: &f.basis,
+                        scale: f.scale,
+                        fused,
+                    };
+                    if !add_lowrank_f16(shape, src, o, lf) {
                         bail!("tensor {}: LoRA factors do not fit its rows", t.name);
                     }
                     Ok(())
@@ -1089,8 +1094,13 @@ pub fn materialize_into<'a>(
                         widen_row(dtype, src, dst);
                     }
                     let shape = LowRankShape { rows: n, cols, r };
-                    let coef = f.coef.get(i0 * r..(i0 + n) * r).unwrap_or(&[]);
-                    if !add_lowrank(shape, w, coef, &f.basis, f.scale, fused) {
+                    let lf = lowrank::Factors {
+                        coef: f.coef.get(i0 * r..(i0 + n) * r).unwrap_or(&[]),
+                        basis: &f.basis,
+                        scale: f.scale,
+                        fused,
+                    };
+                    if !add_lowrank(shape, w, lf) {
                         bail!("tensor {}: LoRA factors do not fit its rows", t.name);
                     }
                     for (src, dst) in w.chunks_exact(cols).zip(o.chunks_exact_mut(row_bytes)) {
@@ -1384,9 +1394,13 @@ mod tests {
             cols: 2,
             r: f.r,
         };
-        assert!(add_lowrank(
-            shape, &mut w, &f.coef, &f.basis, f.scale, !f.exact
-        ));
+        let lf = lowrank::Factors {
+            coef: &f.coef,
+            basis: &f.basis,
+            scale: f.scale,
+            fused: !f.exact,
+        };
+        assert!(add_lowrank(shape, &mut w, lf));
         for j in 0..2 {
             let mut a = 0f32;
             for k in 0..3 {

@@ -9,11 +9,11 @@ use anyhow::{bail, Context, Result};
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use kiln_formats::gguf::{GgufFile, TensorInfo};
-use kiln_quant::dot::attn::{attend_head, HeadView};
+use kiln_quant::dot::attn::{attend_head, HeadView, Queries};
 use kiln_quant::dot::repack;
 use kiln_quant::dot::{
     act_format, act_row_bytes, check_row, dot_many_fn, gemm_f16_fast, gemm_f16_par, quantize_act,
-    rope_pairs, ActFormat, DotManyFn, TILED_MIN_ROWS,
+    rope_pairs, ActFormat, ActRows, DotManyFn, TILED_MIN_ROWS,
 };
 use kiln_quant::{GgmlType, Isa};
 use rayon::prelude::*;
@@ -157,13 +157,20 @@ fn packed_matmul(
     t: usize,
 ) -> Result<CpuAct> {
     let gbytes = repack::repacked_bytes(ty, repack::GROUP, k).context("repacked size")?;
+    // bytes per token of prepared Q8_0 blocks or of the Q8_K rows themselves (a type without
+    // one: matmul refuses the product)
+    let astride = repack::act_stride(ty, k).unwrap_or(0);
     // every output is written by repack::matmul (or the product fails)
     let mut data = take_buf(n * t);
     let run = |j0: usize, nt: usize, w: &[u8], out: &mut [f32]| -> Result<()> {
         let acts = qa.get(j0 * rb..(j0 + nt) * rb).unwrap_or(&[]);
         let prep = repack::prepare(ty, k, acts, nt);
-        let a = prep.as_deref().unwrap_or(acts);
-        if !repack::matmul(ty, k, w, a, nt, t >= TILED_MIN_ROWS, out, n) {
+        let a = ActRows {
+            bytes: prep.as_deref().unwrap_or(acts),
+            stride: astride,
+            n: nt,
+        };
+        if !repack::matmul(ty, k, w, a, t >= TILED_MIN_ROWS, out, n) {
             bail!("repacked {ty} product does not fit");
         }
         Ok(())
@@ -177,14 +184,18 @@ fn packed_matmul(
         const GROUPS: usize = 4;
         let acts = qa.get(..t * rb).unwrap_or(&[]);
         let prep = repack::prepare(ty, k, acts, t);
-        let a = prep.as_deref().unwrap_or(acts);
+        let a = ActRows {
+            bytes: prep.as_deref().unwrap_or(acts),
+            stride: astride,
+            n: t,
+        };
         let tile = GROUPS * repack::GROUP;
         let mut parts = take_buf(n * t);
         parts
             .par_chunks_mut(tile * t)
             .zip(p.par_chunks(GROUPS * gbytes))
             .try_for_each(|(o, w)| {
-                if !repack::matmul(ty, k, w, a, t, t >= TILED_MIN_ROWS, o, o.len() / t) {
+                if !repack::matmul(ty, k, w, a, t >= TILED_MIN_ROWS, o, o.len() / t) {
                     bail!("repacked {ty} product does not fit");
                 }
                 Ok(())
@@ -236,7 +247,12 @@ fn matmul_acts(
     if w.ty == GgmlType::F16 && t >= TOKEN_TILE && gemm_f16_fast() {
         // packed, cache-blocked kernel: tiles of tokens times chunks of rows in parallel,
         // outputs written in place
-        gemm_f16_par(wb, w.row_bytes, qa, rb, t, &mut data, n, TOKEN_TILE);
+        let acts = ActRows {
+            bytes: qa,
+            stride: rb,
+            n: t,
+        };
+        gemm_f16_par(wb, w.row_bytes, acts, &mut data, n, TOKEN_TILE);
     } else if t >= TOKEN_TILE {
         // prompt: tiles of tokens in parallel; each weight row is decoded once per tile and
         // multiplied against all of its activation rows, outputs written in place
@@ -541,7 +557,14 @@ impl Backend for CpuBackend {
                 };
                 // the queries are the last `tq` positions
                 let p0 = n_past + t - tq;
-                attend_head(view, &q.data, qc, h * hd, tq, p0, s.scale, o);
+                let qs = Queries {
+                    q: &q.data,
+                    stride: qc,
+                    off: h * hd,
+                    t: tq,
+                    pos0: p0,
+                };
+                attend_head(view, qs, s.scale, o);
             });
         // token-major: row i is head 0's row i, head 1's row i, ...
         let mut out = take_buf(tq * qc);

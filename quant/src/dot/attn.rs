@@ -2,34 +2,17 @@
 //! ggml-cpu's tiled flash attention (see `flash` for the operations): chooses the AVX-512, AVX2 or
 //! plain build of the same code; every build gives the same bits.
 
-use super::flash::{self, Queries};
-pub use super::flash::{HeadView, KV_TILE};
+use super::flash;
+pub use super::flash::{HeadView, Queries, KV_TILE};
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
 use crate::Isa;
 
-/// Attention of `t` query rows (`q`: row `i` at `q_stride * i`, head values at `q_off`, position
-/// `pos0 + i`) over cache positions `0..pos0 + t`; writes `hd` values per query at
-/// `out[i * hd..]`. Short slices are never indexed past their end (missing values read as 0).
-// Public signature (kiln's model calls it): the arguments are grouped into `Queries` below.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_head(
-    kv: HeadView<'_>,
-    q: &[f32],
-    q_stride: usize,
-    q_off: usize,
-    t: usize,
-    pos0: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let qs = Queries {
-        q,
-        stride: q_stride,
-        off: q_off,
-        t,
-        pos0,
-    };
+/// Attention of the `qs.t` query rows of `qs` (row `i` at `qs.stride * i`, head values at
+/// `qs.off`, position `qs.pos0 + i`) over cache positions `0..qs.pos0 + qs.t`; writes `hd` values
+/// per query at `out[i * hd..]`. Short slices are never indexed past their end (missing values
+/// read as 0).
+pub fn attend_head(kv: HeadView<'_>, qs: Queries<'_>, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2::available() && Isa::current() != Isa::Scalar {
         if Isa::current() == Isa::Avx512 && avx512::available() {

@@ -32,14 +32,19 @@ pub struct HeadView<'a> {
     pub hd: usize,
 }
 
-/// The query rows of one [`attend_head_impl`] call, `t` of them: row `i` at
+/// The query rows of one [`super::attn::attend_head`] call, `t` of them: row `i` at
 /// `q[i * stride + off..]` (values past the end of `q` read as 0), at cache position `pos0 + i`.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Queries<'a> {
+pub struct Queries<'a> {
+    /// Query rows (f32), `stride` values apart.
     pub q: &'a [f32],
+    /// Values per query row (all heads).
     pub stride: usize,
+    /// Offset of this head inside a row.
     pub off: usize,
+    /// Number of query rows.
     pub t: usize,
+    /// Cache position of the first query row.
     pub pos0: usize,
 }
 

@@ -9,12 +9,14 @@ use crate::{GgmlType, QuantError};
 pub(crate) const Q8_1_BYTES: usize = 2 + 2 + QK;
 
 /// `n` activation rows in `bytes`, row `j` starting at `bytes[j * stride..]`: the activation
-/// operand of the matrix-product kernels.
-#[cfg(target_arch = "x86_64")]
+/// operand of the matrix products ([`super::gemm_f16_par`], [`super::repack::matmul`]).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct ActRows<'a> {
+pub struct ActRows<'a> {
+    /// The rows, in the activation format the product reads.
     pub bytes: &'a [u8],
+    /// Bytes from one row's start to the next.
     pub stride: usize,
+    /// Number of rows.
     pub n: usize,
 }
 

@@ -25,7 +25,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use format::{act_format, act_row_bytes, check_row, ActFormat};
+pub use format::{act_format, act_row_bytes, check_row, ActFormat, ActRows};
 pub use scalar::{
     axpy, dot_bf16_bf16, dot_f16_f16, dot_f16_f32, dot_f32_f32, dot_f32_slices, dot_fn, dot_fn_for,
     dot_q2_k_q8_k, dot_q2_k_q8_k_tiled, dot_q3_k_q8_k, dot_q3_k_q8_k_tiled, dot_q4_0_q8_0,
@@ -131,34 +131,29 @@ pub fn gemm_f16_fast() -> bool {
     false
 }
 
-/// [`gemm_f16`] spread over rayon's threads: the activations packed once, then tiles of `tile`
-/// tokens (each weight is converted once per tile) times chunks of 32 weight rows as tasks, small
-/// enough that the threads finish together. Same results.
+/// [`gemm_f16`] spread over rayon's threads, with the `acts.n` activation rows of `acts`
+/// (`acts.stride` bytes apart): the activations packed once, then tiles of `tile` tokens (each
+/// weight is converted once per tile) times chunks of 32 weight rows as tasks, small enough that
+/// the threads finish together. Same results.
 /// Without the vector kernel ([`gemm_f16_fast`] false) it is the scalar reference on this thread;
 /// callers then do better with the tiled dot kernels.
-// Public signature (kiln's model calls it); the activation rows travel on as `format::ActRows`.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_f16_par(
     w: &[u8],
     row_bytes: usize,
-    a: &[u8],
-    stride: usize,
-    toks: usize,
+    acts: ActRows<'_>,
     out: &mut [f32],
     ldo: usize,
     tile: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if gemm_f16_fast() {
-        let acts = format::ActRows {
-            bytes: a,
-            stride,
-            n: toks,
-        };
-        if avx512::f16_gemm_par(w, row_bytes, acts, out, ldo, tile).is_some() {
-            return;
-        }
+    if gemm_f16_fast() && avx512::f16_gemm_par(w, row_bytes, acts, out, ldo, tile).is_some() {
+        return;
     }
+    let ActRows {
+        bytes: a,
+        stride,
+        n: toks,
+    } = acts;
     gemm_f16_scalar(w, row_bytes, a, stride, toks, out, ldo)
 }
 

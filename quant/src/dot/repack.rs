@@ -23,6 +23,7 @@
 //!   (p = 0..8); then for half c = 0..2, m = 0..8 the dwords of `ql_r[64c+4m..]`,
 //!   `ql_r[64c+32+4m..]` and `qh_r[32c+4m..]`.
 
+use super::ActRows;
 use crate::blocks::{BlockQ8K, BlockQ8_0, QK, QK_K};
 use crate::GgmlType;
 
@@ -221,28 +222,30 @@ pub fn prepare(ty: GgmlType, cols: usize, qa: &[u8], t: usize) -> Option<Vec<u8>
 }
 
 /// `out[j*out_stride + r]` = the product of repacked weight row `r` (`w`: whole groups of the
-/// repacked form of rows of `cols` values of type `ty`) with activation `j` (`acts`: `t` rows of
-/// [`act_stride`] bytes, from [`prepare`] or the Q8_K rows), for j < t, in the order of
-/// [`super::dot_fn_for`]`(ty, batch)` (`batch`: the whole product has at least
-/// [`super::TILED_MIN_ROWS`] activation rows). Returns false (and writes
-/// nothing) when the lengths do not fit or the kernels are unavailable.
-// Public signature (kiln's model calls it); the weights and activations travel on as
-// `vnni::Groups` and `format::ActRows`.
-#[allow(clippy::too_many_arguments)]
+/// repacked form of rows of `cols` values of type `ty`) with activation `j` (`acts`: `acts.n`
+/// rows, `acts.stride` = [`act_stride`] bytes apart, from [`prepare`] or the Q8_K rows), for
+/// j < acts.n, in the order of [`super::dot_fn_for`]`(ty, batch)` (`batch`: the whole product has
+/// at least [`super::TILED_MIN_ROWS`] activation rows). Returns false (and writes nothing) when
+/// the lengths or the stride do not fit or the kernels are unavailable.
 pub fn matmul(
     ty: GgmlType,
     cols: usize,
     w: &[u8],
-    acts: &[u8],
-    t: usize,
+    acts: ActRows<'_>,
     batch: bool,
     out: &mut [f32],
     out_stride: usize,
 ) -> bool {
+    let t = acts.n;
     let (Some(gb), Some(astride)) = (group_block_bytes(ty), act_stride(ty, cols)) else {
         return false;
     };
-    if !available() || cols == 0 || !cols.is_multiple_of(ty.block_size()) || t == 0 {
+    if !available()
+        || cols == 0
+        || !cols.is_multiple_of(ty.block_size())
+        || t == 0
+        || acts.stride != astride
+    {
         return false;
     }
     let nb = cols / ty.block_size();
@@ -257,7 +260,7 @@ pub fn matmul(
     let need_o = (t - 1)
         .checked_mul(out_stride)
         .and_then(|v| v.checked_add(rows));
-    if need_a.is_none_or(|n| n > acts.len())
+    if need_a.is_none_or(|n| n > acts.bytes.len())
         || need_o.is_none_or(|n| n > out.len())
         || out_stride < rows
     {
@@ -269,11 +272,6 @@ pub fn matmul(
             bytes: w,
             nb,
             gbytes,
-        };
-        let acts = super::format::ActRows {
-            bytes: acts,
-            stride: astride,
-            n: t,
         };
         // SAFETY: the CPU runs AVX-512 F/BW/VL + VNNI (available()); `w` holds rows/16 whole
         // groups of nb blocks, `acts` t rows of astride bytes, `out` t rows of out_stride >= rows.
@@ -817,7 +815,12 @@ mod tests {
         let os = rows + 3;
         let mut out = vec![f32::NAN; t * os];
         let batch = t >= crate::dot::TILED_MIN_ROWS;
-        assert!(matmul(ty, cols, &packed, acts, t, batch, &mut out, os));
+        let acts = ActRows {
+            bytes: acts,
+            stride: act_stride(ty, cols).unwrap(),
+            n: t,
+        };
+        assert!(matmul(ty, cols, &packed, acts, batch, &mut out, os));
         let dot = dot_fn_for(ty, batch).unwrap();
         for j in 0..t {
             for r in 0..rows {
@@ -857,36 +860,16 @@ mod tests {
         assert!(repack(ty, 16, 32, &[0u8; 16 * 18 - 1]).is_none());
         assert!(repack(GgmlType::F16, 16, 32, &[0u8; 16 * 64]).is_none());
         let mut out = [0f32; 16];
-        assert!(!matmul(
-            ty,
-            32,
-            &[0u8; 287],
-            &[0u8; 68],
-            1,
-            false,
-            &mut out,
-            16
-        ));
-        assert!(!matmul(
-            ty,
-            32,
-            &[0u8; 288],
-            &[0u8; 67],
-            1,
-            false,
-            &mut out,
-            16
-        ));
-        assert!(!matmul(
-            ty,
-            32,
-            &[0u8; 288],
-            &[0u8; 68],
-            1,
-            false,
-            &mut out[..15],
-            16
-        ));
+        let acts = |bytes, stride| ActRows {
+            bytes,
+            stride,
+            n: 1,
+        };
+        let m = |w: &[u8], a, o: &mut [f32]| matmul(ty, 32, w, a, false, o, 16);
+        assert!(!m(&[0u8; 287], acts(&[0u8; 68], 68), &mut out));
+        assert!(!m(&[0u8; 288], acts(&[0u8; 67], 68), &mut out));
+        assert!(!m(&[0u8; 288], acts(&[0u8; 68], 68), &mut out[..15]));
+        assert!(!m(&[0u8; 288], acts(&[0u8; 136], 136), &mut out));
     }
 
     proptest! {
@@ -932,7 +915,11 @@ mod bench {
             crate::dot::quantize_act(af, &x, row);
         }
         let prep = prepare(ty, cols, &qa, t);
-        let acts = prep.as_deref().unwrap_or(&qa);
+        let acts = ActRows {
+            bytes: prep.as_deref().unwrap_or(&qa),
+            stride: act_stride(ty, cols).unwrap(),
+            n: t,
+        };
         let mut out = vec![0f32; t * rows];
         let reps = 20;
         // CPU time of this thread (the machine is shared): /proc/thread-self/schedstat
@@ -946,7 +933,7 @@ mod bench {
         };
         let t0 = cpu();
         for _ in 0..reps {
-            assert!(matmul(ty, cols, &packed, acts, t, true, &mut out, rows));
+            assert!(matmul(ty, cols, &packed, acts, true, &mut out, rows));
         }
         let s = cpu() - t0;
         let macs = (rows * cols * t * reps) as f64;

@@ -279,15 +279,15 @@ fn tiled_attention_matches_plain_softmax() {
             hd,
         };
         let mut got = vec![0f32; t * hd];
-        attn::attend_head(view, &q, hd, 0, t, pos0, 0.25, &mut got);
-        let mut plain = vec![0f32; t * hd];
-        let qs = flash::Queries {
+        let qs = attn::Queries {
             q: &q,
             stride: hd,
             off: 0,
             t,
             pos0,
         };
+        attn::attend_head(view, qs, 0.25, &mut got);
+        let mut plain = vec![0f32; t * hd];
         flash::attend_head_impl(view, qs, 0.25, &mut plain);
         assert_eq!(got, plain, "vectorized and plain builds differ");
         for (g, w) in got.iter().zip(&want) {
@@ -371,15 +371,15 @@ fn attention_equals_first_version() {
             hd,
         };
         let mut got = vec![0f32; t * hd];
-        attn::attend_head(view, &q, hd + 5, 3, t, pos0, 0.125, &mut got);
-        let mut plain = vec![0f32; t * hd];
-        let qs = flash::Queries {
+        let qs = attn::Queries {
             q: &q,
             stride: hd + 5,
             off: 3,
             t,
             pos0,
         };
+        attn::attend_head(view, qs, 0.125, &mut got);
+        let mut plain = vec![0f32; t * hd];
         flash::attend_head_impl(view, qs, 0.125, &mut plain);
         let mut old = vec![0f32; t * hd];
         attend_head_old(view, qs, 0.125, &mut old);
@@ -625,7 +625,12 @@ fn gemm_matches_scalar(k: usize, rows: usize, toks: usize, pad: usize, ldo_pad: 
     // the parallel version, with tiles of tokens that do and do not divide `toks`
     for tile in [1, 7, 128] {
         let mut par = vec![f32::NAN; ldo * toks];
-        gemm_f16_par(&wb, 2 * k, &ab, stride, toks, &mut par, ldo, tile);
+        let acts = ActRows {
+            bytes: &ab,
+            stride,
+            n: toks,
+        };
+        gemm_f16_par(&wb, 2 * k, acts, &mut par, ldo, tile);
         let same = par
             .iter()
             .zip(&slow)
@@ -664,9 +669,10 @@ fn gemm_f16_equals_scalar_on_model_shapes() {
     gemm_f16(&[0; 10], 4, &[0; 12], 8, 3, &mut o, 2);
     gemm_f16(&[], 0, &[], 0, 0, &mut [], 0);
     gemm_f16(&[0; 64], 64, &[0; 8], 128, 5, &mut o, 1);
-    gemm_f16_par(&[0; 10], 4, &[0; 12], 8, 3, &mut o, 2, 2);
-    gemm_f16_par(&[], 0, &[], 0, 0, &mut [], 0, 0);
-    gemm_f16_par(&[0; 64], 64, &[0; 8], 128, 5, &mut o, 1, 128);
+    let acts = |bytes, stride, n| ActRows { bytes, stride, n };
+    gemm_f16_par(&[0; 10], 4, acts(&[0; 12], 8, 3), &mut o, 2, 2);
+    gemm_f16_par(&[], 0, acts(&[], 0, 0), &mut [], 0, 0);
+    gemm_f16_par(&[0; 64], 64, acts(&[0; 8], 128, 5), &mut o, 1, 128);
 }
 
 proptest! {
@@ -734,7 +740,12 @@ fn f16_speed() {
     });
     let mut out2 = vec![0f32; rows * toks];
     let t_gemm = best(&mut || gemm_f16(&wb, 2 * k, &ab, 4 * k, toks, &mut out2, rows));
-    let t_par = best(&mut || gemm_f16_par(&wb, 2 * k, &ab, 4 * k, toks, &mut out2, rows, 128));
+    let acts = ActRows {
+        bytes: &ab,
+        stride: 4 * k,
+        n: toks,
+    };
+    let t_par = best(&mut || gemm_f16_par(&wb, 2 * k, acts, &mut out2, rows, 128));
     println!(
         "par ({} threads): {:.1} GFLOP/s",
         rayon::current_num_threads(),

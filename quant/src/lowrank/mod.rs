@@ -36,27 +36,24 @@ impl LowRankShape {
     }
 }
 
-/// The factors of one update and how it is summed, as the kernels and the reference column loops
-/// take them.
-#[derive(Clone, Copy)]
-struct Factors<'a> {
-    coef: &'a [f32],
-    basis: &'a [f32],
-    scale: f32,
-    fused: bool,
+/// The factors of one update `scale·(coef·basis)` and how it is summed: what every `add_lowrank*`
+/// function, kernel and reference column loop takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Factors<'a> {
+    /// `rows × r` coefficients, row-major.
+    pub coef: &'a [f32],
+    /// `r × cols` basis rows, row-major.
+    pub basis: &'a [f32],
+    /// Factor of the whole product.
+    pub scale: f32,
+    /// Whether each `c[k]·b[k]` is added by one fused multiply-add (else two roundings).
+    pub fused: bool,
 }
 
-/// `w += scale·(coef·basis)` with the kernels of [`Isa::current`]. Returns `false` (and leaves
-/// `w` untouched) when the slice lengths do not match `shape`.
-pub fn add_lowrank(
-    shape: LowRankShape,
-    w: &mut [f32],
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
-) -> bool {
-    add_lowrank_with(Isa::current(), shape, w, coef, basis, scale, fused)
+/// `w += scale·(coef·basis)` (the [`Factors`] `f`) with the kernels of [`Isa::current`]. Returns
+/// `false` (and leaves `w` untouched) when the slice lengths do not match `shape`.
+pub fn add_lowrank(shape: LowRankShape, w: &mut [f32], f: Factors<'_>) -> bool {
+    add_lowrank_with(Isa::current(), shape, w, f)
 }
 
 /// [`add_lowrank`] on a chosen instruction set (an unavailable one falls back to the reference).
@@ -64,20 +61,11 @@ pub fn add_lowrank_with(
     isa: Isa,
     shape: LowRankShape,
     w: &mut [f32],
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
+    factors: Factors<'_>,
 ) -> bool {
-    if !shape.fits(w, coef, basis) {
+    if !shape.fits(w, factors.coef, factors.basis) {
         return false;
     }
-    let factors = Factors {
-        coef,
-        basis,
-        scale,
-        fused,
-    };
     #[cfg(target_arch = "x86_64")]
     {
         if isa != Isa::Scalar && isa.is_available() {
@@ -190,45 +178,31 @@ fn f16_fits(
     shape.fits_len(dst.len(), 2, coef, basis) && src.is_none_or(|s| s.len() == dst.len())
 }
 
-/// f16 rows (little-endian bytes): `dst = f16(f32(src) + scale·(coef·basis))`, rounded to
-/// nearest even, with `src` = `dst` (in place) when `None`, on the kernels of [`Isa::current`].
-/// Returns `false` (and leaves `dst` untouched) when the lengths do not match `shape`.
+/// f16 rows (little-endian bytes): `dst = f16(f32(src) + scale·(coef·basis))` (the [`Factors`]
+/// `f`), rounded to nearest even, with `src` = `dst` (in place) when `None`, on the kernels of
+/// [`Isa::current`]. Returns `false` (and leaves `dst` untouched) when the lengths do not match
+/// `shape`.
 pub fn add_lowrank_f16(
     shape: LowRankShape,
     src: Option<&[u8]>,
     dst: &mut [u8],
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
+    f: Factors<'_>,
 ) -> bool {
-    add_lowrank_f16_with(Isa::current(), shape, src, dst, coef, basis, scale, fused)
+    add_lowrank_f16_with(Isa::current(), shape, src, dst, f)
 }
 
 /// [`add_lowrank_f16`] on a chosen instruction set (an unavailable one falls back to the
 /// reference).
-// Public signature, kept parallel to `add_lowrank_with`/`add_lowrank_f16`/`add_lowrank_f16_ref`;
-// the factors travel on as `Factors`.
-#[allow(clippy::too_many_arguments)]
 pub fn add_lowrank_f16_with(
     isa: Isa,
     shape: LowRankShape,
     src: Option<&[u8]>,
     dst: &mut [u8],
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
+    factors: Factors<'_>,
 ) -> bool {
-    if !f16_fits(shape, src, dst, coef, basis) {
+    if !f16_fits(shape, src, dst, factors.coef, factors.basis) {
         return false;
     }
-    let factors = Factors {
-        coef,
-        basis,
-        scale,
-        fused,
-    };
     #[cfg(target_arch = "x86_64")]
     {
         if isa != Isa::Scalar && isa.is_available() {
@@ -253,42 +227,20 @@ pub fn add_lowrank_f16_ref(
     shape: LowRankShape,
     src: Option<&[u8]>,
     dst: &mut [u8],
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
+    factors: Factors<'_>,
 ) -> bool {
-    if !f16_fits(shape, src, dst, coef, basis) {
+    if !f16_fits(shape, src, dst, factors.coef, factors.basis) {
         return false;
     }
-    let factors = Factors {
-        coef,
-        basis,
-        scale,
-        fused,
-    };
     add_lowrank_f16_ref_cols(shape, src, dst, factors, 0);
     true
 }
 
 /// The scalar reference over the whole matrix. Returns `false` when the lengths do not match.
-pub fn add_lowrank_ref(
-    shape: LowRankShape,
-    w: &mut [f32],
-    coef: &[f32],
-    basis: &[f32],
-    scale: f32,
-    fused: bool,
-) -> bool {
-    if !shape.fits(w, coef, basis) {
+pub fn add_lowrank_ref(shape: LowRankShape, w: &mut [f32], factors: Factors<'_>) -> bool {
+    if !shape.fits(w, factors.coef, factors.basis) {
         return false;
     }
-    let factors = Factors {
-        coef,
-        basis,
-        scale,
-        fused,
-    };
     add_lowrank_ref_cols(shape, w, factors, 0);
     true
 }
@@ -316,12 +268,16 @@ mod tests {
             .collect();
         let coef: Vec<f32> = (0..shape.rows * shape.r).map(|_| next()).collect();
         let basis: Vec<f32> = (0..shape.r * shape.cols).map(|_| next()).collect();
+        let f = Factors {
+            coef: &coef,
+            basis: &basis,
+            scale: 2.0,
+            fused,
+        };
         let mut want = w.clone();
-        assert!(add_lowrank_ref(shape, &mut want, &coef, &basis, 2.0, fused));
+        assert!(add_lowrank_ref(shape, &mut want, f));
         let mut got = w;
-        assert!(add_lowrank_with(
-            isa, shape, &mut got, &coef, &basis, 2.0, fused
-        ));
+        assert!(add_lowrank_with(isa, shape, &mut got, f));
         let wb: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
         let gb: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
         assert_eq!(wb, gb, "{isa:?} {shape:?} fused={fused}");
@@ -336,49 +292,29 @@ mod tests {
             .collect();
         let coef: Vec<f32> = (0..shape.rows * shape.r).map(|_| next()).collect();
         let basis: Vec<f32> = (0..shape.r * shape.cols).map(|_| next()).collect();
+        let f = Factors {
+            coef: &coef,
+            basis: &basis,
+            scale: 2.0,
+            fused,
+        };
         let mut wide: Vec<f32> = src
             .chunks_exact(2)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect();
-        assert!(add_lowrank_ref(shape, &mut wide, &coef, &basis, 2.0, fused));
+        assert!(add_lowrank_ref(shape, &mut wide, f));
         let want: Vec<u8> = wide
             .iter()
             .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
             .collect();
         let mut by_ref = vec![0u8; src.len()];
-        assert!(add_lowrank_f16_ref(
-            shape,
-            Some(&src),
-            &mut by_ref,
-            &coef,
-            &basis,
-            2.0,
-            fused
-        ));
+        assert!(add_lowrank_f16_ref(shape, Some(&src), &mut by_ref, f));
         assert_eq!(by_ref, want, "f16 reference {shape:?} fused={fused}");
         let mut got = vec![0u8; src.len()];
-        assert!(add_lowrank_f16_with(
-            isa,
-            shape,
-            Some(&src),
-            &mut got,
-            &coef,
-            &basis,
-            2.0,
-            fused
-        ));
+        assert!(add_lowrank_f16_with(isa, shape, Some(&src), &mut got, f));
         assert_eq!(got, want, "{isa:?} f16 {shape:?} fused={fused}");
         let mut inplace = src.clone();
-        assert!(add_lowrank_f16_with(
-            isa,
-            shape,
-            None,
-            &mut inplace,
-            &coef,
-            &basis,
-            2.0,
-            fused
-        ));
+        assert!(add_lowrank_f16_with(isa, shape, None, &mut inplace, f));
         assert_eq!(
             inplace, want,
             "{isa:?} f16 in place {shape:?} fused={fused}"
@@ -455,6 +391,12 @@ mod tests {
             let mut w = vec![0.5f32; rows * cols];
             let coef = vec![0.25f32; rows * r];
             let basis = vec![0.125f32; r * cols];
+            let f = Factors {
+                coef: &coef,
+                basis: &basis,
+                scale: 1e-9,
+                fused: true,
+            };
             // this thread's CPU seconds (the machine may be shared), from /proc where present
             let cpu = || -> Option<f64> {
                 let st = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
@@ -466,7 +408,7 @@ mod tests {
             let reps = 400;
             let (t, c) = (std::time::Instant::now(), cpu());
             for _ in 0..reps {
-                assert!(add_lowrank(shape, &mut w, &coef, &basis, 1e-9, true));
+                assert!(add_lowrank(shape, &mut w, f));
             }
             let s = match (c, cpu()) {
                 (Some(a), Some(b)) if b > a => b - a,
@@ -490,31 +432,14 @@ mod tests {
         };
         let mut w = vec![0.0; 5];
         let mut h = vec![0u8; 12];
-        assert!(!add_lowrank_f16(
-            shape,
-            Some(&[0u8; 10]),
-            &mut h,
-            &[1.0, 1.0],
-            &[1.0; 3],
-            1.0,
-            false
-        ));
-        assert!(!add_lowrank_f16(
-            shape,
-            None,
-            &mut h[..10],
-            &[1.0, 1.0],
-            &[1.0; 3],
-            1.0,
-            false
-        ));
-        assert!(!add_lowrank(
-            shape,
-            &mut w,
-            &[1.0, 1.0],
-            &[1.0; 3],
-            1.0,
-            false
-        ));
+        let f = Factors {
+            coef: &[1.0, 1.0],
+            basis: &[1.0; 3],
+            scale: 1.0,
+            fused: false,
+        };
+        assert!(!add_lowrank_f16(shape, Some(&[0u8; 10]), &mut h, f));
+        assert!(!add_lowrank_f16(shape, None, &mut h[..10], f));
+        assert!(!add_lowrank(shape, &mut w, f));
     }
 }
