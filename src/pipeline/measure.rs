@@ -3,13 +3,14 @@
 //! `kiln perplexity` computes it, written as one small JSON result per model and text.
 
 use crate::eval::bench::{bench, BenchParams};
+use crate::eval::job::Opened;
 use crate::eval::kld::{kld_stats, row_len, scored_per_chunk, BaseLogits};
 use crate::eval::perplexity::{n_chunks, perplexity, perplexity_save_base, PplParams};
 use crate::model::device::{self, Device, Evaluator};
 use crate::model::Backend;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
-use kiln_formats::gguf::{serialize_header, GgufFile, GgufHeader};
+use kiln_formats::gguf::{serialize_header, GgufHeader};
 use kiln_formats::hf::LlamaConfig;
 use kiln_formats::sentencepiece::SpModel;
 use serde::{Deserialize, Serialize};
@@ -86,20 +87,14 @@ pub struct Loaded {
     pub tok: Tokenizer,
 }
 
-/// Loads a GGUF for evaluation on `device`.
+/// Loads a GGUF for evaluation on `device` (its vocabulary is required).
 pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
-    let file =
-        Arc::new(GgufFile::open(path).with_context(|| format!("opening {}", path.display()))?);
-    if file.get("tokenizer.ggml.tokens").is_none() {
-        bail!(
-            "{} has no vocabulary (tokenizer.ggml.tokens is missing)",
-            path.display()
-        );
-    }
-    let tok = Tokenizer::from_gguf(&file)
-        .with_context(|| format!("reading the vocabulary of {}", path.display()))?;
-    let model = device::load(Arc::clone(&file), device)
+    let opened = Opened::open(path, true)?;
+    let model = device::load(Arc::clone(&opened.file), device)
         .with_context(|| format!("loading {}", path.display()))?;
+    let tok = opened
+        .tok
+        .with_context(|| format!("{} has no vocabulary", path.display()))?;
     Ok(Loaded { model, tok })
 }
 
