@@ -40,6 +40,7 @@ pub mod progress;
 pub mod quant_plan;
 pub mod quantize;
 pub mod shape;
+pub mod split;
 pub mod sums;
 pub mod tokenizer;
 pub mod transcode;

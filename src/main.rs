@@ -23,6 +23,8 @@ enum Command {
     Merge(cmd::merge::Args),
     /// Quantize a GGUF file to any llama.cpp level (Q4_0 ... Q6_K and the _S/_M/_L mixes).
     Quantize(cmd::quantize::Args),
+    /// Split a GGUF into llama-gguf-split's file set, or merge a set back (--merge).
+    Split(cmd::split::Args),
     /// Perplexity of a GGUF model on a text, computed as llama-perplexity does.
     Perplexity(cmd::perplexity::Args),
     /// Tokenize text with a GGUF model's vocabulary, as llama.cpp's llama-tokenize does.
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Split(a) => cmd::split::run(a),
         Command::Merge(a) => cmd::merge::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),

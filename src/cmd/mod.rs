@@ -11,6 +11,7 @@ pub mod perplexity;
 pub mod pipeline;
 pub mod progress;
 pub mod quantize;
+pub mod split;
 pub mod tokenize;
 pub mod verify;
 

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use kiln_quant::GgmlType;
 
 mod reader;
+pub mod split;
 mod value;
 mod writer;
 
