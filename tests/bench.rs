@@ -99,8 +99,14 @@ fn device_cuda_is_a_clear_error_and_cpu_is_accepted() {
         let o = run_kiln(&args("cuda:1"));
         assert_exit(&o, 2);
         let e = String::from_utf8_lossy(&o.stderr);
+        // no driver on this machine or in CI; where there is one, the evaluator is not complete
+        let why = if kiln::model::cuda::driver_present() {
+            "not complete yet"
+        } else {
+            "no NVIDIA driver found"
+        };
         assert!(
-            e.contains("no CUDA backend") && e.contains("--device cpu"),
+            (e.contains(why) || e.contains("no CUDA device 1")) && e.contains("--device cpu"),
             "{cmd}: {e}"
         );
         // --device cpu gets past the device check to the missing model

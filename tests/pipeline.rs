@@ -543,7 +543,14 @@ fn hostile_outputs_and_texts_are_clear_errors() {
     // device and levels
     let o = run_pipeline(&f.inputs, &out, &["--device", "cuda"]);
     assert_exit(&o, 2);
-    assert!(stderr(&o).contains("no CUDA backend"));
+    let e = stderr(&o);
+    assert!(
+        e.contains("--device cuda:0") && e.contains("--device cpu"),
+        "{e}"
+    );
+    if !kiln::model::cuda::driver_present() {
+        assert!(e.contains("no NVIDIA driver found"), "{e}");
+    }
     let o = run_pipeline(&f.inputs, &out, &["--quants", "q4_0,q9_9"]);
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("q9_9"));

@@ -7,6 +7,7 @@
 //! SwiGLU feed-forward and residual, and finally RMSNorm and the output head.
 
 pub mod cpu;
+pub mod cuda;
 pub mod device;
 
 use std::sync::Arc;
