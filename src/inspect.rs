@@ -65,14 +65,21 @@ fn describe_gguf(p: &Path, full: bool) -> Result<Value> {
         .tensors
         .iter()
         .map(|t| {
-            json!({"name": t.name, "dtype": t.ty.name(), "shape": t.shape, "bytes": t.n_bytes(),
-                   "offset": f.data_offset + t.offset})
+            let offset = f.tensor_location(t).map(|(_, o)| o);
+            let mut v = json!({"name": t.name, "dtype": t.ty.name(), "shape": t.shape,
+                               "bytes": t.n_bytes(), "offset": offset});
+            if f.paths().len() > 1 {
+                v["split_file"] = json!(t.part + 1);
+            }
+            v
         })
         .collect();
-    Ok(
-        json!({"kind": "gguf", "path": p, "version": f.version, "alignment": f.alignment,
-              "data_offset": f.data_offset, "file_size": f.file_size(), "metadata": meta, "tensors": tensors}),
-    )
+    let mut v = json!({"kind": "gguf", "path": p, "version": f.version, "alignment": f.alignment,
+          "data_offset": f.data_offset, "file_size": f.file_size(), "metadata": meta, "tensors": tensors});
+    if f.paths().len() > 1 {
+        v["split_files"] = json!(f.paths());
+    }
+    Ok(v)
 }
 
 fn describe_spm(p: &Path) -> Result<Value> {

@@ -427,8 +427,17 @@ impl QuantizeJob {
             jobs.push(Some(Job::new(code, src, rows_per_mat, tw)?));
         }
 
-        let in_file = std::fs::File::open(&self.input_path)
-            .with_context(|| format!("reading {}", self.input_path.display()))?;
+        // one handle per input file (a split set has several) for the file-to-file copies
+        let in_files = self
+            .input
+            .paths()
+            .into_iter()
+            .map(|p| {
+                std::fs::File::open(p)
+                    .map(|f| (p.to_path_buf(), f))
+                    .with_context(|| format!("reading {}", p.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let pb = progress.bar(total_in, Unit::Bytes);
         // An encoder thread quantizes chunk after chunk (rows in parallel on the rayon pool) while this
         // thread writes the previous chunk, so the file write overlaps the arithmetic. Three buffers
@@ -463,13 +472,14 @@ impl QuantizeJob {
                 pb.set_message(&format!("{} {} -> {}", t.name, t.ty, ty));
                 let Some(job) = job else {
                     // A tensor that keeps its type is copied file to file by the kernel.
-                    w.write_tensor_from_file(
-                        &t.name,
-                        &in_file,
-                        input.data_offset + t.offset,
-                        t.n_bytes(),
-                    )
-                    .with_context(|| format!("writing {}", out_path.display()))?;
+                    let (src, offset) = input
+                        .tensor_location(t)
+                        .and_then(|(p, off)| {
+                            in_files.iter().find(|(q, _)| q == p).map(|(_, f)| (f, off))
+                        })
+                        .with_context(|| format!("tensor {} lies outside its file", t.name))?;
+                    w.write_tensor_from_file(&t.name, src, offset, t.n_bytes())
+                        .with_context(|| format!("writing {}", out_path.display()))?;
                     input.release(t);
                     pb.inc(t.n_bytes());
                     continue;

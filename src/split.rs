@@ -189,84 +189,41 @@ pub struct JoinDone {
     pub n_tensors: usize,
 }
 
-/// The `split.count` of a set's first file.
-fn set_count(f: &GgufFile) -> Result<usize> {
-    let path = f.path();
-    let v = f.get(SPLIT_COUNT).with_context(|| {
-        format!(
-            "{}: no {SPLIT_COUNT} key; this is not the first file of a GGUF split set",
-            path.display()
-        )
-    })?;
-    match v.as_u64() {
-        Some(n) if n >= 1 => Ok(n as usize),
-        _ => bail!("{}: {SPLIT_COUNT} is not a positive number", path.display()),
-    }
-}
-
 /// Joins a split set into one file as llama-gguf-split --merge does: the first file's metadata
 /// (with `split.count` set to 0, so the result is not taken for a set) and every file's tensors
-/// in order. Checks what llama.cpp's loader checks: the file names, `split.no` of each file and
-/// the total tensor count.
+/// in order. The set is opened as every kiln reader opens one (file names, `split.no` of each
+/// file and the total tensor count checked).
 pub fn join(o: &JoinOptions, progress: &dyn Progress) -> Result<JoinDone> {
-    let first = open(&o.first)?;
-    let n = set_count(&first)?;
-    let prefix = split::split_prefix(&o.first, 0, n).with_context(|| {
-        format!(
-            "{}: a set of {n} files starts with a file named PREFIX-00001-of-{n:05}.gguf",
+    let set = open(&o.first)?;
+    if set.get(SPLIT_COUNT).is_none() {
+        bail!(
+            "{}: no {SPLIT_COUNT} key; this is not the first file of a GGUF split set",
             o.first.display()
-        )
-    })?;
-    let mut parts = vec![first];
-    for i in 1..n {
-        parts.push(open(&split::split_path(&prefix, i, n))?);
+        );
     }
-    for (i, p) in parts.iter().enumerate() {
-        let no = p.get(SPLIT_NO).and_then(|v| v.as_u64());
-        if no != Some(i as u64) {
-            bail!(
-                "{}: {SPLIT_NO} is {no:?}, expected {i} (files of different sets mixed?)",
-                p.path().display()
-            );
-        }
-    }
-    let n_tensors: usize = parts.iter().map(|p| p.header.tensors.len()).sum();
-    if let Some(want) = parts[0].get(SPLIT_TENSORS_COUNT).and_then(|v| v.as_u64()) {
-        if want != n_tensors as u64 {
-            bail!(
-                "{}: {SPLIT_TENSORS_COUNT} is {want} but the {n} files hold {n_tensors} tensors",
-                o.first.display()
-            );
-        }
-    }
-    let files: Vec<PathBuf> = parts.iter().map(|p| p.path().to_path_buf()).collect();
+    let files: Vec<PathBuf> = set.paths().iter().map(|p| p.to_path_buf()).collect();
+    let n_tensors = set.tensors.len();
     if o.dry_run {
         return Ok(JoinDone { files, n_tensors });
     }
     refuse_existing(std::slice::from_ref(&o.out), o.force)?;
-    let mut meta = parts[0].header.metadata.clone();
+    let mut meta = set.header.metadata.clone();
     set_kv(&mut meta, SPLIT_COUNT, GgufValue::U16(0));
-    let infos: Vec<TensorSpec> = parts
+    let infos: Vec<TensorSpec> = set
+        .tensors
         .iter()
-        .flat_map(|p| p.header.tensors.iter())
         .map(|t| (t.name.clone(), ggml_dims(&t.shape), t.ty))
         .collect();
-    let total: u64 = parts
-        .iter()
-        .flat_map(|p| p.header.tensors.iter())
-        .map(|t| pad(t.n_bytes()))
-        .sum();
+    let total: u64 = set.tensors.iter().map(|t| pad(t.n_bytes())).sum();
     let bar = progress.bar(total, Unit::Bytes);
     let mut w = GgufWriter::create(&o.out, &meta, &infos)
         .with_context(|| format!("creating {}", o.out.display()))?;
-    for p in &parts {
-        for t in &p.header.tensors {
-            bar.set_message(&t.name);
-            w.write_tensor(&t.name, p.tensor_data(t))
-                .with_context(|| format!("writing {}", o.out.display()))?;
-            p.release(t);
-            bar.inc(pad(t.n_bytes()));
-        }
+    for t in &set.tensors {
+        bar.set_message(&t.name);
+        w.write_tensor(&t.name, set.tensor_data(t))
+            .with_context(|| format!("writing {}", o.out.display()))?;
+        set.release(t);
+        bar.inc(pad(t.n_bytes()));
     }
     w.finish()
         .with_context(|| format!("finishing {}", o.out.display()))?;

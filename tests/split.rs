@@ -152,3 +152,82 @@ fn bad_sets_are_clear_errors() {
     ]);
     assert_exit(&o, 2);
 }
+
+/// Every kiln reader takes a split set through its first file, as llama.cpp's loader does:
+/// quantizing it gives the same bytes as quantizing the single file (and as llama-quantize on the
+/// set), its perplexity is the single file's, and a later member alone is refused.
+#[test]
+fn readers_take_a_set_through_its_first_file() {
+    let Some(fx) = fixtures() else { return };
+    let Some(text) = zh_text() else { return };
+    let Some(bin) = llamacpp_tools(&[]) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let f16 = gqa_f16(&fx, d);
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let prefix = d.join("set");
+    let o = run_kiln(&[
+        "split",
+        "--split-max-tensors",
+        "8",
+        &p(&f16),
+        &p(&prefix),
+        "-q",
+    ]);
+    assert_exit(&o, 0);
+    let set = files_with_prefix(d, "set-");
+    assert_eq!(set.len(), 3);
+    let first = d.join(&set[0]);
+    // quantize: the set and the single file give the same bytes, and llama-quantize agrees
+    let (qa, qb, ql) = (d.join("qa.gguf"), d.join("qb.gguf"), d.join("ql.gguf"));
+    for (inp, out) in [(&first, &qa), (&f16, &qb)] {
+        let o = run_kiln(&["quantize", &p(inp), &p(out), "Q4_K_M", "-q"]);
+        assert_exit(&o, 0);
+    }
+    assert_eq!(sha256_file(&qa), sha256_file(&qb));
+    let o = Command::new(bin.join("llama-quantize"))
+        .args([p(&first), p(&ql), "Q4_K_M".into(), "2".into()])
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(
+        sha256_file(&qa),
+        sha256_file(&ql),
+        "llama-quantize of the set differs"
+    );
+    // perplexity: identical to the single file's
+    let ppl = |m: &Path| {
+        let o = run_kiln(&[
+            "perplexity",
+            "-m",
+            &p(m),
+            "-f",
+            &p(&text),
+            "-c",
+            "128",
+            "--chunks",
+            "2",
+            "--json",
+            "-q",
+        ]);
+        assert_exit(&o, 0);
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        j["ppl"].as_f64().unwrap()
+    };
+    assert_eq!(ppl(&first).to_bits(), ppl(&f16).to_bits());
+    // inspect sees every tensor of the set
+    let o = run_kiln(&["inspect", &p(&first), "--json"]);
+    assert_exit(&o, 0);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["tensors"].as_array().map(Vec::len), Some(21), "{j}");
+    // a later member alone is refused, naming what to open
+    let o = run_kiln(&["inspect", &p(&d.join(&set[1]))]);
+    assert_exit(&o, 2);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("first file"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

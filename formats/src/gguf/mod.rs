@@ -172,6 +172,9 @@ pub enum GgufError {
     },
     #[error("an earlier write failed; the output is incomplete")]
     Poisoned,
+    /// A split set whose files do not fit together.
+    #[error("GGUF split set: {reason}")]
+    SplitSet { reason: String },
 }
 
 impl GgufError {
@@ -443,7 +446,7 @@ mod tests {
             let mut infos = Vec::new();
             let mut off = 0u64;
             for (name, shape, ty) in &ts {
-                let info = TensorInfo { name: name.clone(), shape: shape.clone(), ty: *ty, offset: off };
+                let info = TensorInfo { name: name.clone(), shape: shape.clone(), ty: *ty, offset: off, part: 0 };
                 off += pad_to(info.n_bytes(), alignment).unwrap();
                 infos.push(info);
             }

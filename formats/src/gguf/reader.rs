@@ -26,8 +26,10 @@ pub struct TensorInfo {
     /// ggml `ne`, innermost (contiguous) dimension first, exactly as stored (1 to 4 entries).
     pub shape: Vec<u64>,
     pub ty: GgmlType,
-    /// Byte offset relative to the start of the data section.
+    /// Byte offset relative to the start of the data section of its file.
     pub offset: u64,
+    /// Which file of a split set holds the data (0 in a single file).
+    pub part: u16,
 }
 
 impl TensorInfo {
@@ -433,6 +435,7 @@ impl GgufHeader {
                 shape,
                 ty,
                 offset,
+                part: 0,
             });
         }
 
@@ -501,61 +504,176 @@ impl GgufHeader {
 
 /// A memory-mapped, validated GGUF file.
 pub struct GgufFile {
+    /// The header of the file (of a split set: the first file's metadata and every file's
+    /// tensors, each tagged with its [`TensorInfo::part`]).
     pub header: GgufHeader,
+    parts: Vec<Part>,
+}
+
+/// One mapped file of a [`GgufFile`].
+struct Part {
     map: MappedFile,
+    data_offset: u64,
     path: PathBuf,
 }
 
+fn map_part(path: &Path) -> Result<(MappedFile, GgufHeader), GgufError> {
+    let map = MappedFile::open(path).map_err(|source| GgufError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let header = GgufHeader::parse(map.bytes()).map_err(|e| e.in_file(path))?;
+    Ok((map, header))
+}
+
+fn split_err(path: &Path, reason: String) -> GgufError {
+    GgufError::SplitSet { reason }.in_file(path)
+}
+
 impl GgufFile {
-    /// Maps and validates `path`; errors name the file.
+    /// Maps and validates `path`; errors name the file. The first file of a split set
+    /// (`split.count` > 1, as llama-gguf-split writes them) opens the whole set, as llama.cpp's
+    /// loader does: the other files by name, each checked (`split.no`, alignment, no tensor twice,
+    /// `split.tensors.count`).
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let map = MappedFile::open(path).map_err(|source| GgufError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let header = GgufHeader::parse(map.bytes()).map_err(|e| e.in_file(path))?;
-        Ok(GgufFile {
-            header,
+        use super::split::{split_path, split_prefix, SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT};
+        let (map, mut header) = map_part(path)?;
+        let count = header
+            .get(SPLIT_COUNT)
+            .and_then(GgufValue::as_u64)
+            .unwrap_or(0);
+        let no = header
+            .get(SPLIT_NO)
+            .and_then(GgufValue::as_u64)
+            .unwrap_or(0);
+        let mut parts = vec![Part {
+            data_offset: header.data_offset,
             map,
             path: path.to_path_buf(),
-        })
+        }];
+        if count <= 1 {
+            return Ok(GgufFile { header, parts });
+        }
+        let n = usize::try_from(count).unwrap_or(usize::MAX);
+        if n > super::split::MAX_SPLITS {
+            return Err(split_err(
+                path,
+                format!("{SPLIT_COUNT} = {count} is too large"),
+            ));
+        }
+        if no != 0 {
+            return Err(split_err(
+                path,
+                format!("this is file {} of {n}; open the set's first file", no + 1),
+            ));
+        }
+        let prefix = split_prefix(path, 0, n).ok_or_else(|| {
+            split_err(
+                path,
+                format!("the first of {n} files must be named PREFIX-00001-of-{n:05}.gguf"),
+            )
+        })?;
+        let mut names: HashSet<String> = header.tensors.iter().map(|t| t.name.clone()).collect();
+        for i in 1..n {
+            let p = split_path(&prefix, i, n);
+            let (map, h) = map_part(&p)?;
+            let got = h.get(SPLIT_NO).and_then(GgufValue::as_u64);
+            if got != Some(i as u64) {
+                return Err(split_err(
+                    &p,
+                    format!("{SPLIT_NO} is {got:?}, expected {i} (files of different sets?)"),
+                ));
+            }
+            if h.alignment != header.alignment {
+                return Err(split_err(
+                    &p,
+                    format!(
+                        "alignment {} differs from the first file's {}",
+                        h.alignment, header.alignment
+                    ),
+                ));
+            }
+            for mut t in h.tensors {
+                if !names.insert(t.name.clone()) {
+                    return Err(split_err(
+                        &p,
+                        format!("tensor '{}' is in two files", t.name),
+                    ));
+                }
+                t.part = i as u16;
+                header.tensors.push(t);
+            }
+            parts.push(Part {
+                data_offset: h.data_offset,
+                map,
+                path: p,
+            });
+        }
+        if let Some(want) = header.get(SPLIT_TENSORS_COUNT).and_then(GgufValue::as_u64) {
+            if want != header.tensors.len() as u64 {
+                return Err(split_err(
+                    path,
+                    format!(
+                        "{SPLIT_TENSORS_COUNT} is {want} but the {n} files hold {} tensors",
+                        header.tensors.len()
+                    ),
+                ));
+            }
+        }
+        Ok(GgufFile { header, parts })
     }
 
-    /// The file's path.
+    /// The file's path (of a split set: its first file).
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.parts[0].path
     }
 
-    /// The file's size in bytes.
+    /// The files read: one, or every file of a split set in order.
+    pub fn paths(&self) -> Vec<&Path> {
+        self.parts.iter().map(|p| p.path.as_path()).collect()
+    }
+
+    /// The size in bytes (of a split set: all its files).
     pub fn file_size(&self) -> u64 {
-        self.map.bytes().len() as u64
+        self.parts.iter().map(|p| p.map.bytes().len() as u64).sum()
     }
 
-    fn span(&self, t: &TensorInfo) -> Option<(usize, usize)> {
-        let start = self.header.data_offset.checked_add(t.offset)?;
+    fn span(&self, t: &TensorInfo) -> Option<(&Part, usize, usize)> {
+        let part = self.parts.get(usize::from(t.part))?;
+        let start = part.data_offset.checked_add(t.offset)?;
         let end = start.checked_add(t.n_bytes())?;
-        Some((usize::try_from(start).ok()?, usize::try_from(end).ok()?))
+        Some((
+            part,
+            usize::try_from(start).ok()?,
+            usize::try_from(end).ok()?,
+        ))
+    }
+
+    /// Where tensor `t`'s data lies: the file holding it and the absolute offset there.
+    pub fn tensor_location(&self, t: &TensorInfo) -> Option<(&Path, u64)> {
+        let (part, s, _) = self.span(t)?;
+        Some((&part.path, s as u64))
     }
 
     /// The bytes of tensor `t` (one of this file's infos). A `TensorInfo` that does not fit this
     /// file (e.g. from another file) yields an empty slice.
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         self.span(t)
-            .and_then(|(s, e)| self.map.bytes().get(s..e))
+            .and_then(|(p, s, e)| p.map.bytes().get(s..e))
             .unwrap_or(&[])
     }
 
     /// Drops the resident pages of tensor `t`'s data (after it has been consumed).
     pub fn release(&self, t: &TensorInfo) {
-        if let Some((s, e)) = self.span(t) {
-            self.map.release(s, e - s);
+        if let Some((p, s, e)) = self.span(t) {
+            p.map.release(s, e - s);
         }
     }
 
     /// Drops the resident pages of bytes `from..to` of tensor `t`'s data (a part already consumed
     /// by a pass that goes through a large tensor in chunks). Out-of-range spans are clipped.
     pub fn release_part(&self, t: &TensorInfo, from: u64, to: u64) {
-        if let Some((s, e)) = self.span(t) {
+        if let Some((p, s, e)) = self.span(t) {
             let a = s
                 .saturating_add(usize::try_from(from).unwrap_or(usize::MAX))
                 .min(e);
@@ -563,7 +681,7 @@ impl GgufFile {
                 .saturating_add(usize::try_from(to).unwrap_or(usize::MAX))
                 .min(e);
             if a < b {
-                self.map.release(a, b - a);
+                p.map.release(a, b - a);
             }
         }
     }
@@ -579,7 +697,7 @@ impl std::ops::Deref for GgufFile {
 impl fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GgufFile")
-            .field("path", &self.path)
+            .field("paths", &self.paths())
             .field("file_size", &self.file_size())
             .field("version", &self.header.version)
             .field("n_kv", &self.header.metadata.len())

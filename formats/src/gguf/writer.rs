@@ -127,6 +127,7 @@ fn build(
             shape: shape.clone(),
             ty: *ty,
             offset,
+            part: 0,
         });
         offset = pad_to(n_bytes, alignment)
             .and_then(|p| offset.checked_add(p))
