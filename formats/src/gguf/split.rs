@@ -154,4 +154,65 @@ mod tests {
             vec![Vec::<usize>::new()]
         );
     }
+
+    /// Writes a member of a set: `keys` as split.* values, one F32 tensor per name.
+    fn member(dir: &Path, name: &str, keys: &[(&str, crate::gguf::GgufValue)], tensors: &[&str]) {
+        use crate::gguf::GgufWriter;
+        let meta: Vec<(String, crate::gguf::GgufValue)> = keys
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let infos: Vec<crate::gguf::TensorSpec> = tensors
+            .iter()
+            .map(|t| (t.to_string(), vec![4], kiln_quant::GgmlType::F32))
+            .collect();
+        let mut w = GgufWriter::create(&dir.join(name), &meta, &infos).unwrap();
+        for t in tensors {
+            w.write_tensor(t, &[0u8; 16]).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn sets_open_through_their_first_file_and_bad_sets_are_refused() {
+        use crate::gguf::{GgufFile, GgufValue::*};
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let keys = |no: u16, n: u16, t: i32| {
+            vec![
+                (SPLIT_NO, U16(no)),
+                (SPLIT_TENSORS_COUNT, I32(t)),
+                (SPLIT_COUNT, U16(n)),
+            ]
+        };
+        member(d, "a-00001-of-00002.gguf", &keys(0, 2, 3), &["x", "y"]);
+        member(d, "a-00002-of-00002.gguf", &keys(1, 2, 3), &["z"]);
+        let f = GgufFile::open(&d.join("a-00001-of-00002.gguf")).unwrap();
+        assert_eq!(f.paths().len(), 2);
+        let parts: Vec<u16> = f.tensors.iter().map(|t| t.part).collect();
+        assert_eq!(parts, vec![0, 0, 1]);
+        assert_eq!(f.tensor_data(&f.tensors[2]).len(), 16);
+        let err = |p: &str| GgufFile::open(&d.join(p)).unwrap_err().to_string();
+        // a later member alone
+        assert!(err("a-00002-of-00002.gguf").contains("first file"));
+        // a missing member, named
+        member(d, "b-00001-of-00003.gguf", &keys(0, 3, 3), &["x"]);
+        member(d, "b-00002-of-00003.gguf", &keys(1, 3, 3), &["y"]);
+        assert!(err("b-00001-of-00003.gguf").contains("b-00003-of-00003.gguf"));
+        // a member of another set (wrong split.no)
+        member(d, "c-00001-of-00002.gguf", &keys(0, 2, 2), &["x"]);
+        member(d, "c-00002-of-00002.gguf", &keys(0, 2, 2), &["y"]);
+        assert!(err("c-00001-of-00002.gguf").contains("split.no"));
+        // the same tensor twice
+        member(d, "e-00001-of-00002.gguf", &keys(0, 2, 2), &["x"]);
+        member(d, "e-00002-of-00002.gguf", &keys(1, 2, 2), &["x"]);
+        assert!(err("e-00001-of-00002.gguf").contains("two files"));
+        // a wrong tensor count
+        member(d, "g-00001-of-00002.gguf", &keys(0, 2, 5), &["x"]);
+        member(d, "g-00002-of-00002.gguf", &keys(1, 2, 5), &["y"]);
+        assert!(err("g-00001-of-00002.gguf").contains("split.tensors.count"));
+        // a first file whose name does not say it is one
+        member(d, "plain.gguf", &keys(0, 2, 2), &["x"]);
+        assert!(err("plain.gguf").contains("PREFIX-00001-of-00002.gguf"));
+    }
 }
