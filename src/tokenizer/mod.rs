@@ -11,6 +11,16 @@ use kiln_formats::gguf::{GgufHeader, GgufValue};
 
 pub use pre::supported_names as supported_pre_names;
 
+/// The words the pre-tokenizer of `tokenizer.ggml.pre` = `pre_name` cuts `text` into (before
+/// byte encoding), as llama.cpp's `unicode_regex_split`; an unknown name is an error.
+pub fn pre_split(pre_name: &str, text: &str) -> Result<Vec<String>> {
+    let p = pre::lookup(Some(pre_name))?;
+    Ok(pre::split(p.set, text)
+        .into_iter()
+        .map(|(a, b)| text[a..b].to_string())
+        .collect())
+}
+
 /// A GGUF vocabulary's tokenizer.
 #[derive(Clone, Debug)]
 pub struct Tokenizer(Inner);
@@ -73,6 +83,42 @@ impl Tokenizer {
             Some(GgufValue::Array(a)) if (id as usize) < a.len() => Some(id),
             _ => None,
         }
+    }
+
+    /// The BOS that `encode(.., add_special = true, ..)` would put first, read from the metadata
+    /// keys alone without building the tokenizer (what `kiln bench` needs for its random
+    /// tokens): None when the vocabulary adds no BOS. add_bos is `tokenizer.ggml.add_bos_token`,
+    /// else the model's default (SentencePiece: true; BPE: true for the Llama-3 and Tekken
+    /// pre-tokenizers); the id is `tokenizer.ggml.bos_token_id`, else 1 for SentencePiece, 11 for
+    /// BPE. A vocabulary that is missing or malformed gives None, never an error.
+    pub fn bos_from_keys(header: &GgufHeader) -> Option<u32> {
+        let model = header
+            .get("tokenizer.ggml.model")
+            .and_then(GgufValue::as_str)?;
+        let (default_add, default_id) = match model {
+            "llama" => (true, Some(1)),
+            "gpt2" => {
+                let pre = header.get("tokenizer.ggml.pre").and_then(GgufValue::as_str);
+                let p = pre::lookup(pre).ok();
+                (
+                    p.is_some_and(|p| p.add_bos),
+                    (!p.is_some_and(|p| p.no_bos)).then_some(11),
+                )
+            }
+            _ => return None,
+        };
+        let add = header
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(GgufValue::as_bool)
+            .unwrap_or(default_add);
+        if !add {
+            return None;
+        }
+        let n = match header.get("tokenizer.ggml.tokens") {
+            Some(GgufValue::Array(a)) => a.len(),
+            _ => 0,
+        };
+        Self::bos_of(header).or(default_id.filter(|&d| (d as usize) < n))
     }
 
     /// llama.cpp's `llama_tokenize(text, add_special, parse_special)`; see [`spm::Tokenizer::encode`]
