@@ -383,12 +383,22 @@ pub struct BenchDone {
 pub fn bench_model(o: &BenchOptions, progress: &dyn Progress) -> Result<BenchDone> {
     let t = &o.target;
     t.device.check()?;
-    let m = Opened::open(&t.model, false)?;
+    // No tokenizer is built: the tokens are random, and BOS comes from the metadata alone.
+    let file = Arc::new(
+        GgufFile::open(&t.model).with_context(|| format!("opening {}", t.model.display()))?,
+    );
+    let cfg = Hparams::from_gguf(&file).with_context(|| format!("{}", t.model.display()))?;
+    let bos = Tokenizer::bos_from_keys(&file);
+    let m = Opened {
+        file,
+        tok: None,
+        cfg,
+    };
     let pool = thread_pool(t.threads)?;
     let p = &o.params;
     let (model, rope) = m.load(&t.device, &t.rope, p.n_prompt.max(p.n_gen))?;
     let stats = pool.install(|| {
-        bench(&model, m.bos(), p, |test, rep| {
+        bench(&model, bos, p, |test, rep| {
             if rep == 0 {
                 progress.note(&format!("kiln bench: {test}: warm-up run"));
             } else {

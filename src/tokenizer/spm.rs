@@ -11,21 +11,21 @@ use kiln_formats::gguf::{GgufArray, GgufHeader, GgufValue};
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
 // llama_token_attr bits (include/llama.h).
-const ATTR_UNKNOWN: u32 = 1 << 0;
-const ATTR_UNUSED: u32 = 1 << 1;
-const ATTR_NORMAL: u32 = 1 << 2;
-const ATTR_CONTROL: u32 = 1 << 3;
-const ATTR_USER_DEFINED: u32 = 1 << 4;
-const ATTR_BYTE: u32 = 1 << 5;
-const ATTR_LSTRIP: u32 = 1 << 7;
-const ATTR_RSTRIP: u32 = 1 << 8;
+pub(super) const ATTR_UNKNOWN: u32 = 1 << 0;
+pub(super) const ATTR_UNUSED: u32 = 1 << 1;
+pub(super) const ATTR_NORMAL: u32 = 1 << 2;
+pub(super) const ATTR_CONTROL: u32 = 1 << 3;
+pub(super) const ATTR_USER_DEFINED: u32 = 1 << 4;
+pub(super) const ATTR_BYTE: u32 = 1 << 5;
+pub(super) const ATTR_LSTRIP: u32 = 1 << 7;
+pub(super) const ATTR_RSTRIP: u32 = 1 << 8;
 
 /// The most tokens a vocabulary may have (llama.cpp stores ids as int32).
-const MAX_VOCAB: usize = i32::MAX as usize;
+pub(super) const MAX_VOCAB: usize = i32::MAX as usize;
 
 /// Token texts llama.cpp forces to CONTROL by name when loading a vocabulary (EOT, EOM, FIM and EOG
 /// auto-detection in `llama_vocab::impl::load`).
-const CONTROL_BY_TEXT: &[&str] = &[
+pub(super) const CONTROL_BY_TEXT: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
     "<|end|>",
@@ -115,7 +115,7 @@ pub struct Tokenizer {
 
 /// A piece of input during the special-token partition: raw text (a byte range) or a token.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Fragment {
+pub(super) enum Fragment {
     Text { start: usize, len: usize },
     Token(u32),
 }
@@ -154,7 +154,7 @@ impl Bigram {
 }
 
 /// An integer array value as i64s (GGUF arrays of any integer type).
-fn int_array(a: &GgufArray) -> Option<Vec<i64>> {
+pub(super) fn int_array(a: &GgufArray) -> Option<Vec<i64>> {
     Some(match a {
         GgufArray::I32(v) => v.iter().map(|&x| i64::from(x)).collect(),
         GgufArray::U32(v) => v.iter().map(|&x| i64::from(x)).collect(),
@@ -197,6 +197,76 @@ fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+/// `tokenizer_st_partition`: splits `text` on the `specials` (ids, longest text first), USER_DEFINED
+/// ones always, CONTROL and UNKNOWN ones only with `parse_special`; LSTRIP/RSTRIP eat the
+/// whitespace beside a match.
+pub(super) fn st_partition(
+    text: &[u8],
+    specials: &[u32],
+    attrs: &[u32],
+    texts: &[String],
+    parse_special: bool,
+) -> Vec<Fragment> {
+    let mut frags = vec![Fragment::Text {
+        start: 0,
+        len: text.len(),
+    }];
+    for &id in specials {
+        let attr = attrs[id as usize];
+        if !parse_special && attr & (ATTR_CONTROL | ATTR_UNKNOWN) != 0 {
+            continue;
+        }
+        let needle = texts[id as usize].as_bytes();
+        let mut next = Vec::with_capacity(frags.len());
+        for f in frags {
+            let Fragment::Text {
+                mut start,
+                len: mut flen,
+            } = f
+            else {
+                next.push(f);
+                continue;
+            };
+            loop {
+                let end = start + flen;
+                let Some(m) = find_bytes(&text[start..end], needle).map(|p| p + start) else {
+                    next.push(Fragment::Text { start, len: flen });
+                    break;
+                };
+                if m > start {
+                    let mut l = m - start;
+                    if attr & ATTR_LSTRIP != 0 {
+                        while l > 0 && c_isspace(text[start + l - 1]) {
+                            l -= 1;
+                        }
+                    }
+                    if l > 0 {
+                        next.push(Fragment::Text { start, len: l });
+                    }
+                }
+                next.push(Fragment::Token(id));
+                let mut r = m + needle.len();
+                if r < end {
+                    if attr & ATTR_RSTRIP != 0 {
+                        while r < end && c_isspace(text[r]) {
+                            r += 1;
+                        }
+                    }
+                    start = r;
+                    flen = end - r;
+                    if flen == 0 {
+                        break;
+                    }
+                } else {
+                    break;
+                }
+            }
+        }
+        frags = next;
+    }
+    frags
 }
 
 // Some accessors serve only the evaluator (src/model, src/eval), which is built separately.
@@ -487,64 +557,13 @@ impl Tokenizer {
 
     /// `tokenizer_st_partition`: splits `text` on special tokens, longest first.
     fn partition(&self, text: &[u8], parse_special: bool) -> Vec<Fragment> {
-        let mut frags = vec![Fragment::Text {
-            start: 0,
-            len: text.len(),
-        }];
-        for &id in &self.specials {
-            let attr = self.attrs[id as usize];
-            if !parse_special && attr & (ATTR_CONTROL | ATTR_UNKNOWN) != 0 {
-                continue;
-            }
-            let needle = self.texts[id as usize].as_bytes();
-            let mut next = Vec::with_capacity(frags.len());
-            for f in frags {
-                let Fragment::Text {
-                    mut start,
-                    len: mut flen,
-                } = f
-                else {
-                    next.push(f);
-                    continue;
-                };
-                loop {
-                    let end = start + flen;
-                    let Some(m) = find_bytes(&text[start..end], needle).map(|p| p + start) else {
-                        next.push(Fragment::Text { start, len: flen });
-                        break;
-                    };
-                    if m > start {
-                        let mut l = m - start;
-                        if attr & ATTR_LSTRIP != 0 {
-                            while l > 0 && c_isspace(text[start + l - 1]) {
-                                l -= 1;
-                            }
-                        }
-                        if l > 0 {
-                            next.push(Fragment::Text { start, len: l });
-                        }
-                    }
-                    next.push(Fragment::Token(id));
-                    let mut r = m + needle.len();
-                    if r < end {
-                        if attr & ATTR_RSTRIP != 0 {
-                            while r < end && c_isspace(text[r]) {
-                                r += 1;
-                            }
-                        }
-                        start = r;
-                        flen = end - r;
-                        if flen == 0 {
-                            break;
-                        }
-                    } else {
-                        break;
-                    }
-                }
-            }
-            frags = next;
-        }
-        frags
+        st_partition(
+            text,
+            &self.specials,
+            &self.attrs,
+            &self.texts,
+            parse_special,
+        )
     }
 
     /// `llm_tokenizer_spm_session::tokenize` on one escaped fragment.

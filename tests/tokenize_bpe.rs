@@ -1,0 +1,203 @@
+//! Interop tests of `kiln tokenize` on a byte-level BPE ("gpt2") vocabulary: the real Llama-3
+//! tokenizer written to a GGUF by fixtures/gen_bpe.py, ids identical to the Hugging Face
+//! `tokenizers` library (expected ids from the generator) and to llama.cpp's `llama-tokenize`, with
+//! and without parsing special tokens; the pre-tokenizer sets against Python's `regex`.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+const HOW_BPE: &str = "pip install tokenizers gguf regex";
+
+/// The generator's output (run once into target/kiln-bpe-fixtures), or None after a skip.
+fn bpe_fixtures() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let shared = shared_dir()?;
+        let ok = Command::new("python3")
+            .args(["-c", "import tokenizers, gguf, regex"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !ok {
+            skip("python3 with tokenizers, gguf and regex", HOW_BPE);
+            return None;
+        }
+        let out = root().join("target/kiln-bpe-fixtures");
+        let stamp = sha256_file(&root().join("fixtures/gen_bpe.py"));
+        if std::fs::read_to_string(out.join(".complete"))
+            .ok()
+            .as_deref()
+            == Some(&stamp)
+        {
+            return Some(out);
+        }
+        let tmp = root().join(format!(
+            "target/kiln-bpe-fixtures.tmp{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let st = Command::new("python3")
+            .arg(root().join("fixtures/gen_bpe.py"))
+            .arg(&tmp)
+            .arg("--shared")
+            .arg(&shared)
+            .status()
+            .expect("python3 runs");
+        assert!(st.success(), "fixtures/gen_bpe.py failed");
+        std::fs::write(tmp.join(".complete"), &stamp).unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        if std::fs::rename(&tmp, &out).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Some(out)
+    })
+    .clone()
+}
+
+fn parse_ids(out: &[u8]) -> Vec<u32> {
+    let s = String::from_utf8_lossy(out);
+    let s = s.trim();
+    let inner = s
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("not an id list: {s:?}"));
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse().unwrap())
+        .collect()
+}
+
+fn kiln_ids(gguf: &Path, file: &Path, extra: &[&str]) -> Vec<u32> {
+    let mut args = vec![
+        "tokenize",
+        "-m",
+        gguf.to_str().unwrap(),
+        "-f",
+        file.to_str().unwrap(),
+        "--ids",
+    ];
+    args.extend_from_slice(extra);
+    let o = run_kiln(&args);
+    assert_exit(&o, 0);
+    parse_ids(&o.stdout)
+}
+
+fn expected(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    v.as_object().unwrap().clone()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The tokenizer.json has no BOS post-processor, so HF's ids carry none: compare without BOS,
+/// and check that the GGUF's add_bos puts 128000 first.
+#[test]
+fn identical_to_hf_tokenizers() {
+    let Some(dir) = bpe_fixtures() else { return };
+    let gguf = dir.join("llama3-bpe.gguf");
+    for (label, e) in expected(&dir) {
+        let file = dir.join(e["file"].as_str().unwrap());
+        let plain = ids(&e["plain"]);
+        let special = ids(&e["special"]);
+        assert_eq!(
+            kiln_ids(&gguf, &file, &["--no-bos"]),
+            plain,
+            "{label}: plain"
+        );
+        assert_eq!(
+            kiln_ids(&gguf, &file, &["--no-bos", "--parse-special"]),
+            special,
+            "{label}: parse-special"
+        );
+        let with_bos = kiln_ids(&gguf, &file, &[]);
+        assert_eq!(with_bos[0], 128000, "{label}");
+        assert_eq!(&with_bos[1..], &plain[..], "{label}");
+    }
+}
+
+#[test]
+fn identical_to_llama_tokenize() {
+    let Some(dir) = bpe_fixtures() else { return };
+    let Some(bin) = llamacpp_tools(&["llama-tokenize"]) else {
+        return;
+    };
+    let gguf = dir.join("llama3-bpe.gguf");
+    for (label, e) in expected(&dir) {
+        let file = dir.join(e["file"].as_str().unwrap());
+        for (kiln_extra, llama_extra) in [
+            (&[][..], &["--no-parse-special"][..]),
+            (&["--no-bos"][..], &["--no-parse-special", "--no-bos"][..]),
+            (&["--parse-special"][..], &[][..]),
+        ] {
+            let o = Command::new(bin.join("llama-tokenize"))
+                .args(["-m", gguf.to_str().unwrap(), "-f", file.to_str().unwrap()])
+                .args(["--log-disable", "--no-escape", "--ids"])
+                .args(llama_extra)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "llama-tokenize failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let want = parse_ids(&o.stdout);
+            assert_eq!(
+                kiln_ids(&gguf, &file, kiln_extra),
+                want,
+                "{label} {kiln_extra:?}"
+            );
+        }
+    }
+}
+
+/// Every pre-tokenizer set on tricky strings, against the words Python's `regex` module cuts
+/// them into with llama.cpp's expressions (fixtures/gen_bpe.py).
+#[test]
+fn pre_tokenizer_sets_match_python_regex() {
+    let Some(dir) = bpe_fixtures() else { return };
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("pre_splits.json")).unwrap()).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.len() > 100);
+    for c in cases {
+        let set = c["set"].as_str().unwrap();
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<&str> = c["words"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap())
+            .collect();
+        let got = kiln::tokenizer::pre_split(set, text).unwrap();
+        assert_eq!(got, want, "{set}: {text:?}");
+    }
+}
+
+#[test]
+fn unknown_pre_and_model_are_clear_errors() {
+    let Some(dir) = bpe_fixtures() else { return };
+    let _ = dir;
+    let err = kiln::tokenizer::pre_split("no-such-pre", "x")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no-such-pre") && err.contains("llama-bpe"),
+        "{err}"
+    );
+    let err = kiln::tokenizer::pre_split("kimi-k2", "x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not supported"), "{err}");
+}
