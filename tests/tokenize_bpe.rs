@@ -201,3 +201,97 @@ fn unknown_pre_and_model_are_clear_errors() {
         .to_string();
     assert!(err.contains("not supported"), "{err}");
 }
+
+/// A model on the BPE vocabulary (fixtures/gen_bpe.py's tiny Llama-3-shaped GGUF: GQA, rope base
+/// 500000, tied embeddings) evaluates as llama.cpp does: the same perplexity as
+/// `llama-perplexity -nr` at F16, Q8_0 and Q4_K_M (quantized by kiln) and with a rope_freqs.weight
+/// tensor (llama3 rope scaling), and bench and imatrix run.
+#[test]
+fn bpe_model_perplexity_equals_llama_perplexity() {
+    let Some(dir) = bpe_fixtures() else { return };
+    let Some(bin) = llamacpp_tools(&[]) else {
+        return;
+    };
+    let Some(text) = zh_text() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let f16 = dir.join("llama3-bpe-tiny.gguf");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let final_ppl = |s: &str| -> f64 {
+        s.split("Final estimate: PPL = ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no final PPL in {s}"))
+    };
+    let args = ["-c", "64", "--chunks", "4", "-t", "2"];
+    for ty in ["F16", "Q8_0", "Q4_K_M", "rope_freqs"] {
+        let m = if ty == "F16" {
+            f16.clone()
+        } else if ty == "rope_freqs" {
+            dir.join("llama3-bpe-tiny-rope-freqs.gguf")
+        } else {
+            let m = tmp.path().join(format!("{ty}.gguf"));
+            let o = run_kiln(&["quantize", &p(&f16), &p(&m), ty, "-q"]);
+            assert_exit(&o, 0);
+            m
+        };
+        let mut ka = vec![
+            "perplexity".to_string(),
+            "-m".into(),
+            p(&m),
+            "-f".into(),
+            p(&text),
+        ];
+        ka.extend(args.iter().map(|s| s.to_string()));
+        ka.push("-q".into());
+        let o = run_kiln(&ka.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_exit(&o, 0);
+        let ours = final_ppl(&String::from_utf8_lossy(&o.stdout));
+        let o = Command::new(bin.join("llama-perplexity"))
+            .args(["-m", &p(&m), "-f", &p(&text), "-nr"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_exit(&o, 0);
+        let theirs = final_ppl(&format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+        let rel = (ours - theirs).abs() / theirs;
+        assert!(
+            rel <= 1e-4,
+            "{ty}: kiln {ours} vs llama-perplexity {theirs}"
+        );
+    }
+    let o = run_kiln(&[
+        "bench",
+        "-m",
+        &p(&f16),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "-q",
+    ]);
+    assert_exit(&o, 0);
+    let im = tmp.path().join("im.gguf");
+    let o = run_kiln(&[
+        "imatrix",
+        "-m",
+        &p(&f16),
+        "-f",
+        &p(&text),
+        "-o",
+        &p(&im),
+        "-c",
+        "64",
+        "--chunks",
+        "2",
+        "-q",
+    ]);
+    assert_exit(&o, 0);
+    assert!(im.is_file());
+}

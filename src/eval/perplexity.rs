@@ -232,6 +232,7 @@ mod tests {
             rope: crate::model::Rope {
                 freq_base: 10000.0,
                 freq_scale: 1.0,
+                factors: None,
             },
             n_ctx_train: 4096,
         }

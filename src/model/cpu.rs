@@ -471,9 +471,10 @@ impl Backend for CpuBackend {
         head_dim: usize,
         n_rot: usize,
         pos0: usize,
-        rope: Rope,
+        rope: &Rope,
     ) -> Result<()> {
         let theta_scale = rope.freq_base.powf(-2.0 / n_rot as f32);
+        let factors = rope.factors.as_deref();
         let cols = x.cols;
         x.data
             .par_chunks_mut(cols)
@@ -482,8 +483,12 @@ impl Backend for CpuBackend {
                 // ggml_rope_cache_init: theta multiplied up in f32
                 let mut cache = vec![0f32; n_rot];
                 let mut theta = (pos0 + i) as f32;
-                for c in cache.chunks_exact_mut(2) {
-                    let th = rope.freq_scale * theta;
+                for (p, c) in cache.chunks_exact_mut(2).enumerate() {
+                    // ggml_rope_cache_init: theta / freq_factor[pair] when the model has them
+                    let th = match factors.and_then(|f| f.get(p)) {
+                        Some(&f) => rope.freq_scale * (theta / f),
+                        None => rope.freq_scale * theta,
+                    };
                     c[0] = th.cos();
                     c[1] = th.sin();
                     theta *= theta_scale;
@@ -685,8 +690,9 @@ mod tests {
         let rope = Rope {
             freq_base: 10000.0,
             freq_scale: 1.0,
+            factors: None,
         };
-        be.rope(&mut x, 2, 4, 4, 0, rope).unwrap();
+        be.rope(&mut x, 2, 4, 4, 0, &rope).unwrap();
         assert_eq!(x.data[..8], x0.data[..8]);
         for (a, b) in x.data[8..].chunks(2).zip(x0.data[8..].chunks(2)) {
             let na = a[0] * a[0] + a[1] * a[1];

@@ -32,11 +32,15 @@ pub struct Hparams {
 }
 
 /// RoPE parameters (normal mode).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     pub freq_base: f32,
     /// 1/linear scale factor (1.0 when unscaled).
     pub freq_scale: f32,
+    /// Per-pair frequency divisors from the `rope_freqs.weight` tensor (`n_rot / 2` values; the
+    /// Llama-3.1 "llama3" rope scaling as convert_hf_to_gguf writes it), as ggml's
+    /// `ggml_rope_ext` applies them: the angle of pair `i` is `freq_scale * (theta_i / f[i])`.
+    pub factors: Option<std::sync::Arc<[f32]>>,
 }
 
 fn meta_f32(h: &GgufHeader, key: &str) -> Result<Option<f32>> {
@@ -78,6 +82,7 @@ impl Hparams {
             rope: Rope {
                 freq_base,
                 freq_scale,
+                factors: None,
             },
             n_ctx_train,
         })
@@ -139,7 +144,7 @@ pub trait Backend: Send + Sync {
         head_dim: usize,
         n_rot: usize,
         pos0: usize,
-        rope: Rope,
+        rope: &Rope,
     ) -> Result<()>;
     /// Stores `qkv.k`, `qkv.v` at positions `n_past..` of layer `layer` and attends causally.
     /// `qkv.q` holds the queries of the last `q.rows` of those positions (all of them, or only
@@ -192,6 +197,35 @@ pub struct Model<B: Backend> {
     layers: Vec<Layer<B::Weight>>,
 }
 
+/// The `rope_freqs.weight` factors, when the file has them: F32, `n_rot / 2` finite positive
+/// values.
+fn rope_factors(file: &GgufFile, n_rot: usize) -> Result<Option<std::sync::Arc<[f32]>>> {
+    let Some(t) = file.tensor("rope_freqs.weight") else {
+        return Ok(None);
+    };
+    let want = [(n_rot / 2) as u64];
+    if t.ty != kiln_quant::GgmlType::F32 || t.shape != want {
+        bail!(
+            "tensor rope_freqs.weight is {} {:?}, expected F32 {:?} (one factor per rotated pair)",
+            t.ty,
+            t.shape,
+            want
+        );
+    }
+    let v: Vec<f32> = file
+        .tensor_data(t)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if v.len() != n_rot / 2 || v.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+        bail!(
+            "tensor rope_freqs.weight must hold {} finite positive factors",
+            n_rot / 2
+        );
+    }
+    Ok(Some(v.into()))
+}
+
 /// Checks that tensor `name` exists with shape `[cols, rows]` (ggml order) and returns it.
 fn tensor<'a>(h: &'a GgufHeader, name: &str, shape: &[usize]) -> Result<&'a TensorInfo> {
     let t = h
@@ -207,7 +241,8 @@ fn tensor<'a>(h: &'a GgufHeader, name: &str, shape: &[usize]) -> Result<&'a Tens
 impl<B: Backend> Model<B> {
     /// Loads every tensor of a Llama GGUF onto `backend`, checking names and shapes.
     pub fn load(file: Arc<GgufFile>, backend: B) -> Result<Model<B>> {
-        let cfg = Hparams::from_gguf(&file)?;
+        let mut cfg = Hparams::from_gguf(&file)?;
+        cfg.rope.factors = rope_factors(&file, cfg.n_rot)?;
         let h: &GgufHeader = &file;
         let (e, v, ff) = (cfg.shape.n_embd, cfg.shape.n_vocab, cfg.shape.n_ff);
         let qd = cfg.shape.n_head * cfg.shape.head_dim;
@@ -356,7 +391,7 @@ impl<B: Backend> Model<B> {
                 cfg.shape.head_dim,
                 cfg.n_rot,
                 n_past + q_from,
-                cfg.rope,
+                &cfg.rope,
             )?;
             be.rope(
                 &mut k,
@@ -364,7 +399,7 @@ impl<B: Backend> Model<B> {
                 cfg.shape.head_dim,
                 cfg.n_rot,
                 n_past,
-                cfg.rope,
+                &cfg.rope,
             )?;
             let att = be.attention(
                 cache,
