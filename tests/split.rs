@@ -231,3 +231,57 @@ fn readers_take_a_set_through_its_first_file() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `kiln pipeline --model` takes a split set through its first file: every member is hashed as an
+/// input, and the levels are the single file's.
+#[test]
+fn pipeline_takes_a_split_set() {
+    let Some(fx) = fixtures() else { return };
+    let Some(text) = zh_text() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let f16 = gqa_f16(&fx, d);
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let o = run_kiln(&[
+        "split",
+        "--split-max-tensors",
+        "8",
+        &p(&f16),
+        &p(&d.join("set")),
+        "-q",
+    ]);
+    assert_exit(&o, 0);
+    let set = files_with_prefix(d, "set-");
+    let run = |m: &Path, out: &Path| {
+        let o = run_kiln(&[
+            "pipeline",
+            "--model",
+            &p(m),
+            "--out",
+            &p(out),
+            "--quants",
+            "q8_0",
+            "--eval-text",
+            &p(&text),
+            "-c",
+            "128",
+            "--chunks",
+            "2",
+            "--quiet",
+        ]);
+        assert_exit(&o, 0);
+    };
+    let (a, b) = (d.join("from-set"), d.join("from-file"));
+    run(&d.join(&set[0]), &a);
+    run(&f16, &b);
+    assert_eq!(
+        sha256_file(&a.join("model-q8_0.gguf")),
+        sha256_file(&b.join("model-q8_0.gguf"))
+    );
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("report.json")).unwrap()).unwrap();
+    let inputs = rep["inputs"].as_array().unwrap();
+    for (i, name) in set.iter().enumerate() {
+        assert_eq!(inputs[i]["sha256"], sha256_file(&d.join(name)), "{name}");
+    }
+}

@@ -54,7 +54,9 @@ impl Inputs {
                 if !m.is_file() {
                     bail!("--model {}: no such file", m.display());
                 }
-                (vec![m.clone()], None)
+                // a split set: every member is an input (hashed, checked by --expect-sha256)
+                let f = GgufFile::open(m).with_context(|| format!("opening {}", m.display()))?;
+                (f.paths().iter().map(|p| p.to_path_buf()).collect(), None)
             }
         };
         let tok = match &s.source {
@@ -281,6 +283,27 @@ fn merge_tokenizer_dir(base: &Path, loras: &[PathBuf]) -> PathBuf {
         .unwrap_or_else(|| base.to_path_buf())
 }
 
+/// The identity of a `--model` input: its sha256, or for a split set the sha256 of its
+/// members' `SHA256SUMS` lines (so a change in any member reruns what depends on it).
+pub(super) fn set_sha256(files: &[(PathBuf, String)]) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    match files {
+        [] => None,
+        [(_, one)] => Some(one.clone()),
+        many => {
+            let mut h = Sha256::new();
+            for (p, sha) in many {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                h.update(format!("{sha}  {name}\n").as_bytes());
+            }
+            Some(format!("{:x}", h.finalize()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +316,21 @@ mod tests {
             PathBuf::from("/c/中文 text.txt"),
         ]);
         assert_eq!(v, ["wiki.test", "wiki.test-2", "中文_text"]);
+    }
+
+    #[test]
+    fn a_set_is_identified_by_all_its_members() {
+        let f = |n: &str, h: &str| (PathBuf::from(n), h.to_string());
+        assert_eq!(super::set_sha256(&[]), None);
+        assert_eq!(super::set_sha256(&[f("a.gguf", "x")]).as_deref(), Some("x"));
+        let a = super::set_sha256(&[
+            f("m-00001-of-00002.gguf", "x"),
+            f("m-00002-of-00002.gguf", "y"),
+        ]);
+        let b = super::set_sha256(&[
+            f("m-00001-of-00002.gguf", "x"),
+            f("m-00002-of-00002.gguf", "z"),
+        ]);
+        assert!(a.is_some() && a != b && a.as_deref() != Some("x"));
     }
 }

@@ -187,11 +187,9 @@ pub fn run(s: &Settings, progress: &dyn Progress) -> Result<RunEnd> {
             keep_hf: s.keep_hf,
         })?,
         Source::Model(m) => {
-            let (_, sha) = inputs
-                .model_files()
-                .first()
+            let sha = inputs::set_sha256(inputs.model_files())
                 .ok_or_else(|| anyhow!("--model was not hashed"))?;
-            run.given(m, sha)
+            run.given(m, &sha)
         }
     };
 
