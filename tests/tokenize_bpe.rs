@@ -295,3 +295,57 @@ fn bpe_model_perplexity_equals_llama_perplexity() {
     assert_exit(&o, 0);
     assert!(im.is_file());
 }
+
+/// The pipeline takes a BPE model (`--model`): quantizes it, measures PPL and KLD against the F16
+/// base, and its F16 perplexity is `kiln perplexity`'s.
+#[test]
+fn pipeline_runs_on_a_bpe_model() {
+    let Some(dir) = bpe_fixtures() else { return };
+    let Some(text) = zh_text() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let m = dir.join("llama3-bpe-tiny.gguf");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let o = run_kiln(&[
+        "pipeline",
+        "--model",
+        &p(&m),
+        "--out",
+        &p(&out),
+        "--quants",
+        "q8_0",
+        "--eval-text",
+        &p(&text),
+        "-c",
+        "64",
+        "--chunks",
+        "2",
+        "--kld",
+        "--quiet",
+    ]);
+    assert_exit(&o, 0);
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let levels = rep["levels"].as_array().unwrap();
+    let f16_ppl = levels[0]["ppl"][0]["ppl"].as_f64().unwrap();
+    let q8 = &levels[1];
+    assert_eq!(q8["level"], "Q8_0");
+    let kld = q8["kld"]["mean_kld"].as_f64().unwrap();
+    assert!(kld > 0.0 && kld < 0.01, "{kld}");
+    let o = run_kiln(&[
+        "perplexity",
+        "-m",
+        &p(&m),
+        "-f",
+        &p(&text),
+        "-c",
+        "64",
+        "--chunks",
+        "2",
+        "--json",
+        "-q",
+    ]);
+    assert_exit(&o, 0);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["ppl"].as_f64().unwrap().to_bits(), f16_ppl.to_bits());
+}
