@@ -8,10 +8,10 @@
 
 use super::pre::{self, Pre};
 use super::spm::{
-    int_array, st_partition, Fragment, ATTR_BYTE, ATTR_CONTROL, ATTR_NORMAL, ATTR_RSTRIP,
-    ATTR_UNKNOWN, ATTR_UNUSED, ATTR_USER_DEFINED, CONTROL_BY_TEXT, MAX_VOCAB,
+    read_tokens, st_partition, token_table, Fragment, ATTR_BYTE, ATTR_CONTROL, ATTR_NORMAL,
+    ATTR_RSTRIP, ATTR_UNKNOWN, ATTR_USER_DEFINED, CONTROL_BY_TEXT,
 };
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use kiln_formats::gguf::{GgufArray, GgufHeader, GgufValue};
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -133,18 +133,8 @@ struct Work {
 impl Tokenizer {
     /// From the GGUF vocabulary keys of a `tokenizer.ggml.model = "gpt2"` file.
     pub fn from_gguf(header: &GgufHeader) -> Result<Tokenizer> {
-        let tokens = match header.get("tokenizer.ggml.tokens") {
-            None => bail!("the model has no vocabulary: tokenizer.ggml.tokens is missing"),
-            Some(GgufValue::Array(GgufArray::String(t))) => t,
-            Some(_) => bail!("tokenizer.ggml.tokens is not an array of strings"),
-        };
+        let tokens = read_tokens(header)?;
         let n = tokens.len();
-        if n == 0 {
-            bail!("the model has no vocabulary: tokenizer.ggml.tokens is empty");
-        }
-        if n > MAX_VOCAB {
-            bail!("tokenizer.ggml.tokens has {n} entries, more than llama.cpp's limit");
-        }
         let merges_list = match header.get("tokenizer.ggml.merges") {
             None => bail!(
                 "unsupported tokenizer model \"gpt2\" without tokenizer.ggml.merges: a byte-level \
@@ -161,47 +151,7 @@ impl Tokenizer {
             ),
         };
         let pre = pre::lookup(pre_name)?;
-        let types: Option<Vec<i64>> = match header.get("tokenizer.ggml.token_type") {
-            None => None,
-            Some(GgufValue::Array(a)) => {
-                let v = int_array(a)
-                    .ok_or_else(|| anyhow!("tokenizer.ggml.token_type is not an integer array"))?;
-                if v.len() < n {
-                    bail!(
-                        "tokenizer.ggml.token_type has {} entries for {n} tokens",
-                        v.len()
-                    );
-                }
-                Some(v)
-            }
-            Some(_) => bail!("tokenizer.ggml.token_type is not an array"),
-        };
-
-        let mut texts = Vec::with_capacity(n);
-        let mut attrs = Vec::with_capacity(n);
-        let mut index: HashMap<Box<[u8]>, u32> = HashMap::with_capacity(n);
-        for (i, t) in tokens.iter().enumerate() {
-            let text = if t.is_empty() {
-                format!("[EMPTY_{i}]")
-            } else {
-                t.clone()
-            };
-            let id = u32::try_from(i).context("token id overflows u32")?;
-            if let Some(prev) = index.insert(text.as_bytes().into(), id) {
-                bail!("tokenizer.ggml.tokens: token {i} repeats the text {text:?} of token {prev}");
-            }
-            let attr = match types.as_ref().and_then(|t| t.get(i)) {
-                None | Some(1) => ATTR_NORMAL,
-                Some(2) => ATTR_UNKNOWN,
-                Some(3) => ATTR_CONTROL,
-                Some(4) => ATTR_USER_DEFINED,
-                Some(5) => ATTR_UNUSED,
-                Some(6) => ATTR_BYTE,
-                Some(_) => 0,
-            };
-            texts.push(text);
-            attrs.push(attr);
-        }
+        let (texts, mut attrs, index) = token_table(header, tokens)?;
 
         // Merges: "a b" split at the first space after the first byte (llama.cpp:
         // find(' ', 1)); a line without one is the pair ("", "").

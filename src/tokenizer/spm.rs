@@ -153,6 +153,76 @@ impl Bigram {
     }
 }
 
+/// `tokenizer.ggml.tokens`, checked as llama-vocab checks it (present, not empty, within its limit).
+pub(super) fn read_tokens(header: &GgufHeader) -> Result<&[String]> {
+    let tokens = match header.get("tokenizer.ggml.tokens") {
+        None => bail!("the model has no vocabulary: tokenizer.ggml.tokens is missing"),
+        Some(GgufValue::Array(GgufArray::String(t))) => t,
+        Some(_) => bail!("tokenizer.ggml.tokens is not an array of strings"),
+    };
+    let n = tokens.len();
+    if n == 0 {
+        bail!("the model has no vocabulary: tokenizer.ggml.tokens is empty");
+    }
+    if n > MAX_VOCAB {
+        bail!("tokenizer.ggml.tokens has {n} entries, more than llama.cpp's limit");
+    }
+    Ok(tokens)
+}
+
+/// The token table both vocabularies share: texts (an empty one becomes `[EMPTY_i]`, as in
+/// llama.cpp), attributes from `tokenizer.ggml.token_type`, and text → id (texts must be unique).
+#[allow(clippy::type_complexity)]
+pub(super) fn token_table(
+    header: &GgufHeader,
+    tokens: &[String],
+) -> Result<(Vec<String>, Vec<u32>, HashMap<Box<[u8]>, u32>)> {
+    let n = tokens.len();
+    let types: Option<Vec<i64>> = match header.get("tokenizer.ggml.token_type") {
+        None => None,
+        Some(GgufValue::Array(a)) => {
+            let v = int_array(a)
+                .ok_or_else(|| anyhow!("tokenizer.ggml.token_type is not an integer array"))?;
+            if v.len() < n {
+                bail!(
+                    "tokenizer.ggml.token_type has {} entries for {n} tokens",
+                    v.len()
+                );
+            }
+            Some(v)
+        }
+        Some(_) => bail!("tokenizer.ggml.token_type is not an array"),
+    };
+
+    let mut texts = Vec::with_capacity(n);
+    let mut attrs = Vec::with_capacity(n);
+    let mut index: HashMap<Box<[u8]>, u32> = HashMap::with_capacity(n);
+    for (i, t) in tokens.iter().enumerate() {
+        let text = if t.is_empty() {
+            format!("[EMPTY_{i}]")
+        } else {
+            t.clone()
+        };
+        let id = u32::try_from(i).context("token id overflows u32")?;
+        if let Some(prev) = index.insert(text.as_bytes().into(), id) {
+            // llama.cpp asserts that texts are unique (id_to_token.size() == token_to_id.size()).
+            bail!("tokenizer.ggml.tokens: token {i} repeats the text {text:?} of token {prev}");
+        }
+        let attr = match types.as_ref().and_then(|t| t.get(i)) {
+            None | Some(1) => ATTR_NORMAL,
+            Some(2) => ATTR_UNKNOWN,
+            Some(3) => ATTR_CONTROL,
+            Some(4) => ATTR_USER_DEFINED,
+            Some(5) => ATTR_UNUSED,
+            Some(6) => ATTR_BYTE,
+            Some(_) => 0,
+        };
+        texts.push(text);
+        attrs.push(attr);
+    }
+    Ok((texts, attrs, index))
+}
+
 /// An integer array value as i64s (GGUF arrays of any integer type).
 pub(super) fn int_array(a: &GgufArray) -> Option<Vec<i64>> {
     Some(match a {
@@ -294,18 +364,8 @@ impl Tokenizer {
                  \"llama\" tokenizer"
             ),
         }
-        let tokens = match header.get("tokenizer.ggml.tokens") {
-            None => bail!("the model has no vocabulary: tokenizer.ggml.tokens is missing"),
-            Some(GgufValue::Array(GgufArray::String(t))) => t,
-            Some(_) => bail!("tokenizer.ggml.tokens is not an array of strings"),
-        };
+        let tokens = read_tokens(header)?;
         let n = tokens.len();
-        if n == 0 {
-            bail!("the model has no vocabulary: tokenizer.ggml.tokens is empty");
-        }
-        if n > MAX_VOCAB {
-            bail!("tokenizer.ggml.tokens has {n} entries, more than llama.cpp's limit");
-        }
         let scores: Vec<f32> = match header.get("tokenizer.ggml.scores") {
             None => vec![0.0; n],
             Some(GgufValue::Array(GgufArray::F32(s))) if s.len() >= n => s[..n].to_vec(),
@@ -318,49 +378,7 @@ impl Tokenizer {
             ),
             Some(_) => bail!("tokenizer.ggml.scores is not an array of f32 or i32"),
         };
-        let types: Option<Vec<i64>> = match header.get("tokenizer.ggml.token_type") {
-            None => None,
-            Some(GgufValue::Array(a)) => {
-                let v = int_array(a)
-                    .ok_or_else(|| anyhow!("tokenizer.ggml.token_type is not an integer array"))?;
-                if v.len() < n {
-                    bail!(
-                        "tokenizer.ggml.token_type has {} entries for {n} tokens",
-                        v.len()
-                    );
-                }
-                Some(v)
-            }
-            Some(_) => bail!("tokenizer.ggml.token_type is not an array"),
-        };
-
-        let mut texts = Vec::with_capacity(n);
-        let mut attrs = Vec::with_capacity(n);
-        let mut index: HashMap<Box<[u8]>, u32> = HashMap::with_capacity(n);
-        for (i, t) in tokens.iter().enumerate() {
-            let text = if t.is_empty() {
-                format!("[EMPTY_{i}]")
-            } else {
-                t.clone()
-            };
-            let id = u32::try_from(i).context("token id overflows u32")?;
-            if let Some(prev) = index.insert(text.as_bytes().into(), id) {
-                // llama.cpp asserts that texts are unique (id_to_token.size() == token_to_id.size()).
-                bail!("tokenizer.ggml.tokens: token {i} repeats the text {text:?} of token {prev}");
-            }
-            let attr = match types.as_ref().and_then(|t| t.get(i)) {
-                None => ATTR_NORMAL,
-                Some(1) => ATTR_NORMAL,
-                Some(2) => ATTR_UNKNOWN,
-                Some(3) => ATTR_CONTROL,
-                Some(4) => ATTR_USER_DEFINED,
-                Some(5) => ATTR_UNUSED,
-                Some(6) => ATTR_BYTE,
-                Some(_) => 0,
-            };
-            texts.push(text);
-            attrs.push(attr);
-        }
+        let (texts, mut attrs, index) = token_table(header, tokens)?;
 
         // Special ids: llama.cpp's defaults for "llama" (bos 1, eos 2, unk 0), dropped when out of
         // range, replaced by in-range values of the keys.
