@@ -39,16 +39,6 @@ fn model_shape(f: &GgufFile) -> Result<ModelShape> {
     })
 }
 
-/// ggml's n_dims: trailing dimensions of size 1 dropped (at least one kept), as llama-quantize writes.
-fn c_shape(shape: &[u64]) -> Vec<u64> {
-    let n = shape
-        .iter()
-        .rposition(|&d| d != 1)
-        .map(|i| i + 1)
-        .unwrap_or(1);
-    shape[..n].to_vec()
-}
-
 /// The imatrix as llama-quantize uses it: per-column weights by tensor name after the include /
 /// exclude filters, and the metadata it records in the output.
 pub struct QuantWeights {
@@ -382,7 +372,7 @@ impl QuantizeJob {
         let infos: Vec<(String, Vec<u64>, GgmlType)> = order
             .iter()
             .zip(&types)
-            .map(|(t, ty)| (t.name.clone(), c_shape(&t.shape), *ty))
+            .map(|(t, ty)| (t.name.clone(), kiln_formats::gguf::ggml_dims(&t.shape), *ty))
             .collect();
         let mut w = GgufWriter::create(out_path, &meta, &infos)
             .with_context(|| format!("creating {}", out_path.display()))?;

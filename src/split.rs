@@ -5,7 +5,9 @@
 use crate::progress::{Progress, Unit};
 use anyhow::{bail, Context, Result};
 use kiln_formats::gguf::split::{self, SplitBy, SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS_COUNT};
-use kiln_formats::gguf::{GgufFile, GgufValue, GgufWriter, TensorSpec, DEFAULT_ALIGNMENT};
+use kiln_formats::gguf::{
+    ggml_dims, GgufFile, GgufValue, GgufWriter, TensorSpec, DEFAULT_ALIGNMENT,
+};
 use std::path::{Path, PathBuf};
 
 /// Options of [`split`].
@@ -44,16 +46,6 @@ pub struct JoinOptions {
 
 fn pad(n: u64) -> u64 {
     n.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
-}
-
-/// ggml's n_dims: trailing dimensions of size 1 dropped (at least one kept).
-fn ggml_dims(shape: &[u64]) -> Vec<u64> {
-    let n = shape
-        .iter()
-        .rposition(|&d| d != 1)
-        .map(|i| i + 1)
-        .unwrap_or(1);
-    shape[..n].to_vec()
 }
 
 fn open(path: &Path) -> Result<GgufFile> {

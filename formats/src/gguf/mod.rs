@@ -18,6 +18,17 @@ pub use reader::{GgufFile, GgufHeader, TensorInfo};
 pub use value::{GgufArray, GgufValue, GgufValueType};
 pub use writer::{serialize_header, GgufWriter, Tee};
 
+/// ggml's `n_dims` applied to a shape: trailing dimensions of size 1 dropped (at least one kept),
+/// as llama.cpp's tools write tensor infos.
+pub fn ggml_dims(shape: &[u64]) -> Vec<u64> {
+    let n = shape
+        .iter()
+        .rposition(|&d| d != 1)
+        .map(|i| i + 1)
+        .unwrap_or(1);
+    shape[..n.min(shape.len())].to_vec()
+}
+
 /// A tensor to write: name, ggml shape (`ne`, innermost first) and type.
 pub type TensorSpec = (String, Vec<u64>, GgmlType);
 
